@@ -1,0 +1,131 @@
+"""The `tunesmith` command: subcommands registered in one table; each only parses and calls.
+
+The flags of `train` are derived from `tunesmith.config.TrainConfig`, so adding a field
+there adds the flag, the YAML key and its `--help` line at once. Exit codes: 0 ok,
+2 bad input or usage (a `UserError`: one clear line per problem, no traceback),
+1 only for a genuine internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from tunesmith.config import DataOptions, Option, TrainConfig, build_config, load_yaml, options_of
+from tunesmith.errors import UserError
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per leaf option of the config dataclass `cls`, help and default shown."""
+    for opt in options_of(cls):
+        if opt.name in skip:
+            continue
+        help_text = f"{opt.help} (default: {opt.default})"
+        if opt.type is bool:
+            action = "store_false" if opt.default is True else "store_true"
+            parser.add_argument(opt.flag, dest=opt.name, action=action, default=None, help=help_text)
+        else:
+            parser.add_argument(opt.flag, dest=opt.name, type=opt.type, default=None, metavar=opt.name.upper(),
+                                help=help_text)
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """Defaults, then the YAML file of `--config`, then the flags that were given."""
+    values: dict[str, Any] = load_yaml(args.config) if getattr(args, "config", None) else {}
+    for opt in options_of(cls):
+        given = getattr(args, opt.name, None)
+        if given is not None:
+            values[opt.name] = given
+    return build_config(cls, values)
+
+
+# --------------------------------------------------------------------------------------
+# train
+
+
+def add_train(parser: argparse.ArgumentParser) -> None:
+    """Flags of `tunesmith train`: every TrainConfig option, plus --config."""
+    parser.add_argument("--config", metavar="RUN.YAML", help="YAML file of options (flags win)")
+    add_options(parser, TrainConfig)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Fine-tune, print the summary and where the output went."""
+    from tunesmith.train.api import finetune
+
+    config = config_from_args(TrainConfig, args)
+    result = finetune(config)
+    print(f"output: {result.output_dir}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# data inspect
+
+
+def add_data(parser: argparse.ArgumentParser) -> None:
+    """`tunesmith data inspect FILE`: rendered samples with trained spans, and stats."""
+    sub = parser.add_subparsers(dest="data_command", required=True, metavar="inspect")
+    inspect_p = sub.add_parser("inspect", help="show rendered samples, trained tokens and stats")
+    inspect_p.add_argument("data", metavar="FILE", help="data file or hub dataset id")
+    inspect_p.add_argument("--model", default=None, help="tokenizer to use (default: the bundled starter)")
+    inspect_p.add_argument("--samples", type=int, default=3, help="how many samples to show (default: 3)")
+    inspect_p.add_argument("--stats", action="store_true", help="also time tokenization (samples/s)")
+    add_options(inspect_p, DataOptions, skip=("data", "test_split", "eval_data"))
+
+
+def run_data(args: argparse.Namespace) -> int:
+    """Run `data inspect`."""
+    from tunesmith.data.inspect import inspect_data
+
+    values = {o.name: getattr(args, o.name) for o in options_of(DataOptions)
+              if getattr(args, o.name, None) is not None}
+    options = build_config(DataOptions, values)
+    inspect_data(options, model=args.model, samples=args.samples, time_it=args.stats)
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# The table. Each entry: name -> (help, add_arguments, run).
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+COMMANDS: dict[str, Command] = {
+    "train": ("fine-tune a model on your data", add_train, run_train),
+    "data": ("inspect how your data is read, rendered and masked", add_data, run_data),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole parser, built from `COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog="tunesmith",
+        description="Fine-tune open language models on your own data.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add, _run) in COMMANDS.items():
+        add(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command][2](args)
+    except UserError as exc:
+        for line in exc.lines():
+            print(f"tunesmith: {line}" if line is exc.lines()[0] else f"  {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tunesmith: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["COMMANDS", "Option", "add_options", "build_parser", "config_from_args", "main"]

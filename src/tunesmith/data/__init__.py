@@ -1,0 +1,1 @@
+"""The data side: files -> Conversation -> rendered, masked TokenizedSample -> packed batches."""

@@ -1,0 +1,1 @@
+"""Generation, streaming and chat on any model tunesmith can load."""

@@ -1,0 +1,1 @@
+"""Model loading (device/dtype policy), adapters and fast kernels."""
