@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from tunesmith.config import DataOptions, Option, TrainConfig, build_config, load_yaml, options_of
+from tunesmith.config import DataOptions, Option, TrainConfig, build_config, load_yaml, options_of, train_config
 from tunesmith.errors import UserError
 
 
@@ -30,14 +30,19 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...
                                 help=help_text)
 
 
-def config_from_args(cls: type, args: argparse.Namespace) -> Any:
-    """Defaults, then the YAML file of `--config`, then the flags that were given."""
+def values_from_args(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The YAML file of `--config` (if any), overridden by the flags that were given."""
     values: dict[str, Any] = load_yaml(args.config) if getattr(args, "config", None) else {}
     for opt in options_of(cls):
         given = getattr(args, opt.name, None)
         if given is not None:
             values[opt.name] = given
-    return build_config(cls, values)
+    return values
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """Defaults, then the YAML file of `--config`, then the flags that were given."""
+    return build_config(cls, values_from_args(cls, args))
 
 
 # --------------------------------------------------------------------------------------
@@ -52,9 +57,9 @@ def add_train(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Fine-tune, print the summary and where the output went."""
+    config = train_config(values_from_args(TrainConfig, args))  # validate before the heavy imports
     from tunesmith.train.api import finetune
 
-    config = config_from_args(TrainConfig, args)
     result = finetune(config)
     print(f"output: {result.output_dir}")
     return 0
@@ -108,6 +113,32 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, add, _run) in COMMANDS.items():
         add(sub.add_parser(name, help=help_text, description=help_text))
     return parser
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:  # argparse keeps subcommands here; there is no public accessor
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def reference_markdown() -> str:
+    """The CLI reference table kept in README.md (a test checks that the two agree)."""
+    rows = ["| command | flag | what it does |", "|---|---|---|"]
+
+    def walk(prefix: str, parser: argparse.ArgumentParser) -> None:
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            flag = ", ".join(action.option_strings) or (action.metavar or action.dest).upper()
+            help_text = (action.help or "").replace("|", "\\|")
+            rows.append(f"| {prefix} | `{flag}` | {help_text} |")
+        for name, child in _subparsers(parser).items():
+            walk(f"{prefix} {name}", child)
+
+    for name, child in _subparsers(build_parser()).items():
+        walk(name, child)
+    return "\n".join(rows) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -292,6 +292,22 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in loaded.items()}
 
 
+STARTER_DEFAULTS = Path(__file__).resolve().parent / "assets" / "starter" / "defaults.yaml"
+
+
+def train_config(values: dict[str, Any] | None = None) -> TrainConfig:
+    """A `TrainConfig` from flat option values (YAML and flags already merged, flags winning).
+
+    When no model is named, the run uses the bundled starter model, and the starter's own
+    `defaults.yaml` (tuned so the zero-argument job finishes in minutes on a laptop CPU)
+    goes beneath what the user gave: user values still win.
+    """
+    values = dict(values or {})
+    if values.get("model") is None and STARTER_DEFAULTS.is_file():
+        values = {**load_yaml(STARTER_DEFAULTS), **values}
+    return build_config(TrainConfig, values)
+
+
 def to_flat_dict(config: Any) -> dict[str, Any]:
     """The resolved config as one flat mapping (what is saved as `config.yaml`)."""
     out: dict[str, Any] = {}
