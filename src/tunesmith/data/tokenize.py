@@ -1,9 +1,24 @@
-"""Conversation -> TokenizedSample: render with the chat template, mask all but what is trained."""
+"""Conversation -> TokenizedSample: render with the chat template, mask all but what is trained.
+
+How the mask is derived (exact for any template, never by searching for the answer):
+for each assistant turn i, render `messages[:i]` with the generation prompt (what the
+model sees at inference) and `messages[:i+1]`; the assistant's span is the text between
+the two, cut right after its end-of-turn token (ChatML's trailing "\\n" is not trained).
+The rendered text is split at those boundaries into prompt / trained segments and each
+segment is tokenized on its own, so the prompt tokens are exactly what inference feeds
+the model and no token straddles a boundary.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunesmith.data.conversation import Conversation
+from tunesmith.data.templates import Renderer, end_of_turn_ids
+from tunesmith.errors import UserError
 
 IGNORE_INDEX = -100
+Segment = tuple[str, bool]  # (text, trained)
 
 
 @dataclass
@@ -22,3 +37,155 @@ class TokenizedSample:
     def num_trained(self) -> int:
         """How many tokens carry a loss."""
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+@dataclass
+class TokenizeReport:
+    """What tokenizing did: counts to print, and the samples it had to drop (never silently)."""
+
+    samples: int = 0
+    truncated: int = 0
+    chunked_documents: int = 0
+    dropped: list[str] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)  # token length of each sample before truncation
+    tokens: int = 0
+    trained_tokens: int = 0
+
+
+class TemplateMismatch(UserError):
+    """The template renders a turn differently at inference than in training."""
+
+
+class ChatSegmenter:
+    """Splits a conversation's rendered text into prompt and trained segments."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.renderer = Renderer(tokenizer)
+        self.eot_strings = [tokenizer.convert_ids_to_tokens(i) for i in end_of_turn_ids(tokenizer)]
+
+    def segments(self, conv: Conversation, train_on_prompt: bool = False) -> list[Segment]:
+        """[(text, trained)] whose concatenation is exactly the rendered conversation."""
+        messages = conv.messages()
+        full = self.renderer.render(messages)
+        if train_on_prompt:
+            return [(full, True)]
+        out: list[Segment] = []
+        pos = 0
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = self.renderer.render(messages[:i], add_generation_prompt=True)
+            upto = full if i == last else self.renderer.render(messages[: i + 1])
+            self._check_prefixes(conv, prompt, upto, full)
+            start, end = len(prompt), len(upto)
+            end = start + self._cut_after_end_of_turn(upto[start:end])
+            out += [(full[pos:start], False), (full[start:end], True)]
+            pos = end
+        out.append((full[pos:], False))
+        return [s for s in out if s[0]]
+
+    def _check_prefixes(self, conv: Conversation, prompt: str, upto: str, full: str) -> None:
+        """Training text must extend exactly what inference renders; else the mask is meaningless."""
+        if not upto.startswith(prompt):
+            raise TemplateMismatch(
+                f"{conv.source}: the chat template renders the assistant turn differently at inference "
+                "(add_generation_prompt=True) than in training",
+                [f"inference prompt ends with: {prompt[-60:]!r}", f"training text there: {upto[len(prompt) - 60:len(prompt) + 20]!r}",
+                 "fix: pick a consistent template with --template (llama3 | chatml | zephyr | alpaca | plain)"])
+        if not full.startswith(upto):
+            raise TemplateMismatch(
+                f"{conv.source}: the chat template renders earlier turns differently once later turns exist",
+                ["fix: train on single-turn samples, or pick another template with --template"])
+
+    def _cut_after_end_of_turn(self, span: str) -> int:
+        """Length of `span` up to and including its last end-of-turn token (all of it if none)."""
+        ends = [span.rfind(s) + len(s) for s in self.eot_strings if s and s in span]
+        return max(ends) if ends else len(span)
+
+
+def _encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of many texts at once, without special tokens (the template places them)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # Rust, parallel across texts
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_conversation(conv: Conversation, tokenizer: Any, max_length: int,
+                          train_on_prompt: bool = False) -> TokenizedSample:
+    """One conversation -> one sample (text documents longer than max_length: the first chunk)."""
+    samples, report = tokenize_all([conv], tokenizer, max_length, train_on_prompt)
+    if not samples:
+        raise UserError(f"{conv.source}: nothing left to train on after truncation to {max_length} tokens",
+                        report.dropped)
+    return samples[0]
+
+
+def tokenize_all(convs: list[Conversation], tokenizer: Any, max_length: int,
+                 train_on_prompt: bool = False) -> tuple[list[TokenizedSample], TokenizeReport]:
+    """Tokenize many conversations in one batched call; text documents are split into chunks.
+
+    Chat samples longer than `max_length` are truncated (counted); a sample left with no
+    trained token is dropped and listed in the report, never trained on silently.
+    """
+    if any(c.kind == "preference" for c in convs):
+        raise UserError("preference data needs --method dpo (not available yet)")
+    report = TokenizeReport()
+    segmenter = ChatSegmenter(tokenizer) if any(c.kind == "chat" for c in convs) else None
+    per_conv: list[list[Segment]] = []
+    for conv in convs:
+        if conv.kind == "text":
+            per_conv.append([(conv.text or "", True)])
+        else:
+            per_conv.append(segmenter.segments(conv, train_on_prompt))  # type: ignore[union-attr]
+    flat = [text for segs in per_conv for text, _ in segs]
+    encoded = iter(_encode_batch(tokenizer, flat))
+    samples: list[TokenizedSample] = []
+    for conv, segs in zip(convs, per_conv):
+        ids: list[int] = []
+        labels: list[int] = []
+        for _text, trained in segs:
+            piece = next(encoded)
+            ids += piece
+            labels += piece if trained else [IGNORE_INDEX] * len(piece)
+        if conv.kind == "text":
+            samples += _document_chunks(ids, tokenizer, max_length, conv.source, report)
+        else:
+            _add_chat_sample(TokenizedSample(ids, labels, conv.source), tokenizer, max_length, samples, report)
+    report.samples = len(samples)
+    return samples, report
+
+
+def _add_chat_sample(sample: TokenizedSample, tokenizer: Any, max_length: int,
+                     samples: list[TokenizedSample], report: TokenizeReport) -> None:
+    """Dedupe a doubled BOS, truncate, and keep the sample only if something is trained."""
+    bos = tokenizer.bos_token_id
+    if bos is not None and sample.input_ids[:2] == [bos, bos]:
+        sample.input_ids, sample.labels = sample.input_ids[1:], sample.labels[1:]
+    report.lengths.append(len(sample.input_ids))
+    if len(sample.input_ids) > max_length:
+        report.truncated += 1
+        sample.input_ids, sample.labels = sample.input_ids[:max_length], sample.labels[:max_length]
+    if sample.num_trained == 0:
+        report.dropped.append(f"{sample.source}: no trained token left after truncation to {max_length} "
+                              "tokens (raise --max-length or shorten the prompt)")
+        return
+    report.tokens += len(sample.input_ids)
+    report.trained_tokens += sample.num_trained
+    samples.append(sample)
+
+
+def _document_chunks(ids: list[int], tokenizer: Any, max_length: int, source: str,
+                     report: TokenizeReport) -> list[TokenizedSample]:
+    """A raw document as BOS + text + EOS, split (not truncated) into max_length chunks, all trained."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    ids = ([bos] if bos is not None else []) + ids + ([eos] if eos is not None else [])
+    report.lengths.append(len(ids))
+    if len(ids) > max_length:
+        report.chunked_documents += 1
+    chunks = [ids[i:i + max_length] for i in range(0, len(ids), max_length)]
+    chunks = [c for c in chunks if len(c) >= 2 or len(chunks) == 1]  # a 1-token tail predicts nothing
+    report.tokens += sum(len(c) for c in chunks)
+    report.trained_tokens += sum(len(c) for c in chunks)
+    return [TokenizedSample(list(c), list(c), source) for c in chunks]
