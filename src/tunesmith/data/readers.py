@@ -111,7 +111,8 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
     """One JSON object per line; blank lines are ignored; bad JSON names its line."""
     problems: list[str] = []
     rows: list[Row] = []
-    for number, line in enumerate(_decode(path).splitlines(), start=1):
+    lines = _decode(path).splitlines()
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -120,7 +121,7 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
             problems.append(f"{path}:{number}: malformed JSON: {exc.msg} at column {exc.colno} "
                             "(expected one JSON object per line)")
     if problems:
-        raise UserError(f"{path}: {len(problems)} lines are not valid JSON", problems[:MAX_LISTED])
+        raise UserError(f"{path}: {len(problems)} of {len(lines)} lines are not valid JSON", problems[:MAX_LISTED])
     return iter(rows)
 
 
@@ -194,7 +195,8 @@ def _read_csv(path: Path) -> Iterator[Row]:
             continue
         rows.append((f"{path}:{line}", dict(zip(header, cells))))
     if problems:
-        raise UserError(f"{path}: {len(problems)} rows have the wrong number of fields", problems[:MAX_LISTED])
+        raise UserError(f"{path}: {len(problems)} of {len(rows) + len(problems)} rows have the wrong number of "
+                        "fields", problems[:MAX_LISTED])
     return iter(rows)
 
 

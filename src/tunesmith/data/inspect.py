@@ -1,0 +1,144 @@
+"""`tunesmith data inspect FILE`: see exactly what the model will be trained on.
+
+Shows the first samples as the chat template renders them, with the trained tokens
+highlighted (colours on a terminal, `[[...]]` markers when piped), then the numbers that
+catch mistakes early: rows read/invalid, token lengths, the share of tokens trained, how
+many samples exceed --max-length; and runs the same pre-flight checks as training.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from tunesmith.config import DataOptions
+from tunesmith.data.conversation import Conversation
+from tunesmith.data.prepare import data_source, data_stats, length_stats, preflight, read_with_report
+from tunesmith.data.readers import ReadReport
+from tunesmith.data.templates import choose_template, end_of_turn_ids
+from tunesmith.data.tokenize import IGNORE_INDEX, TokenizedSample, TokenizeReport, tokenize_all
+from tunesmith.errors import UserError
+
+TRAINED_STYLE = "bold black on green"
+PROMPT_STYLE = "grey62"
+
+
+def inspect_data(options: DataOptions, model: str | None, samples: int = 3, time_it: bool = False,
+                 console: Console | None = None) -> dict[str, Any]:
+    """Print rendered samples with trained spans marked, then stats; return the stats.
+
+    Raises `UserError` (after printing) when a pre-flight check would refuse training.
+    """
+    from tunesmith.model.load import load_tokenizer
+
+    console = console or Console(highlight=False, soft_wrap=True)
+    tokenizer = load_tokenizer(model)
+    source = data_source(options)
+    template = choose_template(tokenizer, options.template)
+    eot = end_of_turn_ids(tokenizer)
+    messages: list[str] = []
+    convs, read_report = read_with_report(source, options, messages.append)
+    convs = [_as_chat(c) for c in convs]
+    start = time.perf_counter()
+    tokenized, report = tokenize_all(convs, tokenizer, options.max_length, options.train_on_prompt)
+    seconds = time.perf_counter() - start
+    console.print(Text.assemble(("template: ", "bold"), template, ("  end of turn: ", "bold"),
+                                ", ".join(tokenizer.convert_ids_to_tokens(eot)), ("  format: ", "bold"),
+                                read_report.format))
+    for line in messages:
+        console.print(Text(line, style="yellow"))
+    for sample in tokenized[:samples]:
+        print_sample(console, tokenizer, sample)
+    stats = data_stats(read_report, report, TokenizeReport(), options.max_length)
+    if time_it:
+        stats["samples_per_second"] = len(convs) / seconds if seconds > 0 else float("inf")
+    console.print(stats_table(stats, read_report, console))
+    problems: list[str] = []
+    try:
+        preflight(tokenized, report, TokenizeReport(), eot, options, problems.append,
+                  any(c.kind == "chat" for c in convs))
+    except UserError as exc:
+        console.print(Text("pre-flight: FAILED (training would refuse to start)", style="bold red"))
+        raise exc
+    for line in problems:
+        console.print(Text(line, style="yellow"))
+    console.print(Text("pre-flight: ok", style="bold green"))
+    return stats
+
+
+def _as_chat(conv: Conversation) -> Conversation:
+    """Preference pairs are shown as prompt + chosen reply (what SFT on them would train)."""
+    if conv.kind != "preference":
+        return conv
+    return Conversation(turns=conv.turns + list(conv.chosen or []), source=f"{conv.source} (chosen)")
+
+
+def spans(sample: TokenizedSample) -> list[tuple[list[int], bool]]:
+    """Runs of consecutive tokens that are all trained or all not: [(ids, trained)]."""
+    runs: list[tuple[list[int], bool]] = []
+    for token, label in zip(sample.input_ids, sample.labels):
+        trained = label != IGNORE_INDEX
+        if runs and runs[-1][1] == trained:
+            runs[-1][0].append(token)
+        else:
+            runs.append(([token], trained))
+    return runs
+
+
+def render_marked(tokenizer: Any, sample: TokenizedSample, colour: bool) -> Text:
+    """The sample's text; trained runs highlighted (colour) or wrapped in [[...]] (plain)."""
+    text = Text()
+    for ids, trained in spans(sample):
+        piece = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if not trained:
+            text.append(piece, style=PROMPT_STYLE if colour else "")
+        elif colour:  # make newlines inside trained spans visible
+            text.append(piece.replace("\n", "↵\n"), style=TRAINED_STYLE)
+        else:
+            text.append(f"[[{piece}]]")
+    return text
+
+
+def print_sample(console: Console, tokenizer: Any, sample: TokenizedSample) -> None:
+    """One sample: a header line, then its marked-up rendering."""
+    colour = console.is_terminal and not console.no_color
+    head = f"── {sample.source} · {len(sample.input_ids)} tokens, {sample.num_trained} trained "
+    console.print(Text(head + "─" * max(0, 60 - len(head)), style="bold cyan"))
+    console.print(render_marked(tokenizer, sample, colour))
+    if not colour:
+        console.print("")
+
+
+def stats_table(stats: dict[str, Any], read_report: ReadReport, console: Console) -> Table:
+    """The stats as a two-column table."""
+    table = Table(title="data", show_header=False, title_justify="left", box=None, padding=(0, 2))
+    length = stats["length"]
+    rows = [
+        ("rows read", f"{stats['rows_read']:,}"),
+        ("rows invalid", f"{stats['rows_invalid']:,}" + (" (skipped)" if stats["rows_invalid"] else "")),
+        ("samples", f"{stats['train_samples']:,}"),
+        ("tokens per sample", f"min {length['min']} · median {length['median']} · p95 {length['p95']} · "
+                              f"max {length['max']}"),
+        ("tokens trained", f"{stats['trained_share']:.1%} ({stats['trained_tokens']:,} of {stats['tokens']:,})"),
+        (f"over --max-length {stats['max_length']}", f"{stats['over_max_length']:,}" + _over_note(stats)),
+    ]
+    if stats["dropped"]:
+        rows.append(("nothing left to train", f"{stats['dropped']:,} samples"))
+    if "samples_per_second" in stats:
+        rows.append(("tokenize speed", f"{stats['samples_per_second']:,.0f} samples/s"))
+    for name, value in rows:
+        table.add_row(Text(name, style="bold"), value)
+    return table
+
+
+def _over_note(stats: dict[str, Any]) -> str:
+    """What happens to the samples over --max-length."""
+    if stats["chunked_documents"]:
+        return " (documents: split into chunks)"
+    return " (truncated)" if stats["over_max_length"] else ""
+
+
+__all__ = ["inspect_data", "length_stats", "render_marked", "spans"]
