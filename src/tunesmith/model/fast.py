@@ -1,0 +1,237 @@
+"""The CUDA fast path: fused kernels, per-document flex attention, a loss that never builds logits.
+
+What it changes, and why each piece pays on a packed batch of T tokens:
+- attention: flex attention with a block mask built from the restarting `position_ids`
+  (transformers builds it when attention_mask is None). Only the blocks inside one
+  document are computed, where sdpa with a (T, T) mask computes all of them.
+- liger-kernel's Triton RMSNorm, RoPE and SwiGLU replace chains of small elementwise
+  kernels (optional dependency `tunesmith[gpu]`).
+- the loss: `hidden @ lm_head.T` with a 128k vocabulary is a (T, V) tensor of 2 GiB at
+  T=8192 in bf16, and more in fp32 for the softmax. liger's fused linear cross-entropy
+  computes it chunk by chunk and keeps only the loss and the gradients; without liger, a
+  chunked, recomputing torch version keeps the same memory bound.
+- packed rows are padded to a fixed length so the compiled flex kernels see one shape.
+- gradient checkpointing switches itself on when the estimate says activations will not fit.
+- LoRA adapters are cast to the base model's bf16, so no fp32 copies of activations are made
+  (the optimizer policy in train/optim.py keeps bf16 weights sound).
+Not compiled with torch.compile: liger's kernels fail under it (issue 7) and the matmuls
+are cuBLAS either way; flex attention is compiled by transformers itself.
+
+Everything degrades with a one-line notice: CPU/MPS, `--no-fast-kernels`, liger missing,
+a model family liger does not cover, a head the fused loss cannot express.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+# Families whose logits are exactly `lm_head(final_hidden)` (optionally soft-capped), so the
+# fused loss reproduces them; and whose blocks liger-kernel patches.
+FUSED_LOSS_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+LIGER_FAMILIES = FUSED_LOSS_FAMILIES
+PAD_MULTIPLE = 1024  # packed rows are padded up to the batch budget, longer ones to this multiple
+
+LossFn = Callable[[Any, Any], tuple[torch.Tensor, int]]
+
+
+@dataclass
+class TrainSetup:
+    """What `prepare_for_training` decided: the loss to call and what was switched on."""
+
+    loss_sum: LossFn | None
+    """`(model, batch) -> (sum of CE over targets, count)`; None: use the plain loss."""
+    fast: bool = False
+    liger: bool = False
+    attention: str = "default"
+    checkpointing: bool = False
+    notices: list[str] = field(default_factory=list)
+    """One line per fallback or automatic choice, for the log."""
+
+
+def causal_lm(model: Any) -> Any:
+    """The transformers `*ForCausalLM` inside a model that may be wrapped by peft."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def pad_packed(input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor,
+               length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad a (1, T) packed row to (1, length) with one extra document that trains nothing.
+
+    Its positions restart at 0, so the per-document mask keeps it apart from real samples.
+    """
+    pad = length - input_ids.shape[1]
+    if pad <= 0:
+        return input_ids, position_ids, targets
+    tail = torch.arange(pad, device=position_ids.device, dtype=position_ids.dtype).unsqueeze(0)  # (1, P)
+    return (F.pad(input_ids, (0, pad), value=0), torch.cat([position_ids, tail], dim=1),
+            F.pad(targets, (0, pad), value=IGNORE_INDEX))
+
+
+def padded_length(tokens: int, budget: int) -> int:
+    """The fixed length a row of `tokens` is padded to: the budget, or a multiple of PAD_MULTIPLE."""
+    if tokens <= budget:
+        return budget
+    return math.ceil(tokens / PAD_MULTIPLE) * PAD_MULTIPLE
+
+
+def _ce_chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+              softcap: float | None) -> torch.Tensor:
+    """Summed CE of one chunk; its (chunk, V) logits live only inside this call."""
+    logits = (hidden @ weight.t()).float()  # (C, V)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                     softcap: float | None = None, chunk: int = 2048) -> torch.Tensor:
+    """Sum of CE(hidden @ weight.T, targets) without holding (N, V) logits (torch fallback).
+
+    hidden (N, H), weight (V, H), targets (N,). Each chunk is recomputed in the backward pass.
+    """
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        t = targets[start:start + chunk]
+        if bool((t == IGNORE_INDEX).all()):
+            continue
+        total = total + checkpoint(_ce_chunk, hidden[start:start + chunk], weight, t, softcap,
+                                   use_reentrant=False)
+    return total
+
+
+def _liger_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  softcap: float | None) -> torch.Tensor:
+    """liger-kernel's fused linear cross-entropy, summed over the targets."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX,
+                                            reduction="sum", softcap=softcap)
+
+
+def make_fused_loss(budget: int, use_liger: bool) -> LossFn:
+    """The fast SFT loss: decoder -> final hidden states -> fused linear CE (no (T, V) logits)."""
+    linear_ce = _liger_ce_sum if use_liger else chunked_linear_cross_entropy_sum
+
+    def fused_sft_loss_sum(model: Any, batch: Any) -> tuple[torch.Tensor, int]:
+        """Summed CE over the batch's targets and their count (same contract as the plain loss)."""
+        lm = causal_lm(model)
+        length = padded_length(batch.input_ids.shape[1], budget)
+        ids, pos, tgt = pad_packed(batch.input_ids, batch.position_ids, batch.targets, length)  # (1, L)
+        out = lm.get_decoder()(input_ids=ids, position_ids=pos, attention_mask=None, use_cache=False)
+        hidden = out.last_hidden_state  # (1, L, H)
+        head = lm.get_output_embeddings()
+        softcap = getattr(lm.config, "final_logit_softcapping", None)
+        loss = linear_ce(hidden.reshape(-1, hidden.shape[-1]), head.weight, tgt.reshape(-1), softcap)
+        return loss, int(batch.num_targets)
+
+    return fused_sft_loss_sum
+
+
+def activation_bytes_per_token(config: Any, fused_loss: bool) -> int:
+    """Rough bytes of saved activations per token (bf16) for one training step.
+
+    Per layer: ~10 hidden-sized and ~4 intermediate-sized tensors (norm inputs, q/k/v,
+    attention output, residuals, gate/up/act); without the fused loss, the fp32 logits,
+    their softmax and gradient (~10 bytes per vocabulary entry).
+    """
+    hidden, inter = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
+    per_layer = 2 * (10 * hidden + 4 * inter)
+    logits = 0 if fused_loss else 10 * config.vocab_size
+    return config.num_hidden_layers * per_layer + logits
+
+
+def needs_checkpointing(model: Any, batch_tokens: int, budget_bytes: int, fused_loss: bool) -> bool:
+    """Whether weights + grads + AdamW states + activations exceed `budget_bytes`.
+
+    AdamW states are fp32 (8 bytes per trainable parameter) under our optimizer policy.
+    """
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    static = weights + sum(p.numel() * (p.element_size() + 8) for p in trainable)
+    activations = batch_tokens * activation_bytes_per_token(causal_lm(model).config, fused_loss)
+    return static + activations > budget_bytes
+
+
+def _apply_liger(lm: Any) -> str | None:
+    """Patch RMSNorm, RoPE and SwiGLU of this model instance; a notice when it cannot."""
+    family = lm.config.model_type
+    if family not in LIGER_FAMILIES:
+        return f"fast kernels: no liger-kernel patches for model family {family!r}; using plain layers"
+    try:
+        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+    except Exception as exc:  # ImportError, or a Triton that does not load
+        return f"fast kernels: liger-kernel unavailable ({type(exc).__name__}); pip install 'tunesmith[gpu]'"
+    _apply_liger_kernel_to_instance(model=lm, rope=True, rms_norm=True, swiglu=True, geglu=True,
+                                    cross_entropy=False, fused_linear_cross_entropy=False)
+    return None
+
+
+def _set_flex_attention(lm: Any) -> str:
+    """Switch to flex attention (per-document block masks); keep the current one if it fails."""
+    try:
+        lm.set_attn_implementation("flex_attention")
+        return "flex_attention"
+    except Exception:  # family without flex support
+        return str(getattr(lm.config, "_attn_implementation", "default"))
+
+
+def _cast_adapters(model: Any) -> None:
+    """Cast fp32 trainable parameters (peft's LoRA default) to the frozen base's dtype (bf16)."""
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    if frozen == {torch.bfloat16}:
+        for p in model.parameters():
+            if p.requires_grad and p.dtype == torch.float32:
+                p.data = p.data.to(torch.bfloat16)
+
+
+def prepare_for_training(model: Any, *, device: torch.device, batch_tokens: int, fast_kernels: bool = True,
+                         gradient_checkpointing: bool = False) -> TrainSetup:
+    """Make `model` train fast on this device; returns the loss to use and what was chosen.
+
+    Call after adapters are attached and before the optimizer is built.
+    """
+    lm = causal_lm(model)
+    setup = TrainSetup(loss_sum=None)
+    if not fast_kernels:
+        setup.notices.append("fast kernels: off (--no-fast-kernels)")
+    elif device.type != "cuda":
+        setup.notices.append(f"fast kernels: off on {device.type} (CUDA only)")
+    else:
+        setup.fast = True
+        notice = _apply_liger(lm)
+        setup.liger = notice is None
+        if notice:
+            setup.notices.append(notice)
+        setup.attention = _set_flex_attention(lm)
+        head = lm.get_output_embeddings()
+        if lm.config.model_type in FUSED_LOSS_FAMILIES and not hasattr(head, "base_layer"):
+            setup.loss_sum = make_fused_loss(batch_tokens, use_liger=setup.liger)
+        else:
+            setup.notices.append(f"fast kernels: plain loss for {lm.config.model_type!r} (fused loss not exact)")
+        _cast_adapters(model)
+    setup.checkpointing = gradient_checkpointing or _auto_checkpointing(model, device, batch_tokens, setup)
+    if setup.checkpointing:
+        enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(lm, "enable_input_require_grads"):
+            lm.enable_input_require_grads()  # frozen embeddings (LoRA) must still pass gradients
+    return setup
+
+
+def _auto_checkpointing(model: Any, device: torch.device, batch_tokens: int, setup: TrainSetup) -> bool:
+    """Turn checkpointing on when the memory estimate exceeds 90% of the GPU's free memory."""
+    if device.type != "cuda":
+        return False
+    free, _total = torch.cuda.mem_get_info(device)
+    budget = int(0.9 * free) + torch.cuda.memory_allocated(device)  # weights already on the GPU count
+    if needs_checkpointing(model, batch_tokens, budget, fused_loss=setup.loss_sum is not None):
+        setup.notices.append("gradient checkpointing: on (activations would not fit in GPU memory)")
+        return True
+    return False

@@ -1,0 +1,139 @@
+"""The optimizer policy: AdamW, with bf16 weights updated by stochastic rounding.
+
+Why this policy. On CUDA the weights live in bf16 (half the memory of fp32, and no
+fp32->bf16 cast in every forward). Plain bf16 AdamW is not sound: a bf16 weight has 8
+significant bits, so an update smaller than ~1/512 of the weight rounds away to nothing
+(at lr 1e-5 nearly every update does) and training silently stalls. The two standard
+cures are fp32 master weights (+4 bytes/param) or stochastic rounding (+0 bytes/param).
+We use stochastic rounding: the update is computed in fp32 and the result is rounded up
+or down at random with probabilities that make the rounding unbiased, so small updates
+survive in expectation. Both Adam moments stay in fp32 (a bf16 second moment decays
+wrongly: v * 0.999 rounds back to v). Per parameter: 2 (bf16 weight) + 2 (bf16 grad) +
+8 (fp32 m, v) bytes, versus 16 for fp32-master AdamW with fp32 grads.
+
+Parameters that are already fp32 (CPU/MPS runs, LoRA adapters kept in fp32) get
+`torch.optim.AdamW` (fused on CUDA) unchanged. On CUDA the bf16 update is one Triton
+kernel per tensor (read p, g, m, v; write p, m, v: 18 bytes/param); elsewhere the same
+math runs as torch ops, which is also the reference the kernel is tested against.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+_BF16_MANTISSA_MASK = -65536  # 0xFFFF0000 as int32: keeps sign, exponent and 7 mantissa bits
+
+
+def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Round fp32 `x` to bf16 unbiasedly: E[result] == x (up to fp32 precision).
+
+    Adds 16 random bits below bf16's last mantissa bit, then truncates. The int32 view of
+    a float is sign-magnitude, so the same add-and-truncate is correct for negative values.
+    """
+    bits = x.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    return ((bits + noise) & _BF16_MANTISSA_MASK).view(torch.float32).to(torch.bfloat16)
+
+
+def _adamw_bf16_torch(
+    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, lr: float, beta1: float,
+    beta2: float, eps: float, weight_decay: float, step: int, generator: torch.Generator | None,
+) -> None:
+    """One AdamW step for a bf16 tensor in fp32 math, stored back with stochastic rounding."""
+    g32 = g.float()
+    m.lerp_(g32, 1.0 - beta1)
+    v.mul_(beta2).addcmul_(g32, g32, value=1.0 - beta2)
+    denom = (v / (1.0 - beta2**step)).sqrt_().add_(eps)
+    p32 = p.float().mul_(1.0 - lr * weight_decay)
+    p32.addcdiv_(m, denom, value=-lr / (1.0 - beta1**step))
+    p.copy_(stochastic_round_bf16(p32, generator))
+
+
+def _adamw_bf16_triton(
+    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, lr: float, beta1: float,
+    beta2: float, eps: float, weight_decay: float, step: int, seed: int,
+) -> None:
+    """The same step as `_adamw_bf16_torch`, fused into one Triton kernel (CUDA only)."""
+    from tunesmith.train._optim_triton import adamw_bf16_sr
+
+    adamw_bf16_sr(p, g, m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                  step=step, seed=seed)
+
+
+@functools.cache
+def _triton_ok(device_type: str) -> bool:
+    """Whether the fused kernel can run here (CUDA and an importable Triton)."""
+    if device_type != "cuda":
+        return False
+    try:
+        import tunesmith.train._optim_triton  # noqa: F401
+    except Exception:  # Triton missing or broken: the torch ops do the same math
+        return False
+    return True
+
+
+class AdamWBF16(torch.optim.Optimizer):
+    """AdamW for bf16 parameters: fp32 moments, fp32 update math, stochastically rounded weights.
+
+    A `torch.optim.Optimizer` so that LR schedulers and `state_dict()` checkpoints work.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, seed: int = 0) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self._seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """One seeded generator per device, so runs are reproducible."""
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self._seed)
+        return self._generators[device]
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        """Update every parameter that has a gradient."""
+        assert closure is None, "AdamWBF16 takes no closure"
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for index, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                state["step"] += 1
+                args = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                            weight_decay=group["weight_decay"], step=state["step"])
+                if _triton_ok(p.device.type):
+                    seed = (self._seed * 1_000_003 + state["step"] * 65_537 + index) % (2**31 - 1)
+                    _adamw_bf16_triton(p, p.grad, state["exp_avg"], state["exp_avg_sq"], seed=seed, **args)
+                else:
+                    _adamw_bf16_torch(p, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                                      generator=self._generator(p.device), **args)
+
+
+def make_optimizer(
+    params: Iterable[Any], *, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8, seed: int = 0,
+) -> torch.optim.Optimizer:
+    """The optimizer for these parameters (tensors or param-group dicts), by their dtype.
+
+    bf16 parameters -> `AdamWBF16` (stochastic rounding, see module docstring);
+    otherwise -> `torch.optim.AdamW`, fused on CUDA. Mixed dtypes are refused: a model
+    is trained in one dtype.
+    """
+    groups = list(params)
+    tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    dtypes = {p.dtype for p in tensors}
+    if len(dtypes) > 1:
+        raise ValueError(f"trainable parameters have mixed dtypes {sorted(map(str, dtypes))}; cast them to one")
+    if dtypes == {torch.bfloat16}:
+        return AdamWBF16(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, seed=seed)
+    fused = bool(tensors) and all(p.device.type == "cuda" for p in tensors)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)

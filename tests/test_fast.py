@@ -1,0 +1,103 @@
+"""The fast path's CPU-checkable pieces: fused/chunked CE == plain CE, padding, fallbacks, memory choice."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tunesmith.model import fast
+
+
+def _tiny() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg)
+
+
+def _packed(lengths: list[int], vocab: int = 96) -> SimpleNamespace:
+    """A packed row of samples: targets shifted within each sample, -100 at each sample's end."""
+    gen = torch.Generator().manual_seed(3)
+    ids, pos, tgt = [], [], []
+    for n in lengths:
+        s = torch.randint(0, vocab, (n,), generator=gen)
+        ids.append(s)
+        pos.append(torch.arange(n))
+        tgt.append(torch.cat([s[1:], torch.tensor([-100])]))
+    targets = torch.cat(tgt).unsqueeze(0)
+    return SimpleNamespace(input_ids=torch.cat(ids).unsqueeze(0), position_ids=torch.cat(pos).unsqueeze(0),
+                           targets=targets, num_targets=int((targets != -100).sum()))
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_chunked_linear_ce_equals_full_logits_ce(softcap):
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    targets[::5] = -100
+    got = fast.chunked_linear_cross_entropy_sum(hidden, weight, targets, softcap, chunk=8)
+    g_h, g_w = torch.autograd.grad(got, (hidden, weight))
+    logits = hidden @ weight.t()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    want = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    w_h, w_w = torch.autograd.grad(want, (hidden, weight))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g_h, w_h)
+    torch.testing.assert_close(g_w, w_w)
+
+
+def test_fused_loss_with_padding_matches_plain_per_document_loss():
+    model = _tiny()
+    batch = _packed([7, 12, 5])
+    loss, count = fast.make_fused_loss(budget=32, use_liger=False)(model, batch)  # pads 24 -> 32
+    assert count == batch.num_targets
+    # reference: each document on its own, full logits, no padding, no packing
+    want, start = torch.zeros(()), 0
+    for n in (7, 12, 5):
+        ids = batch.input_ids[:, start:start + n]
+        logits = model(input_ids=ids).logits[0]  # (n, V)
+        want = want + F.cross_entropy(logits, batch.targets[0, start:start + n], ignore_index=-100, reduction="sum")
+        start += n
+    torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-4)
+
+
+def test_pad_packed_adds_a_separate_untrained_document():
+    batch = _packed([3, 2])
+    ids, pos, tgt = fast.pad_packed(batch.input_ids, batch.position_ids, batch.targets, 8)
+    assert ids.shape == pos.shape == tgt.shape == (1, 8)
+    assert pos[0].tolist() == [0, 1, 2, 0, 1, 0, 1, 2]
+    assert tgt[0, 5:].tolist() == [-100, -100, -100]
+    assert fast.padded_length(100, 8192) == 8192
+    assert fast.padded_length(9000, 8192) == 9216
+
+
+def test_cpu_and_disabled_fall_back_with_one_notice():
+    model = _tiny()
+    setup = fast.prepare_for_training(model, device=torch.device("cpu"), batch_tokens=64)
+    assert setup.loss_sum is None and not setup.fast and not setup.checkpointing
+    assert setup.notices == ["fast kernels: off on cpu (CUDA only)"]
+    off = fast.prepare_for_training(model, device=torch.device("cpu"), batch_tokens=64, fast_kernels=False)
+    assert off.notices == ["fast kernels: off (--no-fast-kernels)"]
+    ck = fast.prepare_for_training(model, device=torch.device("cpu"), batch_tokens=64, gradient_checkpointing=True)
+    assert ck.checkpointing and any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def test_unsupported_family_gets_a_notice():
+    lm = SimpleNamespace(config=SimpleNamespace(model_type="gpt2"))
+    assert "no liger-kernel patches for model family 'gpt2'" in fast._apply_liger(lm)
+
+
+def test_checkpointing_is_chosen_when_activations_do_not_fit():
+    model = _tiny()
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    static = weights + sum(p.numel() * 12 for p in model.parameters())
+    per_token = fast.activation_bytes_per_token(model.config, fused_loss=True)
+    assert per_token < fast.activation_bytes_per_token(model.config, fused_loss=False)
+    assert not fast.needs_checkpointing(model, 1000, static + 1000 * per_token + 1, fused_loss=True)
+    assert fast.needs_checkpointing(model, 1000, static + 1000 * per_token - 1, fused_loss=True)
