@@ -1,0 +1,138 @@
+"""Scoring one model: held-out loss on the trained tokens, greedy replies, and reply metrics.
+
+The loss is computed on exactly the tokens training learns from (same template, same
+assistant-only mask, via `tokenize_all`), summed over tokens and divided by their count,
+so it is the number training's eval loss reports for the same samples.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tunesmith.data.conversation import Conversation
+from tunesmith.data.tokenize import IGNORE_INDEX, TokenizedSample, tokenize_all
+from tunesmith.eval import metrics as m
+from tunesmith.eval.data import EvalCase, has_reply
+
+MAX_LENGTH = 2048  # the training default; longer samples are truncated as in training
+LOSS_BATCH = 8
+GENERATE_BATCH = 16
+
+
+@dataclass
+class ModelResult:
+    """What one model scored: metric values, its replies (in case order) and the metrics skipped."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    replies: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    loss_samples: int = 0
+
+
+def loss_samples(convs: list[Conversation], tokenizer: Any) -> list[TokenizedSample]:
+    """The conversations as training tokenizes them (assistant tokens trained, the rest masked)."""
+    scorable = [c for c in convs if has_reply(c)]
+    if not scorable:
+        return []
+    samples, _report = tokenize_all(scorable, tokenizer, MAX_LENGTH)
+    return samples
+
+
+@torch.no_grad()
+def heldout_loss(model: Any, samples: list[TokenizedSample]) -> tuple[float, int]:
+    """Mean cross-entropy over the trained tokens of `samples`, and how many tokens that is."""
+    total, count = 0.0, 0
+    ordered = sorted(samples, key=lambda s: len(s.input_ids))  # similar lengths: little padding
+    for start in range(0, len(ordered), LOSS_BATCH):
+        chunk = ordered[start:start + LOSS_BATCH]
+        width = max(len(s.input_ids) for s in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)  # (B, T), right-padded
+        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)  # (B, T)
+        for row, sample in enumerate(chunk):
+            n = len(sample.input_ids)
+            ids[row, :n], labels[row, :n], mask[row, :n] = (torch.tensor(sample.input_ids),
+                                                             torch.tensor(sample.labels), 1)
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                       use_cache=False).logits  # (B, T, V)
+        targets = labels[:, 1:].to(model.device)  # token t predicts label t+1
+        total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                 ignore_index=IGNORE_INDEX, reduction="sum").item()
+        count += int((targets != IGNORE_INDEX).sum())
+    return (total / count if count else float("nan")), count
+
+
+def generate_replies(model: Any, tokenizer: Any, cases: list[EvalCase], max_new_tokens: int) -> list[Any]:
+    """Greedy replies (reproducible), batched; `Completion`s in case order."""
+    from tunesmith.infer.generate import generate_batch
+    from tunesmith.infer.sampling import SamplingOptions
+
+    if not cases:
+        return []
+    sampling = SamplingOptions(greedy=True, max_new_tokens=max_new_tokens)
+    return generate_batch(model, tokenizer, [c.prompt for c in cases], sampling, batch_size=GENERATE_BATCH)
+
+
+def reply_stats(replies: Sequence[str], lengths: Sequence[int], stopped: Sequence[bool]) -> dict[str, float]:
+    """Statistics of replies alone: length in tokens, share ended by the model, repetition, capitals."""
+    n = max(len(replies), 1)
+    return {"mean_length": sum(lengths) / n, "ended_share": sum(stopped) / n,
+            "repetition_rate": m.repetition_rate(replies), "uppercase_share": m.uppercase_share(replies)}
+
+
+def reference_metrics(replies: Sequence[str], references: Sequence[str | None]) -> tuple[dict[str, float], dict[str, str]]:
+    """Metrics against references, and the ones skipped with the reason."""
+    skipped: dict[str, str] = {}
+    pairs = [(r, ref) for r, ref in zip(replies, references) if ref is not None]
+    if not pairs:
+        reason = "the evaluation data has no reference replies" if references else "no prompts to generate for"
+        return {}, {k: reason for k in ("exact_match", "label_accuracy", "rouge_l", "chrf")}
+    hyp, ref = [p[0] for p in pairs], [p[1] for p in pairs]
+    out = {"exact_match": m.exact_match(hyp, ref), "rouge_l": m.mean_rouge_l(hyp, ref), "chrf": m.chrf(hyp, ref)}
+    labels = m.label_set(ref)
+    if labels is None:
+        skipped["label_accuracy"] = "the references are free text, not a small label set"
+    else:
+        out["label_accuracy"] = m.label_accuracy(hyp, ref, labels)
+    if len(pairs) < len(replies):
+        skipped["references"] = f"{len(replies) - len(pairs)} of {len(replies)} prompts have no reference"
+    return out, skipped
+
+
+def score_model(model: Any, tokenizer: Any, samples: list[TokenizedSample], cases: list[EvalCase],
+                max_new_tokens: int) -> ModelResult:
+    """Loss on `samples` and greedy replies to `cases`, with every metric the data allows."""
+    result = ModelResult()
+    model.eval()
+    if samples:
+        loss, _tokens = heldout_loss(model, samples)
+        result.metrics.update(loss=loss, perplexity=m.perplexity(loss))
+        result.loss_samples = len(samples)
+    else:
+        result.skipped.update(dict.fromkeys(("loss", "perplexity"), "the evaluation data has no reference replies"))
+    if not cases:
+        result.skipped["generation"] = "the evaluation data has no chat prompts (text documents: loss only)"
+        return result
+    completions = generate_replies(model, tokenizer, cases, max_new_tokens)
+    result.replies = [c.text.strip() for c in completions]
+    lengths = [len(c.token_ids) - int(c.stopped) for c in completions]  # the stop token is not reply text
+    result.metrics.update(reply_stats(result.replies, lengths, [c.stopped for c in completions]))
+    scored, skipped = reference_metrics(result.replies, [c.reference for c in cases])
+    result.metrics.update(scored)
+    result.skipped.update(skipped)
+    return result
+
+
+def reference_stats(tokenizer: Any, cases: list[EvalCase]) -> dict[str, float]:
+    """The same reply statistics for the references: what the replies should look like."""
+    refs = [c.reference for c in cases if c.reference is not None]
+    if not refs:
+        return {}
+    lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs]
+    stats = reply_stats(refs, lengths, [True] * len(refs))
+    del stats["ended_share"]
+    return stats

@@ -1,0 +1,109 @@
+"""The metric table (labels, formatting, which direction is better) and the Markdown report."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+# (key, label, better: "higher" | "lower" | None when it depends on the task, unit)
+METRICS: tuple[tuple[str, str, str | None, str], ...] = (
+    ("loss", "loss on reply tokens", "lower", "num"),
+    ("perplexity", "perplexity", "lower", "num"),
+    ("exact_match", "exact match", "higher", "share"),
+    ("label_accuracy", "label accuracy", "higher", "share"),
+    ("rouge_l", "ROUGE-L F1", "higher", "num"),
+    ("chrf", "chrF", "higher", "num"),
+    ("mean_length", "mean reply length (tokens)", None, "num"),
+    ("ended_share", "replies that ended by themselves", "higher", "share"),
+    ("repetition_rate", "repeated 3-grams", "lower", "share"),
+    ("uppercase_share", "upper-case share of letters", None, "share"),
+)
+LABELS = {key: label for key, label, _, _ in METRICS} | {
+    "generation": "all reply metrics", "references": "reference metrics on some prompts"}
+
+
+def fmt(value: float | None, unit: str) -> str:
+    """A metric value for display: shares as percentages, other numbers with 3 significant decimals."""
+    if value is None:
+        return "–"
+    if math.isnan(value) or math.isinf(value):
+        return str(value)
+    if unit == "share":
+        return f"{100 * value:.1f}%"
+    return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def fmt_diff(value: float | None, unit: str) -> str:
+    """A difference: signed, shares in percentage points."""
+    if value is None or math.isnan(value):
+        return "–"
+    if unit == "share":
+        return f"{100 * value:+.1f} pp"
+    return f"{value:+.3f}" if abs(value) < 10 else f"{value:+.1f}"
+
+
+def metric_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per metric any model has: label, formatted values, and whether the change is good."""
+    model, base = result["model"], result.get("base", {})
+    diff, ref = result.get("difference", {}), result.get("reference", {})
+    rows = []
+    for key, label, better, unit in METRICS:
+        if key not in model and key not in base:
+            continue
+        change = diff.get(key)
+        good = None
+        if better is not None and change is not None and not math.isnan(change) and abs(change) > 1e-12:
+            good = (change < 0) == (better == "lower")
+        rows.append({"key": key, "label": label, "model": fmt(model.get(key), unit),
+                     "base": fmt(base.get(key), unit), "diff": fmt_diff(change, unit),
+                     "reference": fmt(ref.get(key), unit) if key in ref else "", "good": good})
+    return rows
+
+
+def skipped_lines(result: dict[str, Any]) -> list[str]:
+    """'skipped LABEL, LABEL: why', one line per reason, for the metrics that could not be computed."""
+    by_reason: dict[str, list[str]] = {}
+    for key, why in result["skipped"].items():
+        by_reason.setdefault(why, []).append(LABELS.get(key, key))
+    return [f"skipped {', '.join(labels)}: {why}" for why, labels in by_reason.items()]
+
+
+def _quote(text: str | None) -> str:
+    """Text as a Markdown block quote (empty replies shown as such)."""
+    if text is None:
+        return "> *(none)*"
+    return "\n".join(f"> {line}" for line in (text or "(empty reply)").splitlines() or [""])
+
+
+def prompt_text(prompt: list[dict[str, str]]) -> str:
+    """A prompt's messages as readable text; a single user turn is shown as just its content."""
+    if len(prompt) == 1:
+        return prompt[0]["content"]
+    return "\n\n".join(f"[{m['role']}] {m['content']}" for m in prompt)
+
+
+def render_markdown(result: dict[str, Any], names: tuple[str, str | None], loss_curve: Path | None) -> str:
+    """report.md: the metric table, skipped metrics, the loss curve and the prompts with replies."""
+    tuned, base = names[0], names[1] or "base"
+    has_base = "base" in result
+    head = ["metric", *([base] if has_base else []), tuned, *(["change"] if has_base else []), "reference"]
+    lines = ["# tunesmith evaluation report", ""]
+    if result.get("data"):
+        lines += [f"Data: `{result['data']}` · {result['samples']['loss']} samples for the loss, "
+                  f"{result['samples']['prompts']} prompts generated greedily.", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in metric_rows(result):
+        cells = [r["label"], *([r["base"]] if has_base else []), r["model"], *([r["diff"]] if has_base else []),
+                 r["reference"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    if result["skipped"]:
+        lines += [""] + [f"- {line}" for line in skipped_lines(result)]
+    if loss_curve is not None:
+        lines += ["", f"![training loss curve]({loss_curve.name})"]
+    for n, ex in enumerate(result["examples"], start=1):
+        lines += ["", f"## {n}. `{ex['source']}`", "", "**Prompt**", "", _quote(prompt_text(ex["prompt"])), "",
+                  "**Reference**", "", _quote(ex["reference"])]
+        if has_base:
+            lines += ["", f"**{base}**", "", _quote(ex.get("base_reply"))]
+        lines += ["", f"**{tuned}**", "", _quote(ex["reply"])]
+    return "\n".join(lines) + "\n"
