@@ -32,15 +32,14 @@ def inspect_data(options: DataOptions, model: str | None, samples: int = 3, time
 
     Raises `UserError` (after printing) when a pre-flight check would refuse training.
     """
-    from tunesmith.model.load import load_tokenizer
-
     console = console or Console(highlight=False, soft_wrap=True)
+    messages: list[str] = []
+    convs, read_report = read_with_report(data_source(options), options, messages.append)  # before torch loads
+    from tunesmith.model.load import load_tokenizer  # imports torch: only once the data is known to be good
+
     tokenizer = load_tokenizer(model)
-    source = data_source(options)
     template = choose_template(tokenizer, options.template)
     eot = end_of_turn_ids(tokenizer)
-    messages: list[str] = []
-    convs, read_report = read_with_report(source, options, messages.append)
     convs = [_as_chat(c) for c in convs]
     start = time.perf_counter()
     tokenized, report = tokenize_all(convs, tokenizer, options.max_length, options.train_on_prompt)
