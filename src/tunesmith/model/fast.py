@@ -218,8 +218,10 @@ def prepare_for_training(model: Any, *, device: torch.device, batch_tokens: int,
         _cast_adapters(model)
     setup.checkpointing = gradient_checkpointing or _auto_checkpointing(model, device, batch_tokens, setup)
     if setup.checkpointing:
-        enable = getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+            lm.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(lm, "enable_input_require_grads"):
             lm.enable_input_require_grads()  # frozen embeddings (LoRA) must still pass gradients
     return setup
