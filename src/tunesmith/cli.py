@@ -92,6 +92,119 @@ def run_data(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# generate, chat
+
+
+def _sampling_from_args(args: argparse.Namespace) -> Any:
+    """The SamplingOptions of the flags that were given (validated)."""
+    from tunesmith.infer.sampling import SamplingOptions
+
+    values = {o.name: getattr(args, o.name) for o in options_of(SamplingOptions)
+              if getattr(args, o.name, None) is not None}
+    return build_config(SamplingOptions, values)
+
+
+def _quiet_transformers() -> None:
+    """No loading bars or advisory warnings from transformers in inference output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def add_generate(parser: argparse.ArgumentParser) -> None:
+    """`tunesmith generate MODEL --prompt TEXT | --prompts FILE` and the sampling flags."""
+    from tunesmith.infer.sampling import SamplingOptions
+
+    parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                        help="hub id, local model directory or tunesmith output (default: the bundled starter)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the prompt; the reply is streamed to stdout")
+    source.add_argument("--prompts", metavar="FILE",
+                        help="batch: .jsonl (string, {prompt} or {messages} per line) or one prompt per line; "
+                             "JSONL results on stdout")
+    parser.add_argument("--system", default=None, help="system prompt (chat models)")
+    parser.add_argument("--raw", action="store_true",
+                        help="use the prompt as is, without the chat template (automatic for base models)")
+    add_options(parser, SamplingOptions)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Stream one reply, or write one JSONL result per prompt of a file."""
+    import json
+
+    sampling = _sampling_from_args(args)
+    from tunesmith.infer.generate import generate_batch, load, read_prompts
+
+    prompts = read_prompts(args.prompts) if args.prompts else None  # bad files fail before loading
+    _quiet_transformers()
+    model = load(args.model)
+    model.sampling = sampling
+    if prompts is None:
+        for piece in model.stream(args.prompt, raw=args.raw, system=args.system):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    results = generate_batch(model.model, model.tokenizer, prompts, sampling, raw=args.raw, system=args.system)
+    for prompt, result in zip(prompts, results):
+        print(json.dumps({"prompt": prompt, "completion": result.text, "stopped": result.stopped},
+                         ensure_ascii=False), flush=True)
+    return 0
+
+
+def add_chat(parser: argparse.ArgumentParser) -> None:
+    """`tunesmith chat MODEL [--system TEXT]` and the sampling flags."""
+    from tunesmith.infer.sampling import SamplingOptions
+
+    parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                        help="hub id, local model directory or tunesmith output (default: the bundled starter)")
+    parser.add_argument("--system", default=None, help="system prompt (change it later with /system TEXT)")
+    add_options(parser, SamplingOptions)
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    """The chat REPL: /reset /system TEXT /save FILE /quit."""
+    sampling = _sampling_from_args(args)
+    from tunesmith.infer.chat import Chat, repl
+    from tunesmith.infer.generate import load
+
+    _quiet_transformers()
+    loaded = load(args.model)
+    loaded.sampling = sampling
+    repl(Chat(loaded, system=args.system))
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# eval
+
+
+def add_eval(parser: argparse.ArgumentParser) -> None:
+    """`tunesmith eval MODEL [--data FILE] [--compare BASE] [--report report.html]`."""
+    from tunesmith.eval.options import EvalOptions
+
+    parser.add_argument("model", metavar="MODEL", help="hub id, local model directory or tunesmith output")
+    add_options(parser, EvalOptions)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Evaluate (and compare), print the metric table and where the report went."""
+    from tunesmith.eval.options import EvalOptions
+
+    options = build_config(EvalOptions, {o.name: getattr(args, o.name) for o in options_of(EvalOptions)
+                                         if getattr(args, o.name, None) is not None})
+    from tunesmith.eval.report import base_model_name, evaluate, short_name, summary_text
+
+    _quiet_transformers()
+    result = evaluate(args.model, **vars(options))
+    base = short_name(base_model_name(args.model, options.compare)) if options.compare else None
+    print(summary_text(result, (short_name(args.model), base)))
+    if result["report"]:
+        print(f"report: {result['report']['html']} (and {result['report']['md']})")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
 # The table. Each entry: name -> (help, add_arguments, run).
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -99,6 +212,9 @@ Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argpar
 COMMANDS: dict[str, Command] = {
     "train": ("fine-tune a model on your data", add_train, run_train),
     "data": ("inspect how your data is read, rendered and masked", add_data, run_data),
+    "generate": ("generate a reply to a prompt (or a file of prompts)", add_generate, run_generate),
+    "chat": ("chat with a model in the terminal", add_chat, run_chat),
+    "eval": ("measure a model on held-out data, and compare it with its base", add_eval, run_eval),
 }
 
 

@@ -8,9 +8,11 @@ have none.
 """
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,6 +74,52 @@ def prompt_ids(tokenizer: Any, prompt: Prompt, *, raw: bool = False, system: str
         messages.insert(0, {"role": "system", "content": system})
     text = Renderer(tokenizer).render(messages, add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])  # the template writes BOS itself
+
+
+def read_prompts(path: str) -> list[Prompt]:
+    """Prompts of a `--prompts` file: .jsonl lines are a string, {"prompt": TEXT} or {"messages": [...]};
+    any other file holds one plain-text prompt per non-empty line. Bad lines are all reported."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"{path}: no such file (expected a prompts file: .jsonl, or text with one prompt per line)")
+    prompts: list[Prompt] = []
+    problems: list[str] = []
+    for number, line in enumerate(file.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if file.suffix != ".jsonl":
+            prompts.append(line.strip())
+            continue
+        try:
+            prompts.append(_prompt_record(json.loads(line)))
+        except json.JSONDecodeError as exc:
+            problems.append(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})")
+        except TypeError as exc:
+            problems.append(f"{path}:{number}: {exc}")
+    if problems:
+        if len(problems) == 1:
+            raise UserError(problems[0])
+        raise UserError(f"{path}: {len(problems)} bad lines", problems[:20])
+    if not prompts:
+        raise UserError(f"{path}: no prompts found (the file is empty)")
+    return prompts
+
+
+def _prompt_record(record: Any) -> Prompt:
+    """One decoded JSONL record -> a prompt; TypeError names what was expected."""
+    expected = 'expected a string, {"prompt": TEXT} or {"messages": [{"role", "content"}, ...]}'
+    if isinstance(record, str) and record.strip():
+        return record
+    if isinstance(record, dict) and isinstance(record.get("prompt"), str) and record["prompt"].strip():
+        return record["prompt"]
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+            and isinstance(m.get("content"), str) for m in messages):
+        if messages[-1]["role"] != "user":
+            raise TypeError("the messages must end with a user message (the one to reply to)")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    raise TypeError(f"{expected} (found {json.dumps(record)[:60]})")
 
 
 def context_window(model: Any) -> int | None:

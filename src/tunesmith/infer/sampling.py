@@ -16,11 +16,13 @@ Greedy decoding applies only the repetition penalty, then takes the argmax.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from tunesmith.config import check
 from tunesmith.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where the processors run, so building the CLI parser stays fast
+    import torch
 
 
 @dataclass
@@ -81,6 +83,8 @@ class RepetitionPenalty:
         self.prompt_length = prompt_length  # prompts are left-padded to one length, so this is shared
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        import torch
+
         generated = input_ids[:, self.prompt_length:]  # (B, G)
         if self.window:
             generated = generated[:, -self.window:]
@@ -108,6 +112,8 @@ class TopK:
         self.k = k
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        import torch
+
         k = min(self.k, scores.shape[-1])
         kth = torch.topk(scores, k, dim=-1).values[:, -1:]  # (B, 1)
         return scores.masked_fill(scores < kth, float("-inf"))
@@ -120,6 +126,8 @@ class TopP:
         self.p = p
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        import torch
+
         sorted_scores, order = torch.sort(scores, dim=-1, descending=True)  # (B, V)
         probs = sorted_scores.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
