@@ -92,8 +92,9 @@ def test_json_object_of_columns_and_wrapped_records(tmp_path: Path) -> None:
     convs, report = read_conversations(str(cols))
     assert report.format == "qa" and [c.turns[1].content for c in convs] == ["A", "B"]
     wrapped = tmp_path / "wrapped.json"
-    wrapped.write_text(json.dumps({"data": ROWS["qa"]}), encoding="utf-8")
-    assert read_conversations(str(wrapped))[0][0].turns == EXPECTED_FIRST["qa"]
+    wrapped.write_text(json.dumps({"data": ROWS["qa"] * 2}, indent=1), encoding="utf-8")
+    convs, _ = read_conversations(str(wrapped))
+    assert convs[0].turns == EXPECTED_FIRST["qa"] and [c.source for c in convs] == [f"{wrapped}:3", f"{wrapped}:7"]
 
 
 def test_txt_documents_are_blank_line_separated(tmp_path: Path) -> None:

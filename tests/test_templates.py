@@ -84,3 +84,12 @@ def test_builtin_chatml_on_a_chatml_vocabulary() -> None:
     ids = tok.encode("<|im_start|>user\nHi<|im_end|>", add_special_tokens=False)
     assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
     assert tok.convert_ids_to_tokens(end_of_turn_ids(tok)) == ["<|im_end|>"]
+
+
+def test_config_accepts_exactly_the_template_names() -> None:
+    from tunesmith.config import TEMPLATES, DataOptions
+    from tunesmith.data.templates import TEMPLATE_NAMES
+
+    assert set(TEMPLATES) == set(TEMPLATE_NAMES)
+    with pytest.raises(UserError, match="invalid value for template"):
+        DataOptions(template="vicuna")

@@ -120,3 +120,21 @@ def test_generation_prompt_that_differs_from_training_is_refused(base_tokenizer)
     with pytest.raises(TemplateMismatch) as err:
         tokenize_conversation(SINGLE, tok, max_length=64)
     assert "add_generation_prompt" in str(err.value) and "--template" in err.value.problems[-1]
+
+
+HISTORY_REWRITING = (  # like Qwen3: only assistant turns after the last user message get a think block
+    "{%- set ns = namespace(last=0) %}{%- for m in messages %}{%- if m['role'] == 'user' %}"
+    "{%- set ns.last = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}{%- if m['role'] == 'assistant' and loop.index0 > ns.last %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_turns_a_template_rewrites_in_history_are_not_trained_but_counted(chatml_tokenizer) -> None:
+    tok = copy.deepcopy(chatml_tokenizer)
+    tok.chat_template = HISTORY_REWRITING
+    samples, report = tokenize_all([MULTI], tok, max_length=512)
+    assert report.untrained_turns == 1
+    assert trained_runs(tok, samples[0]) == ["<think>\n\n</think>\n\nA rock,  mostly\n\nGREY 42 <|im_end|>"]

@@ -25,6 +25,7 @@ from typing import Any
 from tunesmith.errors import UserError
 
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "qa", "prompt-completion", "text", "preference")
+TEMPLATES = ("auto", "tokenizer", "llama3", "chatml", "alpaca", "zephyr", "plain")  # = data.templates.TEMPLATE_NAMES
 METHODS = ("full", "lora", "qlora", "dpo", "pretrain")
 IMPLEMENTED_METHODS = ("full", "lora")
 
@@ -67,6 +68,7 @@ class DataOptions:
 
     def __post_init__(self) -> None:
         check_choice("format", self.format, FORMATS)
+        check_choice("template", self.template, TEMPLATES)
         check(self.max_length >= 16, "max_length", self.max_length, "an integer >= 16")
         check(0.0 <= self.test_split < 1.0, "test_split", self.test_split, "0 <= x < 1")
 

@@ -124,6 +124,8 @@ def stats_table(stats: dict[str, Any], read_report: ReadReport, console: Console
         ("tokens trained", f"{stats['trained_share']:.1%} ({stats['trained_tokens']:,} of {stats['tokens']:,})"),
         (f"over --max-length {stats['max_length']}", f"{stats['over_max_length']:,}" + _over_note(stats)),
     ]
+    if stats["untrained_turns"]:
+        rows.append(("turns not trained", f"{stats['untrained_turns']:,} (the template rewrites them in history)"))
     if stats["dropped"]:
         rows.append(("nothing left to train", f"{stats['dropped']:,} samples"))
     if "samples_per_second" in stats:

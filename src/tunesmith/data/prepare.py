@@ -91,6 +91,10 @@ def prepare_data(options: DataOptions, tokenizer: Any, *, seed: int = 42, cache_
     save_entry(directory, key, train, evals, eval_convs, stats)
     log(f"data: {len(train)} train / {len(evals)} eval samples from {source} (format {report.format}, "
         f"template {template}); {stats['trained_share']:.0%} of tokens trained")
+    if stats["untrained_turns"]:
+        log(f"warning: {stats['untrained_turns']} earlier assistant turns are not trained: the template renders "
+            "them differently once later turns exist (it rewrites history); to train them, split those "
+            "conversations into one sample per assistant turn")
     if train_report.truncated:
         log(f"warning: {train_report.truncated} samples longer than --max-length {options.max_length} "
             "were truncated")
@@ -154,4 +158,5 @@ def data_stats(read: ReadReport, train: TokenizeReport, evals: TokenizeReport, m
         "truncated": train.truncated + evals.truncated,
         "dropped": len(train.dropped) + len(evals.dropped),
         "chunked_documents": train.chunked_documents + evals.chunked_documents,
+        "untrained_turns": train.untrained_turns + evals.untrained_turns,
     }

@@ -152,9 +152,7 @@ def _read_json(path: Path) -> Iterator[Row]:
 def _element_lines(text: str, count: int) -> list[int]:
     """The line on which each element of the top-level JSON array starts (best effort)."""
     decoder = json.JSONDecoder()
-    start = text.find("[")
-    inner = text.find("[", start + 1) if text.lstrip().startswith("{") else start
-    pos, lines = inner + 1, []
+    pos, lines = text.find("[") + 1, []  # the records' array: the top level, or {"data": [...]}'s
     while len(lines) < count:
         while pos < len(text) and text[pos] in " \t\r\n,":
             pos += 1

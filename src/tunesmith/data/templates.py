@@ -69,6 +69,8 @@ def choose_template(tokenizer: Any, name: str = "auto") -> str:
     if name not in TEMPLATE_NAMES:
         raise UserError(f"invalid value for template: {name!r} (allowed: {' | '.join(TEMPLATE_NAMES)})")
     own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, dict):  # several named templates: chat uses "default"
+        own = tokenizer.chat_template = own.get("default")
     if name in ("auto", "tokenizer") and isinstance(own, str) and own.strip():
         return "tokenizer"
     if name == "tokenizer":

@@ -46,6 +46,7 @@ class TokenizeReport:
     samples: int = 0
     truncated: int = 0
     chunked_documents: int = 0
+    untrained_turns: int = 0  # earlier assistant turns the template rewrites in history (not trained)
     dropped: list[str] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)  # token length of each sample before truncation
     tokens: int = 0
@@ -62,6 +63,7 @@ class ChatSegmenter:
     def __init__(self, tokenizer: Any) -> None:
         self.renderer = Renderer(tokenizer)
         self.eot_strings = [tokenizer.convert_ids_to_tokens(i) for i in end_of_turn_ids(tokenizer)]
+        self.untrained_turns = 0  # assistant turns the template re-renders once later turns exist
 
     def segments(self, conv: Conversation, train_on_prompt: bool = False) -> list[Segment]:
         """[(text, trained)] whose concatenation is exactly the rendered conversation."""
@@ -77,7 +79,10 @@ class ChatSegmenter:
                 continue
             prompt = self.renderer.render(messages[:i], add_generation_prompt=True)
             upto = full if i == last else self.renderer.render(messages[: i + 1])
-            self._check_prefixes(conv, prompt, upto, full)
+            self._check_generation_prompt(conv, prompt, upto)
+            if not full.startswith(upto):  # e.g. Qwen3 drops reasoning from history: the turn as
+                self.untrained_turns += 1  # written in `full` is not what the model generates
+                continue
             start, end = len(prompt), len(upto)
             end = start + self._cut_after_end_of_turn(upto[start:end])
             out += [(full[pos:start], False), (full[start:end], True)]
@@ -85,18 +90,15 @@ class ChatSegmenter:
         out.append((full[pos:], False))
         return [s for s in out if s[0]]
 
-    def _check_prefixes(self, conv: Conversation, prompt: str, upto: str, full: str) -> None:
+    def _check_generation_prompt(self, conv: Conversation, prompt: str, upto: str) -> None:
         """Training text must extend exactly what inference renders; else the mask is meaningless."""
         if not upto.startswith(prompt):
             raise TemplateMismatch(
                 f"{conv.source}: the chat template renders the assistant turn differently at inference "
                 "(add_generation_prompt=True) than in training",
-                [f"inference prompt ends with: {prompt[-60:]!r}", f"training text there: {upto[len(prompt) - 60:len(prompt) + 20]!r}",
+                [f"inference prompt ends with: {prompt[-60:]!r}",
+                 f"training text there: {upto[max(0, len(prompt) - 60):len(prompt) + 20]!r}",
                  "fix: pick a consistent template with --template (llama3 | chatml | zephyr | alpaca | plain)"])
-        if not full.startswith(upto):
-            raise TemplateMismatch(
-                f"{conv.source}: the chat template renders earlier turns differently once later turns exist",
-                ["fix: train on single-turn samples, or pick another template with --template"])
 
     def _cut_after_end_of_turn(self, span: str) -> int:
         """Length of `span` up to and including its last end-of-turn token (all of it if none)."""
@@ -154,6 +156,7 @@ def tokenize_all(convs: list[Conversation], tokenizer: Any, max_length: int,
         else:
             _add_chat_sample(TokenizedSample(ids, labels, conv.source), tokenizer, max_length, samples, report)
     report.samples = len(samples)
+    report.untrained_turns = segmenter.untrained_turns if segmenter is not None else 0
     return samples, report
 
 
