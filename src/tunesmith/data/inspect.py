@@ -24,6 +24,7 @@ from tunesmith.errors import UserError
 
 TRAINED_STYLE = "bold black on green"
 PROMPT_STYLE = "grey62"
+SPECIAL_STYLE = "magenta"
 
 
 def inspect_data(options: DataOptions, model: str | None, samples: int = 3, time_it: bool = False,
@@ -47,6 +48,11 @@ def inspect_data(options: DataOptions, model: str | None, samples: int = 3, time
     console.print(Text.assemble(("template: ", "bold"), template, ("  end of turn: ", "bold"),
                                 ", ".join(tokenizer.convert_ids_to_tokens(eot)), ("  format: ", "bold"),
                                 read_report.format))
+    if console.is_terminal and not console.no_color:
+        console.print(Text.assemble(("trained", TRAINED_STYLE), "  ", ("context only", PROMPT_STYLE), "  ",
+                                    ("special token", SPECIAL_STYLE)))
+    else:
+        console.print(Text("trained tokens (the loss) are shown between double square brackets"))
     for line in messages:
         console.print(Text(line, style="yellow"))
     for sample in tokenized[:samples]:
@@ -92,13 +98,21 @@ def render_marked(tokenizer: Any, sample: TokenizedSample, colour: bool) -> Text
     text = Text()
     for ids, trained in spans(sample):
         piece = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        if not trained:
-            text.append(piece, style=PROMPT_STYLE if colour else "")
-        elif colour:  # make newlines inside trained spans visible
+        if not colour:
+            text.append(f"[[{piece}]]" if trained else piece)
+        elif trained:  # make newlines inside trained spans visible
             text.append(piece.replace("\n", "↵\n"), style=TRAINED_STYLE)
         else:
-            text.append(f"[[{piece}]]")
+            text.append(piece, style=PROMPT_STYLE)
+    if colour:
+        for token in _special_strings(tokenizer):
+            text.highlight_words([token], style=SPECIAL_STYLE)
     return text
+
+
+def _special_strings(tokenizer: Any) -> list[str]:
+    """The added/special token strings (template control tokens), to make them stand out."""
+    return sorted({str(t) for t in tokenizer.added_tokens_decoder.values()}, key=len, reverse=True)
 
 
 def print_sample(console: Console, tokenizer: Any, sample: TokenizedSample) -> None:

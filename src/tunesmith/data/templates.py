@@ -118,9 +118,11 @@ def template_kwargs(tokenizer: Any) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=16)
 def _compiled(source: str) -> Any:
-    """The compiled jinja template, with HF's filters and globals (cached per source)."""
-    from transformers.utils.chat_template_utils import _compile_jinja_template
-
+    """The compiled jinja template, with HF's filters and globals (cached per source); None if unavailable."""
+    try:  # a private helper of transformers: ~5x faster than apply_chat_template, which copies and checks
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:
+        return None
     return _compile_jinja_template(source)
 
 
@@ -131,12 +133,16 @@ class Renderer:
         source = getattr(tokenizer, "chat_template", None)
         if not isinstance(source, str) or not source.strip():
             raise UserError("the tokenizer has no chat template; call choose_template first")
+        self.tokenizer = tokenizer
         self.template = _compiled(source)
         self.kwargs = template_kwargs(tokenizer)
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         """The template's text for `messages` (what apply_chat_template(tokenize=False) returns)."""
         try:
+            if self.template is None:
+                return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                          add_generation_prompt=add_generation_prompt)
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                         tools=None, documents=None, **self.kwargs)
         except Exception as exc:  # jinja's raise_exception and template bugs
