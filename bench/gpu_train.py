@@ -1,0 +1,440 @@
+"""GPU training benchmark: tunesmith's training code vs the usual Hugging Face Trainer recipes.
+
+One command, one run, on one CUDA GPU, no network (random weights, synthetic tokens):
+
+    python bench/gpu_train.py            # Llama-3.2-1B shape, short samples: the table of issue 7
+    python bench/gpu_train.py --sweep    # + 1B/3B/Qwen-0.5B shapes x full/LoRA x short/long samples
+
+Measures the GPU's bf16 matmul rate (8192^3), then on the same synthetic samples (Alpaca-like
+lengths: log-normal, median ~200, clipped to 32..1024) runs: Trainer full (fp32 weights + bf16
+autocast, dynamic padding, batch 8), Trainer + peft LoRA r=16 all-linear (bf16 base), and
+tunesmith full / LoRA through its real loop (`tunesmith.train.loop.train`, the method and
+fast-path setup of `tunesmith train`). Real (non-padding) tokens/s are timed after warm-up
+steps; MFU counts 6*N (full) or 4*N (LoRA) FLOPs per token plus causal attention within each
+document, over the measured matmul rate. Prints a compact table; writes JSON to $OUT (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+import torch  # noqa: E402
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama-1b": dict(family="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, intermediate_size=8192, vocab_size=128256),
+    "llama-3b": dict(family="llama", hidden_size=3072, num_hidden_layers=28, num_attention_heads=24,
+                     num_key_value_heads=8, intermediate_size=8192, vocab_size=128256),
+    "qwen-0.5b": dict(family="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                      num_key_value_heads=2, intermediate_size=4864, vocab_size=151936),
+}
+# regime: (median length, min, max, tunesmith batch tokens, samples in the default run)
+REGIMES = {"short": (200, 32, 1024, 8192, 1800), "long": (2000, 256, 8192, 16384, 200)}
+WARMUP_STEPS = 4
+DEVICE = "cuda"  # the CPU smoke check in bench/README.md sets "cpu"
+
+
+@dataclass
+class Result:
+    """One training run's figures."""
+
+    name: str
+    tokens_per_s: float = 0.0
+    peak_gib: float = 0.0
+    mfu: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def matmul_tflops() -> float:
+    """Median bf16 rate of an 8192^3 matmul in TFLOP/s (random data, 20 timed after 5 warm-up)."""
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    times = []
+    for i in range(25):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 5:
+            times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 8192**3 / sorted(times)[len(times) // 2] / 1e12
+
+
+def model_config(shape: str) -> Any:
+    """A transformers config of the named shape (tied embeddings, as the real models)."""
+    from transformers import AutoConfig
+
+    spec = dict(SHAPES[shape])
+    family = spec.pop("family")
+    return AutoConfig.for_model(family, tie_word_embeddings=True, max_position_embeddings=8192,
+                                rope_theta=500000.0, **spec)
+
+
+def build_model(config: Any, dtype: torch.dtype) -> Any:
+    """A random model of `config`, created directly on the GPU."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.config.use_cache = False
+    return model
+
+
+def synth_samples(n: int, regime: str, vocab: int, seed: int = 0) -> list[list[int]]:
+    """`n` token sequences with log-normal lengths; each repeats a random motif, so loss can fall."""
+    median, lo, hi = REGIMES[regime][:3]
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = int(min(hi, max(lo, rng.lognormvariate(math.log(median), 0.75))))
+        motif = [rng.randrange(1, min(vocab, 32000)) for _ in range(rng.randint(8, 32))]
+        out.append((motif * (length // len(motif) + 1))[:length])
+    return out
+
+
+def step_flops(config: Any, n_params: int, doc_lengths: list[int], lora: bool) -> float:
+    """Model FLOPs: (6 or 4) * N * tokens + causal attention within each document (fwd + bwd)."""
+    tokens = sum(doc_lengths)
+    heads_dim = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    attention = 6 * config.num_hidden_layers * heads_dim * sum(n * n for n in doc_lengths)
+    return (4 if lora else 6) * n_params * tokens + attention
+
+
+def free_gpu() -> None:
+    """Release everything the previous run left, and restart peak-memory accounting."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+# ------------------------------------------------------------------------------------------------
+# Baselines: the Hugging Face Trainer as usually configured.
+
+
+def run_trainer(config: Any, samples: list[list[int]], lora: bool, rate: float) -> Result:
+    """Trainer: fp32 weights + bf16 autocast (full) or peft LoRA r=16 on a bf16 base; batch 8, dynamic padding."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    name = "Trainer+peft LoRA" if lora else "Trainer full"
+    free_gpu()
+    model = build_model(config, torch.bfloat16 if lora else torch.float32)
+    n_params = sum(p.numel() for p in model.parameters())
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    counts: list[int] = []
+    lengths: list[list[int]] = []
+
+    def collate(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)  # (B, T)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
+            mask[i, :len(r["input_ids"])] = 1
+        counts.append(int(mask.sum()))
+        lengths.append([len(r["input_ids"]) for r in rows])
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+    marks: dict[int, float] = {}
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            torch.cuda.synchronize()
+            marks[state.global_step] = time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=8, bf16=DEVICE == "cuda", num_train_epochs=1,
+                                 learning_rate=2e-4 if lora else 1e-5, logging_steps=10**6, save_strategy="no",
+                                 report_to="none", dataloader_num_workers=0, remove_unused_columns=False,
+                                 disable_tqdm=True, seed=0)
+        trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": s} for s in samples],
+                          data_collator=collate, callbacks=[Clock()])
+        trainer.train()
+    steps = max(marks)
+    tokens = sum(counts[WARMUP_STEPS:steps])
+    seconds = marks[steps] - marks[WARMUP_STEPS]
+    flops = sum(step_flops(config, n_params, d, lora) for d in lengths[WARMUP_STEPS:steps])
+    result = Result(name, tokens / seconds, torch.cuda.max_memory_allocated() / 2**30, flops / seconds / rate / 1e12,
+                    steps, tokens, seconds)
+    del trainer, model
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# tunesmith: the same code `tunesmith train` runs (method, fast path, optimizer policy, loop).
+
+
+def run_tunesmith(config: Any, samples: list[list[int]], method: str, fast: bool, batch_tokens: int, rate: float,
+                  max_steps: int | None = None, profile: bool = False) -> Result:
+    """Train through `tunesmith.train.loop.train`; time real tokens after the warm-up steps."""
+    from tunesmith.config import LoopOptions
+    from tunesmith.data.tokenize import TokenizedSample
+    from tunesmith.model.adapters import prepare_for_method
+    from tunesmith.model.fast import prepare_for_training
+    from tunesmith.train.api import build_optimizer
+    from tunesmith.train.checkpoint import TrainState
+    from tunesmith.train.loop import DataPlan, total_steps, train
+    from tunesmith.train.losses import sft_loss_sum
+    from tunesmith.train.progress import RunLog
+    from tunesmith.train.schedule import cosine_schedule
+
+    name = f"tunesmith {method}" + ("" if fast else " (plain path)")
+    free_gpu()
+    model = build_model(config, torch.bfloat16)
+    n_params = sum(p.numel() for p in model.parameters())
+    model = prepare_for_method(model, method, lora_r=16, lora_alpha=32)
+    setup = prepare_for_training(model, device=torch.device(DEVICE), batch_tokens=batch_tokens, fast_kernels=fast)
+    loss_fn = setup.loss_sum or sft_loss_sum
+    optimizer = build_optimizer(model, 2e-4 if method == "lora" else 1e-4, 0.0, seed=0)
+    plan = DataPlan([TokenizedSample(s, s) for s in samples], batch_tokens, seed=0)
+    steps = total_steps(plan, 1, 1.0, max_steps)
+    opts = LoopOptions(batch_tokens=batch_tokens, max_steps=steps)
+    scheduler = cosine_schedule(optimizer, steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        log = RunLog(Path(tmp), steps, show_bar=False)
+        run = lambda st, upto: train(model, optimizer, scheduler, plan, [], opts, st, upto, log, loss_fn,  # noqa: E731
+                                     lambda s: Path(tmp), torch.device(DEVICE))
+        state = run(TrainState(), WARMUP_STEPS)
+        torch.cuda.synchronize()
+        started, tokens_before = time.perf_counter(), state.tokens
+        state = run(state, steps)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        log.close()
+    batches = plan.batches(0)[WARMUP_STEPS:steps]
+    docs = [[int(n) for n in torch.diff(torch.nonzero(b.position_ids[0] == 0).flatten(),
+                                        append=torch.tensor([b.num_tokens]))] for b in batches]
+    flops = sum(step_flops(config, n_params, d, method == "lora") for d in docs)
+    tokens = state.tokens - tokens_before
+    result = Result(name, tokens / seconds, torch.cuda.max_memory_allocated() / 2**30,
+                    flops / seconds / rate / 1e12, steps, tokens, seconds,
+                    [r["train_loss"] for r in log.history if "train_loss" in r],
+                    setup.notices + [f"attention={setup.attention} liger={setup.liger} "
+                                     f"checkpointing={setup.checkpointing} optimizer={type(optimizer).__name__}"])
+    if profile:
+        result.notes.append(profile_steps(model, optimizer, plan, loss_fn))
+    del model, optimizer, scheduler, setup, loss_fn
+    return result
+
+
+def profile_steps(model: Any, optimizer: Any, plan: Any, loss_fn: Any, steps: int = 3) -> str:
+    """Where a fast step's GPU time goes: the top kernels of a few profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tunesmith.train.loop import accumulate
+
+    batches = plan.batches(1)[:steps]
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for b in batches:
+            accumulate(model, [b], loss_fn, torch.device(DEVICE))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events)
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
+    return "profile (share of GPU time): " + "; ".join(
+        f"{e.key[:60]} {100 * e.self_device_time_total / total:.1f}%" for e in top)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks: the optimizer policy against fp32 master weights, the fused AdamW kernel against torch.
+
+
+def check_optimizer_policy(steps: int = 200) -> dict[str, float]:
+    """Loss curves over `steps` steps: bf16 + stochastic rounding vs fp32 master weights (4-layer 1B shape)."""
+    from tunesmith.data.packing import pack
+    from tunesmith.data.tokenize import TokenizedSample
+    from tunesmith.model.fast import prepare_for_training
+    from tunesmith.train.optim import make_optimizer
+
+    config = model_config("llama-1b")
+    config.num_hidden_layers = 4
+    batches = pack([TokenizedSample(s, s) for s in synth_samples(1200, "short", config.vocab_size, seed=1)], 8192)
+    curves = {}
+    for policy in ("fp32-master", "bf16-sr"):
+        free_gpu()
+        model = build_model(config, torch.bfloat16)
+        loss_fn = prepare_for_training(model, device=torch.device(DEVICE), batch_tokens=8192).loss_sum
+        params = [p for p in model.parameters() if p.requires_grad]
+        master = [p.detach().float().requires_grad_() for p in params] if policy == "fp32-master" else None
+        opt = torch.optim.AdamW(master, lr=1e-4, fused=True) if master else make_optimizer(params, lr=1e-4)
+        losses = []
+        for step in range(steps):
+            b = batches[step % len(batches)].to(torch.device(DEVICE))
+            loss_sum, count = loss_fn(model, b)
+            (loss_sum / count).backward()
+            losses.append(float(loss_sum) / count)
+            if master:
+                for p, m in zip(params, master):
+                    m.grad = p.grad.float()
+                    p.grad = None
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if master:
+                with torch.no_grad():
+                    torch._foreach_copy_(params, master)
+        curves[policy] = losses
+        del model, opt, master, params
+    a, b = curves["fp32-master"], curves["bf16-sr"]
+    return {"steps": steps, "first_loss": a[0], "last_loss_fp32_master": sum(a[-20:]) / 20,
+            "last_loss_bf16_sr": sum(b[-20:]) / 20,
+            "mean_rel_diff": sum(abs(x - y) / x for x, y in zip(a, b)) / steps,
+            "max_rel_diff_20step_mean": max(abs(sum(a[i:i + 20]) - sum(b[i:i + 20])) / sum(a[i:i + 20])
+                                            for i in range(0, steps - 19, 20))}
+
+
+def check_fused_adamw() -> float:
+    """Max |Triton - torch| / bf16 ulp after one AdamW step on random data (1.0 = rounding either way)."""
+    from tunesmith.train.optim import _adamw_bf16_torch, _adamw_bf16_triton
+
+    torch.manual_seed(0)
+    p = torch.randn(1 << 20, device="cuda").to(torch.bfloat16)
+    g, m, v = (torch.randn(1 << 20, device="cuda").to(dt) for dt in (torch.bfloat16, torch.float32, torch.float32))
+    v = v.abs()
+    ref = [t.clone() for t in (p, m, v)]
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=3)
+    _adamw_bf16_triton(p, g, m, v, seed=1, **kw)
+    _adamw_bf16_torch(*ref[:1], g, *ref[1:], generator=None, **kw)
+    ulp = ref[0].float().abs() * 2**-7 + 1e-30
+    return float(((p.float() - ref[0].float()).abs() / ulp).max())
+
+
+# ------------------------------------------------------------------------------------------------
+# The runs and the table.
+
+
+def guarded(name: str, fn: Any, *args: Any, **kwargs: Any) -> Result:
+    """Run one benchmark; an OOM or a failure becomes a row with the error instead of ending the bench."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # report every failure in the table, keep going
+        free_gpu()
+        kind = "OOM" if isinstance(exc, torch.OutOfMemoryError) else f"{type(exc).__name__}: {str(exc)[:160]}"
+        return Result(name, error=kind)
+
+
+def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, profile: bool) -> dict[str, Any]:
+    """Baselines and tunesmith (full, LoRA) on one shape and length regime; parity and profile optional."""
+    config = model_config(shape)
+    samples = synth_samples(n_samples, regime, config.vocab_size)
+    budget = REGIMES[regime][3]
+    rows: dict[str, Result] = {}
+    rows["base_full"] = guarded("Trainer full", run_trainer, config, samples, False, rate)
+    rows["base_lora"] = guarded("Trainer+peft LoRA", run_trainer, config, samples, True, rate)
+    if parity:  # before the fast runs: liger patches transformers' modules process-wide
+        rows["plain_full"] = guarded("tunesmith full (plain path)", run_tunesmith, config, samples, "full", False,
+                                     budget, rate, max_steps=50)
+    rows["fast_full"] = guarded("tunesmith full", run_tunesmith, config, samples, "full", True, budget, rate,
+                                profile=profile)
+    rows["fast_lora"] = guarded("tunesmith LoRA", run_tunesmith, config, samples, "lora", True, budget, rate)
+    out: dict[str, Any] = {"shape": shape, "regime": regime, "samples": n_samples,
+                           "real_tokens": sum(map(len, samples)), "runs": {k: asdict(v) for k, v in rows.items()}}
+    if parity and not rows["plain_full"].error and not rows["fast_full"].error:
+        n = min(50, len(rows["plain_full"].losses), len(rows["fast_full"].losses))
+        a, b = rows["plain_full"].losses[:n], rows["fast_full"].losses[:n]
+        out["parity"] = {"steps": len(a), "plain_first": a[0], "plain_last": a[-1], "fast_last": b[len(a) - 1],
+                         "max_rel_diff": max(abs(x - y) / x for x, y in zip(a, b)),
+                         "mean_rel_diff": sum(abs(x - y) / x for x, y in zip(a, b)) / len(a)}
+    return out
+
+
+def table(result: dict[str, Any]) -> list[str]:
+    """Compact rows: real tokens/s, MFU, peak memory, and tunesmith/baseline ratios."""
+    runs = result["runs"]
+    lines = [f"== {result['shape']}, {result['regime']} samples ({result['real_tokens']:,} real tokens each run)",
+             f"{'run':30} {'real tok/s':>11} {'MFU':>6} {'peak GiB':>9} {'speed x':>8} {'mem x':>7}"]
+    base_of = {"fast_full": "base_full", "plain_full": "base_full", "fast_lora": "base_lora"}
+    for key, r in runs.items():
+        if r["error"]:
+            lines.append(f"{r['name']:30} {r['error']}")
+            continue
+        b = runs.get(base_of.get(key, ""), {})
+        ok = b and not b["error"]
+        speed = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}" if ok else ""
+        mem = f"{r['peak_gib'] / b['peak_gib']:.2f}" if ok else ""
+        lines.append(f"{r['name']:30} {r['tokens_per_s']:>11,.0f} {100 * r['mfu']:>5.1f}% {r['peak_gib']:>9.1f} "
+                     f"{speed:>8} {mem:>7}")
+    if "parity" in result:
+        p = result["parity"]
+        lines.append(f"loss parity, fast vs plain, first {p['steps']} steps, same batches (bf16): max rel diff "
+                     f"{100 * p['max_rel_diff']:.2f}%, mean {100 * p['mean_rel_diff']:.2f}% "
+                     f"(loss {p['plain_first']:.3f} -> plain {p['plain_last']:.3f} / fast {p['fast_last']:.3f})")
+    return lines
+
+
+def environment() -> dict[str, Any]:
+    """Versions and device, for the JSON."""
+    import transformers
+
+    env = {"torch": torch.__version__, "transformers": transformers.__version__,
+           "device": torch.cuda.get_device_name(), "python": sys.version.split()[0]}
+    for name in ("peft", "liger_kernel", "triton"):
+        try:
+            env[name] = __import__(name).__version__
+        except Exception as exc:  # report, do not fail: the bench shows the fallbacks too
+            env[name] = f"unavailable ({type(exc).__name__})"
+    return env
+
+
+def main() -> None:
+    """Run the benchmark; print the table; write everything as JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also 1B/3B/Qwen-0.5B x full/LoRA x short/long")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_train.json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/gpu_train.py needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    report: dict[str, Any] = {"env": environment()}
+    rate = report["matmul_tflops"] = matmul_tflops()
+    print(f"{report['env']}\nbf16 matmul 8192^3: {rate:.0f} TFLOP/s (MFU denominator)", flush=True)
+    report["fused_adamw_max_ulp"] = check_fused_adamw()
+    results = [compare("llama-1b", "short", rate, REGIMES["short"][4], parity=True, profile=True)]
+    print("\n".join(table(results[0])), flush=True)
+    policy = report["optimizer_policy"] = check_optimizer_policy()
+    if args.sweep:
+        for shape in SHAPES:
+            for regime in REGIMES:
+                if (shape, regime) != ("llama-1b", "short"):
+                    n = REGIMES[regime][4] // 3 if regime == "short" else REGIMES[regime][4] // 2
+                    results.append(compare(shape, regime, rate, n, parity=False, profile=False))
+                    print("\n".join(table(results[-1])), flush=True)
+    report["results"] = results
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "gpu_train.json").write_text(json.dumps(report, indent=1))
+    print("\n".join(["", *[line for r in results for line in table(r)]]))
+    print(f"optimizer policy, bf16 + stochastic rounding vs fp32 master, {policy['steps']} steps: mean rel diff "
+          f"{100 * policy['mean_rel_diff']:.2f}%, max over 20-step means {100 * policy['max_rel_diff_20step_mean']:.2f}% "
+          f"(loss {policy['first_loss']:.3f} -> {policy['last_loss_fp32_master']:.3f} / {policy['last_loss_bf16_sr']:.3f})")
+    print(f"fused AdamW kernel vs torch: max diff {report['fused_adamw_max_ulp']:.2f} bf16 ulp")
+    for r in results[0]["runs"].values():
+        for note in r["notes"]:
+            print(f"[{r['name']}] {note}")
+
+
+if __name__ == "__main__":
+    main()
