@@ -11,15 +11,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from tunesmith.data.conversation import Conversation
-from tunesmith.data.tokenize import IGNORE_INDEX, TokenizedSample, tokenize_all
+from tunesmith.data.tokenize import TokenizedSample, tokenize_all
 from tunesmith.eval import metrics as m
 from tunesmith.eval.data import EvalCase, has_reply
 
 MAX_LENGTH = 2048  # the training default; longer samples are truncated as in training
-LOSS_BATCH = 8
+LOSS_BATCH_TOKENS = 4096
 GENERATE_BATCH = 16
 
 
@@ -44,25 +43,19 @@ def loss_samples(convs: list[Conversation], tokenizer: Any) -> list[TokenizedSam
 
 @torch.no_grad()
 def heldout_loss(model: Any, samples: list[TokenizedSample]) -> tuple[float, int]:
-    """Mean cross-entropy over the trained tokens of `samples`, and how many tokens that is."""
+    """Mean cross-entropy over the trained tokens of `samples`, and how many tokens that is.
+
+    Packed and summed with training's own `pack` + `sft_loss_sum`, then divided once by the
+    token count: the same number training logs as its eval loss.
+    """
+    from tunesmith.data.packing import pack
+    from tunesmith.train.losses import sft_loss_sum
+
     total, count = 0.0, 0
-    ordered = sorted(samples, key=lambda s: len(s.input_ids))  # similar lengths: little padding
-    for start in range(0, len(ordered), LOSS_BATCH):
-        chunk = ordered[start:start + LOSS_BATCH]
-        width = max(len(s.input_ids) for s in chunk)
-        ids = torch.zeros((len(chunk), width), dtype=torch.long)  # (B, T), right-padded
-        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)  # (B, T)
-        for row, sample in enumerate(chunk):
-            n = len(sample.input_ids)
-            ids[row, :n], labels[row, :n], mask[row, :n] = (torch.tensor(sample.input_ids),
-                                                             torch.tensor(sample.labels), 1)
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                       use_cache=False).logits  # (B, T, V)
-        targets = labels[:, 1:].to(model.device)  # token t predicts label t+1
-        total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                 ignore_index=IGNORE_INDEX, reduction="sum").item()
-        count += int((targets != IGNORE_INDEX).sum())
+    for batch in pack(samples, LOSS_BATCH_TOKENS):
+        loss_sum, n = sft_loss_sum(model, batch.to(model.device))
+        total += float(loss_sum)
+        count += n
     return (total / count if count else float("nan")), count
 
 
