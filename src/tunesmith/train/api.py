@@ -1,0 +1,216 @@
+"""`finetune(...)`: the Python API of training; `tunesmith train` is a thin layer over it.
+
+The run, in named steps: resolve options -> check the output dir -> tokenizer + data ->
+model + method (+ fast path) -> optimizer + schedule -> (resume) -> base eval -> loop ->
+final eval -> save model and run files -> summary -> report hook.
+"""
+from __future__ import annotations
+
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunesmith.config import TrainConfig, to_flat_dict, train_config
+from tunesmith.errors import UserError
+from tunesmith.train.checkpoint import TrainState, checkpoint_dirs, load_checkpoint, save_checkpoint
+from tunesmith.train.progress import PLOT_FILE, RunLog, format_summary, plot_losses
+
+CHECKPOINTS = "checkpoints"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class TrainResult:
+    """Where the trained model went and the run's final figures."""
+
+    output_dir: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """The pieces of one run, built by `setup_run` (plain values, no behaviour)."""
+
+    config: TrainConfig
+    output_dir: Path
+    device: torch.device
+    tokenizer: Any
+    prepared: Any
+    model: Any
+    loss_fn: Any
+    notices: list[str]
+
+
+def resolve_config(config: TrainConfig | None, options: dict[str, Any]) -> TrainConfig:
+    """A config from a `TrainConfig`, flat option names, or a config overridden by options."""
+    if config is None:
+        return train_config(options)
+    if options:
+        return train_config({**to_flat_dict(config), **options})
+    return config
+
+
+def check_output_dir(output_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from (or None); refuse to overwrite an unfinished run by accident."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"{output_dir}: exists and is not a directory (choose another --output)")
+    existing = checkpoint_dirs(output_dir / CHECKPOINTS)
+    if resume:
+        if not existing:
+            raise UserError(f"--resume: no checkpoint in {output_dir / CHECKPOINTS} "
+                            "(checkpoints are written every --save-every steps)")
+        return existing[-1]
+    if existing and not (output_dir / SUMMARY_FILE).is_file():
+        raise UserError(f"{output_dir}: holds an unfinished run (checkpoint {existing[-1].name})",
+                        ["pass --resume to continue it, or choose another --output"])
+    for old in (CHECKPOINTS, "tensorboard"):  # a finished earlier run in the same dir is replaced
+        shutil.rmtree(output_dir / old, ignore_errors=True)
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every RNG the run draws from (adapter init, dropout)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_run(config: TrainConfig, output_dir: Path) -> Run:
+    """Tokenizer, data, model with its method and fast path: everything before the optimizer."""
+    from tunesmith.data.prepare import prepare_data
+    from tunesmith.model.adapters import count_parameters, prepare_for_method
+    from tunesmith.model.fast import prepare_for_training
+    from tunesmith.model.load import load_model, load_tokenizer, pick_device_dtype, resolve_model_name
+    from tunesmith.train.losses import sft_loss_sum
+
+    device, dtype = pick_device_dtype()
+    name = resolve_model_name(config.model.model)
+    tokenizer = load_tokenizer(name, config.model.trust_remote_code)
+    prepared = prepare_data(config.data, tokenizer, seed=config.loop.seed, cache_dir=output_dir / ".cache",
+                            log=lambda line: print(line, file=sys.stderr))
+    seed_everything(config.loop.seed)
+    model = load_model(name, device=device, dtype=dtype, trust_remote_code=config.model.trust_remote_code,
+                       merge_adapter=True)  # training from a tunesmith LoRA output starts from its merged weights
+    m = config.method
+    model = prepare_for_method(model, m.method, lora_r=m.lora_r, lora_alpha=m.lora_alpha, lora_targets=m.lora_targets)
+    fast = prepare_for_training(model, device=device, batch_tokens=config.loop.batch_tokens,
+                                fast_kernels=config.loop.fast_kernels,
+                                gradient_checkpointing=config.loop.gradient_checkpointing)
+    trainable, total = count_parameters(model)
+    notices = [*fast.notices, f"model: {name} on {device} ({str(dtype).removeprefix('torch.')}), method {m.method}: "
+               f"{trainable:,} of {total:,} parameters train"]
+    return Run(config, output_dir, device, tokenizer, prepared, model, fast.loss_sum or sft_loss_sum, notices)
+
+
+def build_optimizer(model: Any, lr: float, weight_decay: float, seed: int) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; the dtype policy (fp32 / bf16 weights) is `train.optim`'s."""
+    from tunesmith.train.optim import make_optimizer
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return make_optimizer(params, lr=lr, weight_decay=weight_decay, seed=seed)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak accelerator memory, or this process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return rss_kib / 2**20
+
+
+def finetune(config: TrainConfig | None = None, **options: Any) -> TrainResult:
+    """Fine-tune a model; returns the output directory and final metrics.
+
+    `finetune(model="x", data="y.jsonl", method="lora", max_steps=10)` takes the same
+    option names as the CLI flags and YAML keys.
+    """
+    config = resolve_config(config, options)
+    output_dir = Path(config.output.output).expanduser()
+    resume_from = check_output_dir(output_dir, config.loop.resume)
+    started = time.perf_counter()
+    run = setup_run(config, output_dir)
+    try:
+        metrics = train_and_save(run, resume_from, started)
+    except torch.OutOfMemoryError:
+        raise UserError("out of GPU memory", [
+            f"fix: lower --batch-tokens (now {config.loop.batch_tokens}), add --gradient-checkpointing, "
+            "or use --method lora"]) from None
+    if config.output.report:
+        _final_report(output_dir, metrics, run)
+    return TrainResult(output_dir, metrics)
+
+
+def train_and_save(run: Run, resume_from: Path | None, started: float) -> dict[str, float]:
+    """Optimizer, schedule, (resume), base eval, the loop, final eval; then write everything."""
+    from tunesmith.data.packing import pack
+    from tunesmith.data.readers import write_jsonl
+    from tunesmith.train.loop import DataPlan, record_eval, total_steps, train
+    from tunesmith.train.output import save_config, save_model, save_summary
+    from tunesmith.train.schedule import cosine_schedule
+
+    config, loop, out = run.config, run.config.loop, run.output_dir
+    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
+    plan = DataPlan(run.prepared.train, loop.batch_tokens, loop.seed, pad_id=pad_id)
+    steps = total_steps(plan, loop.grad_accum, loop.epochs, loop.max_steps)
+    optimizer = build_optimizer(run.model, config.peak_lr(), loop.weight_decay, loop.seed)
+    scheduler = cosine_schedule(optimizer, steps, loop.warmup_ratio)
+    state = TrainState()
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, run.model, optimizer, scheduler)
+    eval_batches = pack(run.prepared.eval, loop.batch_tokens)
+    save_config(out, to_flat_dict(config))
+    write_jsonl(run.prepared.eval_conversations, out / "eval.jsonl")
+    log = RunLog(out, steps, start_step=state.step, history=state.history)
+    for line in run.notices + [f"training: {steps} steps, peak lr {config.peak_lr():g}"
+                               + (f", resumed at step {state.step} from {resume_from}" if resume_from else "")]:
+        log.message(line)
+    try:
+        if state.step == 0 and eval_batches:
+            record_eval(run.model, eval_batches, run.loss_fn, run.device, state, log)
+            state.best_eval_loss = None  # the base model's loss is not a result of this run
+        def save(s: TrainState) -> Path:
+            return save_checkpoint(out / CHECKPOINTS, run.model, optimizer, scheduler, s, loop.keep_checkpoints)
+        state = train(run.model, optimizer, scheduler, plan, eval_batches, loop, state, steps, log, run.loss_fn,
+                      save, run.device, last_checkpoint=resume_from)
+        final = record_eval(run.model, eval_batches, run.loss_fn, run.device, state, log) if eval_batches else {}
+    finally:
+        log.close()
+    save_model(run.model, run.tokenizer, out, run.prepared.end_of_turn_ids, merge=config.method.merge)
+    metrics = run_metrics(log.history, state, final, run.device, time.perf_counter() - started)
+    plot_losses(log.history, out / PLOT_FILE)
+    save_summary(out, metrics)
+    print(format_summary(metrics), file=sys.stderr)
+    return metrics
+
+
+def run_metrics(history: list[dict[str, Any]], state: TrainState, final: dict[str, float],
+                device: torch.device, seconds: float) -> dict[str, float]:
+    """The figures a run reports: eval losses (base, final, best), steps, tokens, speed, memory."""
+    train_records = [r for r in history if "train_loss" in r]
+    evals = [r for r in history if "eval_loss" in r]
+    base = next((r["eval_loss"] for r in evals if r["step"] == 0), None)
+    metrics: dict[str, Any] = {
+        "steps": state.step, "tokens": state.tokens, "seconds": seconds,
+        "tokens_per_s": train_records[-1]["tokens_per_s"] if train_records else 0.0,
+        "final_train_loss": train_records[-1]["train_loss"] if train_records else None,
+        "base_eval_loss": base, "final_eval_loss": final.get("eval_loss"),
+        "final_eval_perplexity": final.get("eval_perplexity"), "best_eval_loss": state.best_eval_loss,
+        "peak_memory_gib": peak_memory_gib(device),
+    }
+    return {k: v for k, v in metrics.items() if v is not None}
+
+
+def _final_report(output_dir: Path, metrics: dict[str, float], run: Run) -> None:
+    """HOOK: the end-of-run base-vs-tuned report (tunesmith.eval.report is wired in here).
+
+    For now: the held-out loss of the base model before training and of the tuned model after.
+    """
+    if "base_eval_loss" in metrics and "final_eval_loss" in metrics:
+        print(f"held-out loss: base {metrics['base_eval_loss']:.4f} -> tuned {metrics['final_eval_loss']:.4f}",
+              file=sys.stderr)

@@ -1,0 +1,37 @@
+"""Losses: a method is which parameters train plus one of these.
+
+Every loss returns the SUM over its targets and how many targets there were; the loop
+divides by the trained tokens of the whole optimizer step. Summing here (not averaging
+per micro-batch) is what makes packing, padding and gradient accumulation give the same
+loss and the same gradients.
+
+`sft_loss_sum` is also the seam for the GPU fast path: `tunesmith.model.fast` may provide
+a fused linear-cross-entropy with the same signature (never materialising (B, T, V) logits).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tunesmith.data.packing import Batch
+from tunesmith.data.tokenize import IGNORE_INDEX
+
+LossFn = Callable[[Any, Batch], tuple[torch.Tensor, int]]
+
+
+def forward_logits(model: Any, batch: Batch) -> torch.Tensor:
+    """Logits `(B, T, V)`; packed batches pass no mask so transformers builds per-document masks."""
+    out = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                attention_mask=batch.attention_mask, use_cache=False)
+    return out.logits
+
+
+def sft_loss_sum(model: Any, batch: Batch) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the batch's targets (fp32 math), and their count."""
+    logits = forward_logits(model, batch)  # (B, T, V)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, batch.num_targets

@@ -1,0 +1,87 @@
+"""The output directory: what `transformers.pipeline("text-generation", model=DIR)` loads.
+
+Layout:
+- full:  DIR/model.safetensors + config.json + tokenizer (with the chat template used in
+  training) + generation_config.json;
+- lora:  DIR/adapter_model.safetensors + adapter_config.json (naming the base model) +
+  tokenizer + generation_config.json; with --merge also DIR/merged/, the adapter folded
+  into full weights (a standalone model, same tokenizer and generation config);
+- both:  config.yaml (the resolved run options), metrics.jsonl, tensorboard/, loss.png,
+  summary.json, eval.jsonl (the held-out conversations), checkpoints/ (resumable steps).
+
+`generation_config.json` lists every end-of-turn id as `eos_token_id`, so generation
+stops where the model learned to end its turn (e.g. <|eot_id|> and <|end_of_text|>).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunesmith.model.adapters import is_peft
+
+MERGED_DIR = "merged"
+
+
+def stop_ids(tokenizer: Any, end_of_turn_ids: list[int]) -> list[int]:
+    """The ids generation stops at: the end-of-turn ids, then the tokenizer's EOS; no duplicates."""
+    ids = list(end_of_turn_ids)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(int(i) for i in ids))
+
+
+def generation_config(model: Any, tokenizer: Any, end_of_turn_ids: list[int]) -> Any:
+    """The base model's generation config with the end-of-turn ids as EOS and a pad id set."""
+    from transformers import GenerationConfig
+
+    base = getattr(model, "generation_config", None)
+    config = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
+    config.eos_token_id = stop_ids(tokenizer, end_of_turn_ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.eos_token_id[0]
+    config.pad_token_id = pad
+    if tokenizer.bos_token_id is not None:
+        config.bos_token_id = tokenizer.bos_token_id
+    return config
+
+
+def _save_full(model: Any, tokenizer: Any, directory: Path, gen: Any) -> None:
+    """Full weights as safetensors, tokenizer and generation config."""
+    model.generation_config = gen
+    model.config.use_cache = True  # inference wants the cache back
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    gen.save_pretrained(directory)
+
+
+def save_model(model: Any, tokenizer: Any, directory: Path, end_of_turn_ids: list[int], merge: bool = False) -> list[Path]:
+    """Write the trained model (or adapter) so the HF ecosystem loads it; return the dirs written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    base = model.get_base_model() if is_peft(model) else model
+    gen = generation_config(base, tokenizer, end_of_turn_ids)
+    if not is_peft(model):
+        _save_full(model, tokenizer, directory, gen)
+        return [directory]
+    model.save_pretrained(directory)  # adapter_model.safetensors + adapter_config.json
+    tokenizer.save_pretrained(directory)
+    gen.save_pretrained(directory)
+    if not merge:
+        return [directory]
+    import copy
+
+    merged = copy.deepcopy(model).merge_and_unload()  # keep the trained adapter model intact
+    _save_full(merged, tokenizer, directory / MERGED_DIR, gen)
+    return [directory, directory / MERGED_DIR]
+
+
+def save_config(directory: Path, flat_config: dict[str, Any]) -> None:
+    """config.yaml: the resolved options (rerun with `tunesmith train --config DIR/config.yaml`)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.yaml").write_text(yaml.safe_dump(flat_config, sort_keys=False), encoding="utf-8")
+
+
+def save_summary(directory: Path, summary: dict[str, Any]) -> None:
+    """summary.json: the final figures; its presence also marks the run as finished."""
+    (directory / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
