@@ -1,0 +1,119 @@
+"""Chat: history kept and re-rendered, stops at end-of-turn, /reset, /save, trimming, the REPL."""
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_generate import CHATS, trained_dir
+from tunesmith.data.readers import read_conversations
+from tunesmith.errors import UserError
+from tunesmith.infer.chat import Chat, repl
+from tunesmith.infer.generate import Model, load, prompt_ids
+
+QUESTIONS = list(CHATS)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Model:
+    return load(str(trained_dir(tmp_path_factory)), device="cpu")
+
+
+def test_chat_answers_stops_and_keeps_history(trained: Model) -> None:
+    chat = Chat(trained, greedy=True, max_new_tokens=24)
+    assert chat.send(QUESTIONS[0]) == CHATS[QUESTIONS[0]]
+    assert "".join(chat.stream(QUESTIONS[1])).strip() == CHATS[QUESTIONS[1]]
+    assert chat.messages == [
+        {"role": "user", "content": QUESTIONS[0]}, {"role": "assistant", "content": CHATS[QUESTIONS[0]]},
+        {"role": "user", "content": QUESTIONS[1]}, {"role": "assistant", "content": CHATS[QUESTIONS[1]]},
+    ]
+    # the second turn was rendered with the first in front of it
+    seen = trained.tokenizer.decode(prompt_ids(chat.tokenizer, chat.messages[:3]))
+    assert seen.count("<|start_header_id|>user") == 2 and CHATS[QUESTIONS[0]] in seen
+    chat.reset()
+    assert chat.messages == [] and chat.trimmed == 0
+
+
+def test_save_appends_messages_jsonl_the_readers_accept(trained: Model, tmp_path: Path) -> None:
+    chat = Chat(trained, system="You are terse.", greedy=True, max_new_tokens=24)
+    with pytest.raises(UserError, match="nothing to save"):
+        chat.save(tmp_path / "t.jsonl")
+    chat.send(QUESTIONS[1])
+    assert chat.save(tmp_path / "t.jsonl") == 3
+    chat.reset()
+    chat.send(QUESTIONS[0])
+    chat.save(tmp_path / "t.jsonl")
+    lines = (tmp_path / "t.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["messages"][0] == {"role": "system", "content": "You are terse."}
+    conversations, report = read_conversations(str(tmp_path / "t.jsonl"))
+    assert report.format == "messages" and len(conversations) == 2
+    assert [t.role for t in conversations[1].turns] == ["system", "user", "assistant"]
+
+
+def test_oldest_turns_trimmed_past_the_context_window(trained: Model) -> None:
+    chat = Chat(trained, greedy=True, max_new_tokens=24)
+    for question in QUESTIONS * 2:
+        chat.send(question)
+    full = len(prompt_ids(chat.tokenizer, chat.messages + [{"role": "user", "content": QUESTIONS[0]}]))
+    window = trained.model.config.max_position_embeddings
+    trained.model.config.max_position_embeddings = full  # a window too small for the whole history
+    try:
+        assert chat.send(QUESTIONS[0]) == CHATS[QUESTIONS[0]]
+        assert chat.trimmed >= 2 and chat.trimmed % 2 == 0
+        assert len(chat.messages) == 10  # the history itself keeps everything
+        with pytest.raises(UserError, match="too long"):
+            chat.send(" ".join(["river"] * full))
+        assert len(chat.messages) == 10  # the refused message is not kept
+    finally:
+        trained.model.config.max_position_embeddings = window
+
+
+def test_stopping_a_stream_keeps_the_partial_reply(trained: Model) -> None:
+    chat = Chat(trained, greedy=True, max_new_tokens=24)
+    pieces = chat.stream(QUESTIONS[0])
+    first = next(piece for piece in pieces if piece.strip())
+    pieces.close()  # what Ctrl-C does in the REPL
+    assert chat.messages[-1]["role"] == "assistant"
+    assert chat.messages[-1]["content"] == first.strip()
+    assert CHATS[QUESTIONS[0]].startswith(chat.messages[-1]["content"])
+
+
+def test_base_model_gets_a_builtin_template(tiny_base_model_dir: Path) -> None:
+    model = load(str(tiny_base_model_dir), device="cpu")
+    chat = Chat(model, greedy=True, max_new_tokens=4)
+    assert chat.template_note and "no chat template" in chat.template_note
+    assert not getattr(model.tokenizer, "chat_template", None)  # the loaded model itself is untouched
+    chat.send("hello")
+    assert [m["role"] for m in chat.messages] in (["user", "assistant"], [])
+
+
+def test_repl_commands_from_a_script(trained: Model, tmp_path: Path) -> None:
+    script = iter([QUESTIONS[1], "/system Be kind.", f"/save {tmp_path / 'c.jsonl'}", "/reset", "/bogus",
+                   QUESTIONS[0], "quit", "never read"])
+
+    def read(prompt: str) -> str:
+        return next(script)
+
+    out = io.StringIO()
+    chat = Chat(trained, greedy=True, max_new_tokens=24)
+    repl(chat, read=read, out=out)
+    text = out.getvalue()
+    assert CHATS[QUESTIONS[1]] in text and CHATS[QUESTIONS[0]] in text
+    assert "(history cleared)" in text and "unknown command /bogus" in text
+    assert chat.messages == [{"role": "user", "content": QUESTIONS[0]},
+                             {"role": "assistant", "content": CHATS[QUESTIONS[0]]}]
+    saved = json.loads((tmp_path / "c.jsonl").read_text())["messages"]
+    assert [m["role"] for m in saved] == ["system", "user", "assistant"]
+    assert next(script) == "never read"  # "quit" ended the loop
