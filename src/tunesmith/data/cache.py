@@ -8,6 +8,7 @@ Entries are plain files (numpy arrays + JSON + JSONL), never pickles.
 from __future__ import annotations
 
 import dataclasses
+from array import array
 import hashlib
 import json
 import os
@@ -69,11 +70,14 @@ def cache_key(options: Any, tokenizer: Any, source: str, seed: int) -> str:
 
 def _pack(samples: list[TokenizedSample]) -> dict[str, np.ndarray]:
     """Samples -> flat int32 arrays plus offsets (one array each, fast to save and load)."""
+    ids, labels = array("i"), array("i")
+    for s in samples:  # array.extend runs in C: ~10x faster than numpy.fromiter over a generator
+        ids.extend(s.input_ids)
+        labels.extend(s.labels)
     lengths = np.array([len(s.input_ids) for s in samples], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    ids = np.fromiter((t for s in samples for t in s.input_ids), dtype=np.int32, count=int(offsets[-1]))
-    labels = np.fromiter((t for s in samples for t in s.labels), dtype=np.int32, count=int(offsets[-1]))
-    return {"ids": ids, "labels": labels, "offsets": offsets}
+    return {"ids": np.frombuffer(ids, dtype=np.int32), "labels": np.frombuffer(labels, dtype=np.int32),
+            "offsets": offsets}
 
 
 def _unpack(arrays: Any, sources: list[str]) -> list[TokenizedSample]:

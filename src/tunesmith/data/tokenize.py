@@ -10,6 +10,7 @@ the model and no token straddles a boundary.
 """
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from tunesmith.data.templates import Renderer, end_of_turn_ids
 from tunesmith.errors import UserError
 
 IGNORE_INDEX = -100
+BATCH = 4096  # conversations per tokenizer call: big enough for Rust's parallelism, small enough to overlap
 Segment = tuple[str, bool]  # (text, trained)
 
 
@@ -36,7 +38,7 @@ class TokenizedSample:
     @property
     def num_trained(self) -> int:
         """How many tokens carry a loss."""
-        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+        return len(self.labels) - self.labels.count(IGNORE_INDEX)
 
 
 @dataclass
@@ -126,28 +128,42 @@ def tokenize_conversation(conv: Conversation, tokenizer: Any, max_length: int,
 
 def tokenize_all(convs: list[Conversation], tokenizer: Any, max_length: int,
                  train_on_prompt: bool = False) -> tuple[list[TokenizedSample], TokenizeReport]:
-    """Tokenize many conversations in one batched call; text documents are split into chunks.
+    """Tokenize many conversations in batches; text documents are split into chunks.
 
     Chat samples longer than `max_length` are truncated (counted); a sample left with no
     trained token is dropped and listed in the report, never trained on silently.
+    Rendering (Python) of batch k+1 overlaps the Rust tokenizer's work on batch k.
     """
     if any(c.kind == "preference" for c in convs):
         raise UserError("preference data needs --method dpo (not available yet)")
     report = TokenizeReport()
     segmenter = ChatSegmenter(tokenizer) if any(c.kind == "chat" for c in convs) else None
-    per_conv: list[list[Segment]] = []
-    for conv in convs:
-        if conv.kind == "text":
-            per_conv.append([(conv.text or "", True)])
-        else:
-            per_conv.append(segmenter.segments(conv, train_on_prompt))  # type: ignore[union-attr]
-    flat = [text for segs in per_conv for text, _ in segs]
-    encoded = iter(_encode_batch(tokenizer, flat))
     samples: list[TokenizedSample] = []
-    for conv, segs in zip(convs, per_conv):
+    pending: tuple[list[Conversation], list[list[Segment]], Future[list[list[int]]]] | None = None
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for first in range(0, len(convs), BATCH):
+            batch = convs[first:first + BATCH]
+            segs = [[(c.text or "", True)] if c.kind == "text" else
+                    segmenter.segments(c, train_on_prompt) for c in batch]  # type: ignore[union-attr]
+            future = pool.submit(_encode_batch, tokenizer, [text for ss in segs for text, _ in ss])
+            if pending is not None:
+                _assemble(*pending, tokenizer, max_length, samples, report)
+            pending = (batch, segs, future)
+        if pending is not None:
+            _assemble(*pending, tokenizer, max_length, samples, report)
+    report.samples = len(samples)
+    report.untrained_turns = segmenter.untrained_turns if segmenter is not None else 0
+    return samples, report
+
+
+def _assemble(batch: list[Conversation], segs: list[list[Segment]], future: Future[list[list[int]]],
+              tokenizer: Any, max_length: int, samples: list[TokenizedSample], report: TokenizeReport) -> None:
+    """Join each conversation's encoded segments into ids + labels, and add its sample(s)."""
+    encoded = iter(future.result())
+    for conv, conv_segs in zip(batch, segs):
         ids: list[int] = []
         labels: list[int] = []
-        for _text, trained in segs:
+        for _text, trained in conv_segs:
             piece = next(encoded)
             ids += piece
             labels += piece if trained else [IGNORE_INDEX] * len(piece)
@@ -155,9 +171,6 @@ def tokenize_all(convs: list[Conversation], tokenizer: Any, max_length: int,
             samples += _document_chunks(ids, tokenizer, max_length, conv.source, report)
         else:
             _add_chat_sample(TokenizedSample(ids, labels, conv.source), tokenizer, max_length, samples, report)
-    report.samples = len(samples)
-    report.untrained_turns = segmenter.untrained_turns if segmenter is not None else 0
-    return samples, report
 
 
 def _add_chat_sample(sample: TokenizedSample, tokenizer: Any, max_length: int,
@@ -170,12 +183,13 @@ def _add_chat_sample(sample: TokenizedSample, tokenizer: Any, max_length: int,
     if len(sample.input_ids) > max_length:
         report.truncated += 1
         sample.input_ids, sample.labels = sample.input_ids[:max_length], sample.labels[:max_length]
-    if sample.num_trained == 0:
+    trained = len(sample.labels) - sample.labels.count(IGNORE_INDEX)
+    if trained == 0:
         report.dropped.append(f"{sample.source}: no trained token left after truncation to {max_length} "
                               "tokens (raise --max-length or shorten the prompt)")
         return
     report.tokens += len(sample.input_ids)
-    report.trained_tokens += sample.num_trained
+    report.trained_tokens += trained
     samples.append(sample)
 
 
