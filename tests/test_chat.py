@@ -117,3 +117,40 @@ def test_repl_commands_from_a_script(trained: Model, tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "c.jsonl").read_text())["messages"]
     assert [m["role"] for m in saved] == ["system", "user", "assistant"]
     assert next(script) == "never read"  # "quit" ended the loop
+
+
+
+def script_reader(lines: list[str]):
+    """A `read` for the REPL that ends like Ctrl-D after the last line."""
+    queue = iter(lines)
+
+    def read(prompt: str) -> str:
+        try:
+            return next(queue)
+        except StopIteration:
+            raise EOFError from None
+
+    return read
+
+
+def test_repl_ctrl_c_stops_only_the_reply(trained: Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    chat = Chat(trained, greedy=True, max_new_tokens=24)
+    real_stream = chat.stream
+    calls = []
+
+    def first_interrupted(text: str) -> Iterator[str]:
+        pieces = real_stream(text)
+        try:
+            for piece in pieces:
+                yield piece
+                if not calls and piece.strip():
+                    calls.append(piece)
+                    raise KeyboardInterrupt  # as if Ctrl-C arrived while the first reply streamed
+        finally:
+            pieces.close()
+
+    monkeypatch.setattr(chat, "stream", first_interrupted)
+    out = io.StringIO()
+    repl(chat, read=script_reader([QUESTIONS[0], QUESTIONS[1]]), out=out)
+    assert "(reply stopped)" in out.getvalue()
+    assert [m["content"] for m in chat.messages] == [QUESTIONS[0], calls[0].strip(), QUESTIONS[1], CHATS[QUESTIONS[1]]]

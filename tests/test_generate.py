@@ -235,3 +235,27 @@ def test_lora_adapter_directory_loads_base_plus_adapter(trained_dir_path: Path, 
     assert torch.allclose(got, expected, atol=1e-4)
     assert not torch.allclose(got, plain, atol=1e-2)
     assert isinstance(loaded.generate("hello", greedy=True, max_new_tokens=4), str)
+
+
+def test_generation_uses_the_kv_cache(random_model: Model) -> None:
+    lengths: list[int] = []
+    embed = random_model.model.get_input_embeddings()
+    handle = embed.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    try:
+        generate_batch(random_model.model, random_model.tokenizer, ["hello"], SamplingOptions(greedy=True,
+                                                                                              max_new_tokens=6))
+    finally:
+        handle.remove()
+    assert lengths[0] > 1 and lengths[1:] == [1] * (len(lengths) - 1)  # after the prompt: one token per step
+
+
+def test_top_k_one_sampling_equals_greedy(random_model: Model) -> None:
+    sampled = random_model.generate("the cat", top_k=1, temperature=1.5, seed=3, max_new_tokens=10)
+    assert sampled == random_model.generate("the cat", greedy=True, max_new_tokens=10)
+
+
+def test_system_prompt_with_raw_is_refused(llama3_tokenizer, base_tokenizer) -> None:
+    with pytest.raises(UserError, match="--raw"):
+        prompt_ids(llama3_tokenizer, "Hi", raw=True, system="Be brief")
+    with pytest.raises(UserError, match="base model"):
+        prompt_ids(base_tokenizer, "Hi", system="Be brief")

@@ -146,7 +146,8 @@ def _command(chat: Chat, line: str, say: Callable[[str], None]) -> None:
 
 
 def _reply(chat: Chat, text: str, out: TextIO) -> None:
-    """Stream one reply to `out`; Ctrl-C stops this reply only."""
+    """Stream one reply to `out`; Ctrl-C stops this reply only. Says so when more old turns drop out."""
+    trimmed_before = chat.trimmed
     pieces = chat.stream(text)
     try:
         for piece in pieces:
@@ -156,7 +157,7 @@ def _reply(chat: Chat, text: str, out: TextIO) -> None:
     except KeyboardInterrupt:
         pieces.close()  # runs the generator's cleanup: stop generating, keep the partial reply
         out.write("\n(reply stopped)\n")
-    if chat.trimmed:
+    if chat.trimmed > trimmed_before:
         out.write(f"(context window full: the oldest {chat.trimmed} messages are no longer seen by the model)\n")
     out.flush()
 

@@ -64,6 +64,9 @@ def prompt_ids(tokenizer: Any, prompt: Prompt, *, raw: bool = False, system: str
     Raw is automatic when the tokenizer has no template. A message list needs a template.
     """
     if isinstance(prompt, str) and (raw or not has_template(tokenizer)):
+        if system:
+            why = "with --raw" if raw else "with a base model (it has no chat template)"
+            raise UserError(f"a system prompt needs the chat template, so it cannot be used {why}")
         return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
     if not has_template(tokenizer):
         raise UserError("this model has no chat template, so it cannot take a message list; pass plain text")
