@@ -116,7 +116,7 @@ def test_report_shows_prompt_reference_and_both_replies(toy: SimpleNamespace) ->
         assert {"reply", "base_reply", "reference"} <= set(ex)
         assert escape(ex["prompt"][-1]["content"]) in html and escape(ex["reply"]) in html
         assert ex["prompt"][-1]["content"] in md
-    assert html.count('class="reply"') == 2 * len(examples)  # base and tuned, side by side, per prompt
+    assert html.count('class="reply') == 2 * len(examples)  # base and tuned, side by side, per prompt
     assert md.count(f"**{toy.tuned.name}**") == len(examples) and md.count(f"**{toy.base.name}**") == len(examples)
     assert "exact match" in html and "chrF" in md
 
@@ -140,6 +140,24 @@ def test_compare_models_writes_both_reports(toy: SimpleNamespace, tmp_path: Path
     assert result["samples"] == {"loss": 12, "prompts": 4}
     assert result["model"]["loss"] == pytest.approx(toy.result["model"]["loss"], rel=1e-4)
     assert result["model"]["exact_match"] > result["base"]["exact_match"]
+
+
+def test_compare_models_scores_a_peft_base_with_the_adapter_off(toy: SimpleNamespace, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(toy.tuned)
+    base_loss = toy.result["base"]["loss"]
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(toy.base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)  # a non-zero adapter, so tuned != base
+    convs = read_eval_data(str(toy.data))
+    result = compare_models(model, model, tokenizer, convs, tmp_path, max_prompts=1)
+    assert result["base"]["loss"] == pytest.approx(base_loss, rel=1e-4)
+    assert abs(result["model"]["loss"] - base_loss) > 1e-2
 
 
 def test_prompts_without_references_get_reply_stats_only(tiny_model_dir: Path, tmp_path: Path) -> None:

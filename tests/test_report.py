@@ -64,7 +64,7 @@ def test_html_escapes_text_and_fetches_nothing() -> None:
 
 def test_without_base_there_is_one_reply_column() -> None:
     html = render_html(result(with_base=False), ("model", None), None)
-    assert html.count('class="reply"') == 2 and "change" not in html
+    assert html.count('class="reply') == 2 and "change" not in html
     md = render_markdown(result(with_base=False), ("model", None), None)
     assert "| metric | model | reference |" in md
 

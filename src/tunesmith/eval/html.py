@@ -43,6 +43,7 @@ td { font-variant-numeric:tabular-nums; }
 .text { white-space:pre-wrap; word-wrap:break-word; margin:0; padding:10px 12px; border-radius:8px;
         background:var(--bg); font-size:14px; }
 .prompt .text { background:#eef2ff; } .ref .text { background:#f0fdf4; }
+.reply .text { border-left:3px solid #d1d5db; } .reply.tuned .text { border-left-color:var(--accent); }
 .row { display:grid; grid-template-columns:1fr 1fr; gap:14px; margin-top:12px; }
 .row.one { grid-template-columns:1fr; }
 .match { color:var(--good); font-weight:600; text-transform:none; letter-spacing:0; }
@@ -80,7 +81,7 @@ def _examples_html(result: dict[str, Any], names: tuple[str, str | None]) -> str
         if has_base:
             replies.append(_text_block(names[1] or "base", ex.get("base_reply"), "reply",
                                        _match_note(ex.get("base_reply"), ex["reference"])))
-        replies.append(_text_block(names[0], ex["reply"], "reply", _match_note(ex["reply"], ex["reference"])))
+        replies.append(_text_block(names[0], ex["reply"], "reply tuned", _match_note(ex["reply"], ex["reference"])))
         reference = _text_block("reference", ex["reference"], "ref") if ex["reference"] is not None else ""
         cards.append(f'<section class="card example"><h3>{n} · {escape(ex["source"])}</h3>'
                      f'{_prompt_html(ex["prompt"])}<div class="row one" style="margin-top:10px">{reference}</div>'

@@ -9,6 +9,7 @@ and can write `report.md` + a self-contained `report.html` (see `tunesmith.eval.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 from pathlib import Path
 from typing import Any
@@ -56,13 +57,17 @@ def compare_models(base_model: Any, tuned_model: Any, tokenizer: Any, conversati
                    out_dir: Path, max_prompts: int = 20, loss_curve: Path | None = None) -> dict[str, Any]:
     """The end-of-training comparison: score both models, write report.md + report.html into `out_dir`.
 
-    `tokenizer` must carry the chat template training used (training installs it).
+    `tokenizer` must carry the chat template training used (training installs it). For a
+    LoRA run pass the same PEFT model twice: the base is then scored with the adapter
+    switched off, so no second copy of the weights is loaded.
     """
     from tunesmith.eval.run import loss_samples, score_model
 
     samples = loss_samples(conversations, tokenizer)
     cases = eval_cases(conversations, max_prompts)
-    base = score_model(base_model, tokenizer, samples, cases, TRAIN_MAX_NEW_TOKENS)
+    same_peft = base_model is tuned_model and hasattr(tuned_model, "disable_adapter")
+    with tuned_model.disable_adapter() if same_peft else contextlib.nullcontext():
+        base = score_model(base_model, tokenizer, samples, cases, TRAIN_MAX_NEW_TOKENS)
     tuned = score_model(tuned_model, tokenizer, samples, cases, TRAIN_MAX_NEW_TOKENS)
     result = assemble(tuned, base, cases, tokenizer)
     result["report"] = write_reports(result, Path(out_dir) / "report.html", loss_curve, ("tuned", "base"))
