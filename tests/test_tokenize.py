@@ -138,3 +138,24 @@ def test_turns_a_template_rewrites_in_history_are_not_trained_but_counted(chatml
     samples, report = tokenize_all([MULTI], tok, max_length=512)
     assert report.untrained_turns == 1
     assert trained_runs(tok, samples[0]) == ["<think>\n\n</think>\n\nA rock,  mostly\n\nGREY 42 <|im_end|>"]
+
+
+def test_sentencepiece_style_tokenizer_masks_match_whole_text_tokenization() -> None:
+    """Metaspace (prepend "▁" to the first piece) breaks piecewise tokenizing; whole-text + offsets does not."""
+    import tiny
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    raw.train_from_iterator(tiny.corpus(), trainer=trainers.BpeTrainer(vocab_size=400,
+                                                                       special_tokens=["<unk>", "<s>", "</s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    choose_template(tok, "zephyr")
+    conv = Conversation(turns=[Turn("user", "hello"), Turn("assistant", "The sun is big")], source="s:1")
+    sample = tokenize_conversation(conv, tok, max_length=256)
+    whole = tok(Renderer(tok).render(conv.messages()), add_special_tokens=False)["input_ids"]
+    assert sample.input_ids == whole
+    trained = [t for t in sample.labels if t != IGNORE_INDEX]
+    assert tok.convert_ids_to_tokens(trained)[-1] == "</s>"
+    assert "".join(tok.convert_ids_to_tokens(trained[:-1])).replace("▁", " ").strip() == "The sun is big"

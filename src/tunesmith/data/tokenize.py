@@ -4,9 +4,10 @@ How the mask is derived (exact for any template, never by searching for the answ
 for each assistant turn i, render `messages[:i]` with the generation prompt (what the
 model sees at inference) and `messages[:i+1]`; the assistant's span is the text between
 the two, cut right after its end-of-turn token (ChatML's trailing "\\n" is not trained).
-The rendered text is split at those boundaries into prompt / trained segments and each
-segment is tokenized on its own, so the prompt tokens are exactly what inference feeds
-the model and no token straddles a boundary.
+The whole rendered text is then tokenized once (as `apply_chat_template` does, so the
+ids match inference) and a token is trained when its character span overlaps a trained
+span, the rule HF's `return_assistant_tokens_mask` uses. (Tokenizing the pieces one by
+one would not do: SentencePiece-style tokenizers prepend "▁" to each piece.)
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from tunesmith.errors import UserError
 
 IGNORE_INDEX = -100
 BATCH = 4096  # conversations per tokenizer call: big enough for Rust's parallelism, small enough to overlap
-Segment = tuple[str, bool]  # (text, trained)
+Spans = list[tuple[int, int]]  # [start, end) character ranges of the rendered text that are trained
+Rendered = tuple[str, Spans]
 
 
 @dataclass
@@ -59,22 +61,21 @@ class TemplateMismatch(UserError):
     """The template renders a turn differently at inference than in training."""
 
 
-class ChatSegmenter:
-    """Splits a conversation's rendered text into prompt and trained segments."""
+class SpanFinder:
+    """Finds the trained character spans of rendered conversations (one template, many conversations)."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.renderer = Renderer(tokenizer)
         self.eot_strings = [tokenizer.convert_ids_to_tokens(i) for i in end_of_turn_ids(tokenizer)]
         self.untrained_turns = 0  # assistant turns the template re-renders once later turns exist
 
-    def segments(self, conv: Conversation, train_on_prompt: bool = False) -> list[Segment]:
-        """[(text, trained)] whose concatenation is exactly the rendered conversation."""
+    def spans(self, conv: Conversation, train_on_prompt: bool = False) -> Rendered:
+        """The rendered conversation and the character spans of it that are trained."""
         messages = conv.messages()
         full = self.renderer.render(messages)
         if train_on_prompt:
-            return [(full, True)]
-        out: list[Segment] = []
-        pos = 0
+            return full, [(0, len(full))]
+        spans: Spans = []
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
@@ -85,12 +86,9 @@ class ChatSegmenter:
             if not full.startswith(upto):  # e.g. Qwen3 drops reasoning from history: the turn as
                 self.untrained_turns += 1  # written in `full` is not what the model generates
                 continue
-            start, end = len(prompt), len(upto)
-            end = start + self._cut_after_end_of_turn(upto[start:end])
-            out += [(full[pos:start], False), (full[start:end], True)]
-            pos = end
-        out.append((full[pos:], False))
-        return [s for s in out if s[0]]
+            start = len(prompt)
+            spans.append((start, start + self._cut_after_end_of_turn(upto[start:])))
+        return full, spans
 
     def _check_generation_prompt(self, conv: Conversation, prompt: str, upto: str) -> None:
         """Training text must extend exactly what inference renders; else the mask is meaningless."""
@@ -108,12 +106,27 @@ class ChatSegmenter:
         return max(ends) if ends else len(span)
 
 
-def _encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """Token ids of many texts at once, without special tokens (the template places them)."""
+def _encode_batch(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(ids, character offsets) of many texts at once, no special tokens added (the template has them)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # Rust, parallel across texts
-        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    out = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return list(zip(out["input_ids"], out["offset_mapping"]))
+
+
+def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: Spans) -> list[int]:
+    """ids where the token overlaps a trained span, IGNORE_INDEX elsewhere (spans are sorted)."""
+    labels = [IGNORE_INDEX] * len(ids)
+    k = 0
+    for i, (start, end) in enumerate(offsets):
+        while k < len(spans) and start >= spans[k][1]:
+            k += 1
+        if k == len(spans):
+            break
+        if end > spans[k][0]:
+            labels[i] = ids[i]
+    return labels
 
 
 def tokenize_conversation(conv: Conversation, tokenizer: Any, max_length: int,
@@ -137,18 +150,18 @@ def tokenize_all(convs: list[Conversation], tokenizer: Any, max_length: int,
     if any(c.kind == "preference" for c in convs):
         raise UserError("preference data needs --method dpo (not available yet)")
     report = TokenizeReport()
-    segmenter = ChatSegmenter(tokenizer) if any(c.kind == "chat" for c in convs) else None
+    segmenter = SpanFinder(tokenizer) if any(c.kind == "chat" for c in convs) else None
     samples: list[TokenizedSample] = []
-    pending: tuple[list[Conversation], list[list[Segment]], Future[list[list[int]]]] | None = None
+    pending: tuple[list[Conversation], list[Rendered], Future[Any]] | None = None
     with ThreadPoolExecutor(max_workers=1) as pool:
         for first in range(0, len(convs), BATCH):
             batch = convs[first:first + BATCH]
-            segs = [[(c.text or "", True)] if c.kind == "text" else
-                    segmenter.segments(c, train_on_prompt) for c in batch]  # type: ignore[union-attr]
-            future = pool.submit(_encode_batch, tokenizer, [text for ss in segs for text, _ in ss])
+            rendered = [(c.text or "", []) if c.kind == "text" else
+                        segmenter.spans(c, train_on_prompt) for c in batch]  # type: ignore[union-attr]
+            future = pool.submit(_encode_batch, tokenizer, [text for text, _ in rendered])
             if pending is not None:
                 _assemble(*pending, tokenizer, max_length, samples, report)
-            pending = (batch, segs, future)
+            pending = (batch, rendered, future)
         if pending is not None:
             _assemble(*pending, tokenizer, max_length, samples, report)
     report.samples = len(samples)
@@ -156,21 +169,15 @@ def tokenize_all(convs: list[Conversation], tokenizer: Any, max_length: int,
     return samples, report
 
 
-def _assemble(batch: list[Conversation], segs: list[list[Segment]], future: Future[list[list[int]]],
-              tokenizer: Any, max_length: int, samples: list[TokenizedSample], report: TokenizeReport) -> None:
-    """Join each conversation's encoded segments into ids + labels, and add its sample(s)."""
-    encoded = iter(future.result())
-    for conv, conv_segs in zip(batch, segs):
-        ids: list[int] = []
-        labels: list[int] = []
-        for _text, trained in conv_segs:
-            piece = next(encoded)
-            ids += piece
-            labels += piece if trained else [IGNORE_INDEX] * len(piece)
+def _assemble(batch: list[Conversation], rendered: list[Rendered], future: Future[Any], tokenizer: Any,
+              max_length: int, samples: list[TokenizedSample], report: TokenizeReport) -> None:
+    """Label each conversation's tokens from its trained spans, and add its sample(s)."""
+    for conv, (_text, spans), (ids, offsets) in zip(batch, rendered, future.result()):
         if conv.kind == "text":
             samples += _document_chunks(ids, tokenizer, max_length, conv.source, report)
         else:
-            _add_chat_sample(TokenizedSample(ids, labels, conv.source), tokenizer, max_length, samples, report)
+            sample = TokenizedSample(ids, _labels(ids, offsets, spans), conv.source)
+            _add_chat_sample(sample, tokenizer, max_length, samples, report)
 
 
 def _add_chat_sample(sample: TokenizedSample, tokenizer: Any, max_length: int,
