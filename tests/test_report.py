@@ -78,6 +78,7 @@ def test_write_reports_embeds_the_loss_curve(tmp_path: Path) -> None:
     assert "data:image/png;base64,iVBORw0KGgpmYWtl" in html
     md = Path(paths["md"]).read_text(encoding="utf-8")
     assert "| loss on reply tokens | 2.000 | 1.250 | -0.750 |  |" in md
+    assert "![training loss curve](../loss.png)" in md  # linked relative to report.md
     assert "> <script>alert(1)</script>" in md and "> (empty reply)" in md
 
 

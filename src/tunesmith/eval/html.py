@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.eval.metrics import normalize
-from tunesmith.eval.table import metric_rows, skipped_lines
+from tunesmith.eval.table import metric_rows, skipped_lines, table_header
 
 CSS = """
 :root { --ink:#1f2430; --muted:#6b7280; --line:#e5e7eb; --bg:#f7f7f9; --card:#fff;
@@ -93,8 +93,7 @@ def _table_html(result: dict[str, Any], names: tuple[str, str | None]) -> str:
     """The metric table; the change is green when it moved the good way, red when the bad way."""
     has_base = "base" in result
     has_ref = bool(result.get("reference"))
-    head = ["metric", *([names[1] or "base"] if has_base else []), names[0], *(["change"] if has_base else []),
-            *(["reference"] if has_ref else [])]
+    head = table_header(result, names)
     rows = []
     for r in metric_rows(result):
         tone = {True: " good", False: " bad", None: ""}[r["good"]]

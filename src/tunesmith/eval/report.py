@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from tunesmith.data.conversation import Conversation
 from tunesmith.errors import UserError
 from tunesmith.eval.data import EvalCase, default_data, eval_cases, read_eval_data
 from tunesmith.eval.options import COMPARE_BASE, EvalOptions
-from tunesmith.eval.table import metric_rows, render_markdown, skipped_lines
+from tunesmith.eval.table import metric_rows, render_markdown, row_cells, skipped_lines, table_header
 
 TRAIN_MAX_NEW_TOKENS = 128
 
@@ -34,21 +35,22 @@ def evaluate(model: str | None = None, data: str | None = None, compare: str | N
     opts: EvalOptions = build_config(EvalOptions, {"data": data, "compare": compare, **options})
     source = opts.data or default_data(model)
     convs = read_eval_data(source, opts.format, opts.columns)
-    tokenizer = _chat_tokenizer(model, convs)
+    tokenizer = _chat_tokenizer(load_tokenizer(model), convs)
     cases = eval_cases(convs, opts.max_prompts)
     tuned = _score_by_name(model, tokenizer, convs, cases, opts.max_new_tokens)
-    base = None
+    base, names = None, (short_name(model), None)
     if opts.compare:
         base_name = base_model_name(model, opts.compare)
-        base_tokenizer = _chat_tokenizer(base_name, convs)
-        if base_tokenizer.get_vocab() == tokenizer.get_vocab():
-            base_tokenizer = tokenizer  # same vocabulary: render both with the template the tuned model learned
+        base_tokenizer = load_tokenizer(base_name)
+        # Same vocabulary: prompt both models with the template the tuned model learned.
+        same = base_tokenizer.get_vocab() == tokenizer.get_vocab()
+        base_tokenizer = tokenizer if same else _chat_tokenizer(base_tokenizer, convs)
         base = _score_by_name(base_name, base_tokenizer, convs, cases, opts.max_new_tokens)
+        names = (names[0], short_name(base_name))
     result = assemble(tuned, base, cases, tokenizer)
     result["data"] = source
     report = opts.report or ("report.html" if opts.compare else None)
     if report:
-        names = (short_name(model), short_name(base_name) if base else None)
         result["report"] = write_reports(result, Path(report), find_loss_curve(model), names)
     return result
 
@@ -101,7 +103,7 @@ def write_reports(result: dict[str, Any], html_path: Path, loss_curve: Path | No
     md_path = html_path.with_suffix(".md")
     curve = loss_curve if loss_curve is not None and Path(loss_curve).is_file() else None
     html_path.write_text(render_html(result, names, curve), encoding="utf-8")
-    md_path.write_text(render_markdown(result, names, curve), encoding="utf-8")
+    md_path.write_text(render_markdown(result, names, curve, md_path.parent), encoding="utf-8")
     return {"html": str(html_path), "md": str(md_path)}
 
 
@@ -132,12 +134,17 @@ def find_loss_curve(model: str | None) -> Path | None:
     return found[0] if found else None
 
 
-def _chat_tokenizer(name: str | None, convs: list[Conversation]) -> Any:
-    """The model's tokenizer with a chat template installed the way training chooses it."""
-    from tunesmith.data.templates import choose_template
-    from tunesmith.model.load import load_tokenizer
+def load_tokenizer(name: str | None) -> Any:
+    """The model's tokenizer (an adapter directory's own copy, else its base's)."""
+    from tunesmith.model.load import load_tokenizer as load
 
-    tokenizer = load_tokenizer(name)
+    return load(name)
+
+
+def _chat_tokenizer(tokenizer: Any, convs: list[Conversation]) -> Any:
+    """`tokenizer` with a chat template installed the way training chooses it (chat data only)."""
+    from tunesmith.data.templates import choose_template
+
     if any(c.kind == "chat" for c in convs):
         choose_template(tokenizer, "auto")
     return tokenizer
@@ -149,8 +156,10 @@ def _score_by_name(name: str | None, tokenizer: Any, convs: list[Conversation], 
     from tunesmith.eval.run import loss_samples, score_model
     from tunesmith.model.load import load_model
 
+    samples = loss_samples(convs, tokenizer)
+    print(f"eval {short_name(name)}: loss on {len(samples)} samples, {len(cases)} greedy replies", file=sys.stderr)
     model = load_model(name)
-    result = score_model(model, tokenizer, loss_samples(convs, tokenizer), cases, max_new_tokens)
+    result = score_model(model, tokenizer, samples, cases, max_new_tokens)
     del model
     gc.collect()
     return result
@@ -166,12 +175,8 @@ def short_name(name: str | None) -> str:
 
 def summary_text(result: dict[str, Any], names: tuple[str, str | None] = ("tuned", "base")) -> str:
     """The metric table as aligned plain text, for the terminal."""
-    rows = metric_rows(result)
-    has_base = "base" in result
-    header = ["metric", *([names[1] or "base"] if has_base else []), names[0], *(["change"] if has_base else []),
-              "reference"]
-    table = [header] + [[r["label"], *([r["base"]] if has_base else []), r["model"],
-                         *([r["diff"]] if has_base else []), r["reference"]] for r in rows]
+    header = table_header(result, names)
+    table = [header] + [row_cells(result, r) for r in metric_rows(result)]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in table]

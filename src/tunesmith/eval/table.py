@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,20 @@ def metric_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def table_header(result: dict[str, Any], names: tuple[str, str | None]) -> list[str]:
+    """Column titles: metric, [base], model, [change], [reference] (bracketed: when there is one)."""
+    has_base = "base" in result
+    return ["metric", *([names[1] or "base"] if has_base else []), names[0], *(["change"] if has_base else []),
+            *(["reference"] if result.get("reference") else [])]
+
+
+def row_cells(result: dict[str, Any], row: dict[str, Any]) -> list[str]:
+    """One metric row's cells, in `table_header`'s order."""
+    has_base = "base" in result
+    return [row["label"], *([row["base"]] if has_base else []), row["model"], *([row["diff"]] if has_base else []),
+            *([row["reference"]] if result.get("reference") else [])]
+
+
 def skipped_lines(result: dict[str, Any]) -> list[str]:
     """'skipped LABEL, LABEL: why', one line per reason, for the metrics that could not be computed."""
     by_reason: dict[str, list[str]] = {}
@@ -82,24 +97,22 @@ def prompt_text(prompt: list[dict[str, str]]) -> str:
     return "\n\n".join(f"[{m['role']}] {m['content']}" for m in prompt)
 
 
-def render_markdown(result: dict[str, Any], names: tuple[str, str | None], loss_curve: Path | None) -> str:
-    """report.md: the metric table, skipped metrics, the loss curve and the prompts with replies."""
+def render_markdown(result: dict[str, Any], names: tuple[str, str | None], loss_curve: Path | None,
+                    md_dir: Path | None = None) -> str:
+    """report.md: the metric table, skipped metrics, the loss curve (linked from `md_dir`) and the replies."""
     tuned, base = names[0], names[1] or "base"
     has_base = "base" in result
-    head = ["metric", *([base] if has_base else []), tuned, *(["change"] if has_base else []), "reference"]
+    head = table_header(result, names)
     lines = ["# tunesmith evaluation report", ""]
     if result.get("data"):
         lines += [f"Data: `{result['data']}` · {result['samples']['loss']} samples for the loss, "
                   f"{result['samples']['prompts']} prompts generated greedily.", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in metric_rows(result):
-        cells = [r["label"], *([r["base"]] if has_base else []), r["model"], *([r["diff"]] if has_base else []),
-                 r["reference"]]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(row_cells(result, r)) + " |" for r in metric_rows(result)]
     if result["skipped"]:
         lines += [""] + [f"- {line}" for line in skipped_lines(result)]
-    if loss_curve is not None:
-        lines += ["", f"![training loss curve]({loss_curve.name})"]
+    if loss_curve is not None and md_dir is not None:
+        lines += ["", f"![training loss curve]({Path(os.path.relpath(loss_curve, md_dir)).as_posix()})"]
     for n, ex in enumerate(result["examples"], start=1):
         lines += ["", f"## {n}. `{ex['source']}`", "", "**Prompt**", "", _quote(prompt_text(ex["prompt"])), "",
                   "**Reference**", "", _quote(ex["reference"])]
