@@ -22,7 +22,7 @@ import tunesmith
 from tunesmith.data.conversation import Conversation, Turn
 from tunesmith.errors import UserError
 from tunesmith.eval.data import read_eval_data
-from tunesmith.eval.report import base_model_name, compare_models, evaluate
+from tunesmith.eval.report import base_model_name, compare_models, evaluate, report_after_training
 
 FILLER = "the a sun moon tree river stone red blue green small big quick slow".split()
 ANIMALS = {"cat": "POSITIVE", "bird": "POSITIVE", "dog": "NEGATIVE", "fish": "NEGATIVE"}
@@ -158,6 +158,20 @@ def test_compare_models_scores_a_peft_base_with_the_adapter_off(toy: SimpleNames
     result = compare_models(model, model, tokenizer, convs, tmp_path, max_prompts=1)
     assert result["base"]["loss"] == pytest.approx(base_loss, rel=1e-4)
     assert abs(result["model"]["loss"] - base_loss) > 1e-2
+
+
+def test_report_after_training_loads_the_named_base(toy: SimpleNamespace, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tuned = AutoModelForCausalLM.from_pretrained(toy.tuned)
+    (tmp_path / "loss.png").write_bytes(TINY_PNG)
+    result = report_after_training(tuned, AutoTokenizer.from_pretrained(toy.tuned), read_eval_data(str(toy.data)),
+                                   tmp_path, str(toy.base), max_prompts=2)
+    assert result["base"]["loss"] == pytest.approx(toy.result["base"]["loss"], rel=1e-4)
+    assert "data:image/png;base64," in (tmp_path / "report.html").read_text(encoding="utf-8")
+    err = capsys.readouterr().err
+    assert "exact match" in err and f"report: {tmp_path / 'report.html'}" in err
 
 
 def test_prompts_without_references_get_reply_stats_only(tiny_model_dir: Path, tmp_path: Path) -> None:

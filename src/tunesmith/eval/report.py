@@ -76,6 +76,26 @@ def compare_models(base_model: Any, tuned_model: Any, tokenizer: Any, conversati
     return result
 
 
+def report_after_training(tuned_model: Any, tokenizer: Any, conversations: list[Conversation], out_dir: Path,
+                          base_name: str | None, max_prompts: int = 20) -> dict[str, Any]:
+    """What `train` calls at its end: compare with the base, write the reports, print the table.
+
+    A PEFT (LoRA) model is its own base with the adapter off; after a full fine-tune the base
+    named `base_name` (None: the starter) is loaded beside it, on the same device and dtype.
+    """
+    from tunesmith.model.load import load_model
+
+    out_dir = Path(out_dir)
+    is_peft = hasattr(tuned_model, "disable_adapter")
+    base = tuned_model if is_peft else load_model(base_name, device=tuned_model.device, dtype=tuned_model.dtype)
+    result = compare_models(base, tuned_model, tokenizer, conversations, out_dir, max_prompts, out_dir / "loss.png")
+    del base
+    gc.collect()
+    print(summary_text(result, ("tuned", "base")), file=sys.stderr)
+    print(f"report: {result['report']['html']}", file=sys.stderr)
+    return result
+
+
 def assemble(tuned: Any, base: Any | None, cases: list[EvalCase], tokenizer: Any) -> dict[str, Any]:
     """The result dict (see the module docstring) from one or two `ModelResult`s."""
     from tunesmith.eval.run import reference_stats

@@ -18,7 +18,7 @@ from tunesmith.eval import metrics as m
 from tunesmith.eval.data import EvalCase, has_reply
 
 MAX_LENGTH = 2048  # the training default; longer samples are truncated as in training
-LOSS_BATCH_TOKENS = 4096
+LOSS_BATCH_TOKENS = 2048  # (1, 2048, V) logits at a time: ~1 GB at a 128k vocabulary in fp32
 GENERATE_BATCH = 16
 
 
