@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from tunesmith.data.conversation import Conversation
@@ -106,20 +107,27 @@ class SpanFinder:
         return max(ends) if ends else len(span)
 
 
-def _encode_batch(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
-    """(ids, character offsets) of many texts at once, no special tokens added (the template has them)."""
+def _encode_batch(tokenizer: Any, texts: list[str]) -> list[Any]:
+    """Encodings (.ids, .offsets, maybe .char_to_token) of many texts; no special tokens added."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # Rust, parallel across texts
-        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+        return backend.encode_batch(texts, add_special_tokens=False)
     out = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    return list(zip(out["input_ids"], out["offset_mapping"]))
+    return [SimpleNamespace(ids=i, offsets=o) for i, o in zip(out["input_ids"], out["offset_mapping"])]
 
 
-def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: Spans) -> list[int]:
+def _labels(encoding: Any, spans: Spans) -> list[int]:
     """ids where the token overlaps a trained span, IGNORE_INDEX elsewhere (spans are sorted)."""
+    ids = encoding.ids
     labels = [IGNORE_INDEX] * len(ids)
-    k = 0
-    for i, (start, end) in enumerate(offsets):
+    if hasattr(encoding, "char_to_token"):  # fast: two lookups per span instead of a pass over offsets
+        bounds = [(encoding.char_to_token(a), encoding.char_to_token(b - 1)) for a, b in spans if b > a]
+        if all(first is not None and last is not None for first, last in bounds):
+            for first, last in bounds:
+                labels[first:last + 1] = ids[first:last + 1]
+            return labels
+    k = 0  # some characters belong to no token (a normalizer dropped them): walk the offsets
+    for i, (start, end) in enumerate(encoding.offsets):
         while k < len(spans) and start >= spans[k][1]:
             k += 1
         if k == len(spans):
@@ -172,11 +180,11 @@ def tokenize_all(convs: list[Conversation], tokenizer: Any, max_length: int,
 def _assemble(batch: list[Conversation], rendered: list[Rendered], future: Future[Any], tokenizer: Any,
               max_length: int, samples: list[TokenizedSample], report: TokenizeReport) -> None:
     """Label each conversation's tokens from its trained spans, and add its sample(s)."""
-    for conv, (_text, spans), (ids, offsets) in zip(batch, rendered, future.result()):
+    for conv, (_text, spans), encoding in zip(batch, rendered, future.result()):
         if conv.kind == "text":
-            samples += _document_chunks(ids, tokenizer, max_length, conv.source, report)
+            samples += _document_chunks(encoding.ids, tokenizer, max_length, conv.source, report)
         else:
-            sample = TokenizedSample(ids, _labels(ids, offsets, spans), conv.source)
+            sample = TokenizedSample(encoding.ids, _labels(encoding, spans), conv.source)
             _add_chat_sample(sample, tokenizer, max_length, samples, report)
 
 
