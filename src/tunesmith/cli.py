@@ -106,10 +106,13 @@ def _sampling_from_args(args: argparse.Namespace) -> Any:
 
 def _quiet_transformers() -> None:
     """No loading bars or advisory warnings from transformers in inference output."""
+    import warnings
+
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices meant for developers
 
 
 def add_generate(parser: argparse.ArgumentParser) -> None:

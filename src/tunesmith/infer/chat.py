@@ -149,14 +149,18 @@ def _reply(chat: Chat, text: str, out: TextIO) -> None:
     """Stream one reply to `out`; Ctrl-C stops this reply only. Says so when more old turns drop out."""
     trimmed_before = chat.trimmed
     pieces = chat.stream(text)
+    reply = ""
     try:
         for piece in pieces:
+            reply += piece
             out.write(piece)
             out.flush()
         out.write("\n")
     except KeyboardInterrupt:
         pieces.close()  # runs the generator's cleanup: stop generating, keep the partial reply
         out.write("\n(reply stopped)\n")
+    if not reply.strip():
+        out.write("(empty reply: this turn is not kept in the history)\n")
     if chat.trimmed > trimmed_before:
         out.write(f"(context window full: the oldest {chat.trimmed} messages are no longer seen by the model)\n")
     out.flush()
