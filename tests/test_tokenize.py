@@ -159,3 +159,14 @@ def test_sentencepiece_style_tokenizer_masks_match_whole_text_tokenization() -> 
     trained = [t for t in sample.labels if t != IGNORE_INDEX]
     assert tok.convert_ids_to_tokens(trained)[-1] == "</s>"
     assert "".join(tok.convert_ids_to_tokens(trained[:-1])).replace("▁", " ").strip() == "The sun is big"
+
+
+def test_offset_walk_agrees_with_char_to_token(llama3_tokenizer) -> None:
+    from types import SimpleNamespace
+
+    from tunesmith.data.tokenize import SpanFinder, _labels
+
+    text, spans = SpanFinder(llama3_tokenizer).spans(MULTI)
+    encoding = llama3_tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+    walked = _labels(SimpleNamespace(ids=encoding.ids, offsets=encoding.offsets), spans)
+    assert walked == _labels(encoding, spans) and walked.count(IGNORE_INDEX) < len(walked)
