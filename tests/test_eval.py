@@ -21,7 +21,7 @@ import torch
 import tunesmith
 from tunesmith.data.conversation import Conversation, Turn
 from tunesmith.errors import UserError
-from tunesmith.eval.data import read_eval_data
+from tunesmith.eval.data import default_data, read_eval_data
 from tunesmith.eval.report import base_model_name, compare_models, evaluate, report_after_training
 
 FILLER = "the a sun moon tree river stone red blue green small big quick slow".split()
@@ -201,9 +201,12 @@ def test_preference_data_is_refused_clearly(tmp_path: Path) -> None:
         read_eval_data(str(data))
 
 
-def test_missing_default_data_names_the_fix(tiny_model_dir: Path) -> None:
-    with pytest.raises(UserError, match="pass --data FILE"):
+def test_missing_default_data_names_the_fix(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="holds no eval.jsonl.*pass --data FILE"):
         evaluate(str(tiny_model_dir))
+    (tmp_path / "eval.jsonl").write_text("")
+    with pytest.raises(UserError, match="held out no samples"):
+        default_data(str(tmp_path))
 
 
 def test_bad_options_are_user_errors(tiny_model_dir: Path) -> None:

@@ -38,6 +38,7 @@ def test_formatting_of_values_and_differences() -> None:
     assert fmt(0.5, "share") == "50.0%" and fmt(1.23456, "num") == "1.235" and fmt(123.45, "num") == "123.5"
     assert fmt(None, "num") == "–" and fmt(float("inf"), "num") == "inf"
     assert fmt_diff(0.125, "share") == "+12.5 pp" and fmt_diff(-0.75, "num") == "-0.750"
+    assert fmt(6.0, "count") == "6.0" and fmt_diff(-2.5, "count") == "-2.5"  # lengths: one decimal
 
 
 def test_rows_say_which_way_is_better() -> None:

@@ -37,6 +37,8 @@ def default_data(model: str | None) -> str:
     if path is None or not path.is_file():
         raise UserError(f"no --data given and {model or 'the model'} holds no {HELD_OUT_FILE} "
                         "(the held-out split train writes into its output directory); pass --data FILE")
+    if not path.read_text(encoding="utf-8").strip():
+        raise UserError(f"{path}: empty: that run held out no samples (--test-split 0); pass --data FILE")
     return str(path)
 
 

@@ -14,7 +14,7 @@ METRICS: tuple[tuple[str, str, str | None, str], ...] = (
     ("label_accuracy", "label accuracy", "higher", "share"),
     ("rouge_l", "ROUGE-L F1", "higher", "num"),
     ("chrf", "chrF", "higher", "num"),
-    ("mean_length", "mean reply length (tokens)", None, "num"),
+    ("mean_length", "mean reply length (tokens)", None, "count"),
     ("ended_share", "replies that ended by themselves", "higher", "share"),
     ("repetition_rate", "repeated 3-grams", "lower", "share"),
     ("uppercase_share", "upper-case share of letters", None, "share"),
@@ -31,7 +31,7 @@ def fmt(value: float | None, unit: str) -> str:
         return str(value)
     if unit == "share":
         return f"{100 * value:.1f}%"
-    return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return f"{value:.3f}" if abs(value) < 10 and unit != "count" else f"{value:.1f}"
 
 
 def fmt_diff(value: float | None, unit: str) -> str:
@@ -40,7 +40,7 @@ def fmt_diff(value: float | None, unit: str) -> str:
         return "–"
     if unit == "share":
         return f"{100 * value:+.1f} pp"
-    return f"{value:+.3f}" if abs(value) < 10 else f"{value:+.1f}"
+    return f"{value:+.3f}" if abs(value) < 10 and unit != "count" else f"{value:+.1f}"
 
 
 def metric_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
