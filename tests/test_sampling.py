@@ -23,11 +23,25 @@ def test_repetition_penalty_only_last_n_generated_tokens_and_sign_rule() -> None
     assert scores.tolist() == [[1.0, 4.0, 2.0, -3.0, 0.5, 6.0]]  # the input is not modified
 
 
-def test_repetition_penalty_window_zero_means_all_generated_and_repeats_count_once() -> None:
-    ids = torch.tensor([[5, 1, 2, 2, 1]])  # prompt [5]; generated [1, 2, 2, 1]
-    scores = torch.tensor([[0.0, 4.0, 2.0, 0.0, 0.0, 6.0]])
+def test_repetition_penalty_window_zero_means_all_generated_and_each_occurrence_counts() -> None:
+    ids = torch.tensor([[5, 1, 2, 2, 3, 2]])  # prompt [5]; generated [1, 2, 2, 3, 2]
+    scores = torch.tensor([[0.0, 4.0, 16.0, -1.0, 0.0, 6.0]])
     out = RepetitionPenalty(2.0, window=0, prompt_length=1)(ids, scores)
-    assert out.tolist() == [[0.0, 2.0, 1.0, 0.0, 0.0, 6.0]]  # 4/2 and 2/2, each once; 6.0 is prompt-only
+    # id 1 once: 4/2; id 2 three times: 16/2/2/2; id 3 once: -1*2; 6.0 is prompt-only
+    assert out.tolist() == [[0.0, 2.0, 2.0, -2.0, 0.0, 6.0]]
+
+
+def test_repetition_penalty_matches_the_guides_loop() -> None:
+    """The guides' apply_repetition_penalty: for each of the last N generated tokens, divide or multiply."""
+    torch.manual_seed(0)
+    scores = torch.randn(1, 50)
+    generated = torch.randint(0, 50, (30,)).tolist()
+    expected = scores[0].clone()
+    for token in generated[-10:]:
+        expected[token] = expected[token] / 1.3 if expected[token] > 0 else expected[token] * 1.3
+    ids = torch.tensor([[7, 7, 7] + generated])
+    out = RepetitionPenalty(1.3, window=10, prompt_length=3)(ids, scores)
+    assert torch.allclose(out[0], expected, rtol=1e-6)
 
 
 def test_repetition_penalty_nothing_generated_yet_and_per_row() -> None:

@@ -6,7 +6,9 @@ the semantics are the ones written here and tested against hand-computed logits:
 
 1. repetition penalty over the last N *generated* tokens only (the prompt is never
    penalised): a positive logit is divided by the penalty, a negative one multiplied,
-   so the token always becomes less likely whatever the sign;
+   so the token always becomes less likely whatever the sign; as in the guides' own
+   generate(), every occurrence in the window counts (a token seen twice is penalised
+   twice: penalty ** 2);
 2. temperature (logits / T);
 3. top-k (keep the k largest logits);
 4. top-p (keep the smallest set of tokens whose probability mass reaches p).
@@ -37,7 +39,7 @@ class SamplingOptions:
     """Sample only among the most likely tokens whose probabilities add up to p (0 < p <= 1; 1 disables)."""
     repetition_penalty: float = 1.0
     """Make tokens generated recently less likely: positive logits divided, negative multiplied (1 disables)."""
-    repetition_penalty_range: int = 64
+    repetition_penalty_range: int = 10
     """The repetition penalty looks at the last N generated tokens only (0: all generated tokens)."""
     max_new_tokens: int = 256
     """Generate at most this many new tokens per reply."""
@@ -75,7 +77,7 @@ def sampling_with(base: SamplingOptions | None, overrides: dict[str, object]) ->
 
 
 class RepetitionPenalty:
-    """Penalise each token id that occurs among the last `window` generated tokens (once per id)."""
+    """Penalise the token ids among the last `window` generated tokens, once per occurrence."""
 
     def __init__(self, penalty: float, window: int, prompt_length: int) -> None:
         self.penalty = penalty
@@ -90,9 +92,10 @@ class RepetitionPenalty:
             generated = generated[:, -self.window:]
         if generated.shape[1] == 0 or self.penalty == 1.0:
             return scores
-        picked = torch.gather(scores, 1, generated)  # (B, G); repeated ids give equal values
-        picked = torch.where(picked > 0, picked / self.penalty, picked * self.penalty)
-        return scores.scatter(1, generated, picked)  # duplicates write the same value: penalised once
+        ones = torch.ones_like(generated, dtype=scores.dtype)
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, ones)  # (B, V) occurrences in the window
+        factor = self.penalty ** counts  # (B, V); 1 where a token did not occur
+        return torch.where(scores > 0, scores / factor, scores * factor)
 
 
 class Temperature:
