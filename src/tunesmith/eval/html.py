@@ -28,6 +28,8 @@ h1 { font-size:26px; margin:0 0 4px; } h2 { font-size:18px; margin:36px 0 12px; 
 table { border-collapse:collapse; width:100%; }
 th, td { padding:8px 12px; border-bottom:1px solid var(--line); text-align:right; white-space:nowrap; }
 th:first-child, td:first-child { text-align:left; white-space:normal; }
+th { white-space:normal; overflow-wrap:break-word; }
+.scroll { overflow-x:auto; }
 th { font-size:12px; text-transform:uppercase; letter-spacing:.04em; color:var(--muted); font-weight:600; }
 tr:last-child td { border-bottom:none; }
 td.ref { color:var(--muted); }
@@ -46,6 +48,7 @@ td { font-variant-numeric:tabular-nums; }
 .reply .text { border-left:3px solid #d1d5db; } .reply.tuned .text { border-left-color:var(--accent); }
 .row { display:grid; grid-template-columns:1fr 1fr; gap:14px; margin-top:12px; }
 .row.one { grid-template-columns:1fr; }
+@media (max-width:720px) { .row { grid-template-columns:1fr; } th, td { padding:6px; } }
 .match { color:var(--good); font-weight:600; text-transform:none; letter-spacing:0; }
 .empty { color:var(--muted); font-style:italic; }
 """
@@ -102,7 +105,7 @@ def _table_html(result: dict[str, Any], names: tuple[str, str | None]) -> str:
         ref = f'<td class="ref">{r["reference"]}</td>' if has_ref else ""
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + ref + "</tr>")
     skipped = "".join(f"<li>{escape(line)}</li>" for line in skipped_lines(result))
-    return (f'<div class="card"><table><tr>{"".join(f"<th>{escape(h)}</th>" for h in head)}</tr>'
+    return (f'<div class="card scroll"><table><tr>{"".join(f"<th>{escape(h)}</th>" for h in head)}</tr>'
             f'{"".join(rows)}</table>{f"<ul class=skipped>{skipped}</ul>" if skipped else ""}</div>')
 
 
