@@ -170,3 +170,12 @@ def test_offset_walk_agrees_with_char_to_token(llama3_tokenizer) -> None:
     encoding = llama3_tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
     walked = _labels(SimpleNamespace(ids=encoding.ids, offsets=encoding.offsets), spans)
     assert walked == _labels(encoding, spans) and walked.count(IGNORE_INDEX) < len(walked)
+
+
+def test_a_template_that_raises_names_the_sample(base_tokenizer) -> None:
+    tok = copy.deepcopy(base_tokenizer)
+    tok.chat_template = ("{%- if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{%- endif %}{%- for m in messages %}{{ m['content'] + eos_token }}{%- endfor %}")
+    with pytest.raises(UserError) as err:
+        tokenize_conversation(MULTI, tok, max_length=64)
+    assert str(err.value).startswith("t:1: the chat template failed") and "System role not supported" in str(err.value)

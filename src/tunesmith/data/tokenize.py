@@ -73,7 +73,10 @@ class SpanFinder:
     def spans(self, conv: Conversation, train_on_prompt: bool = False) -> Rendered:
         """The rendered conversation and the character spans of it that are trained."""
         messages = conv.messages()
-        full = self.renderer.render(messages)
+        try:
+            full = self.renderer.render(messages)
+        except UserError as exc:
+            raise UserError(f"{conv.source}: {exc}", exc.problems) from None
         if train_on_prompt:
             return full, [(0, len(full))]
         spans: Spans = []
