@@ -60,8 +60,11 @@ def run_train(args: argparse.Namespace) -> int:
     config = train_config(values_from_args(TrainConfig, args))  # validate before the heavy imports
     from tunesmith.train.api import finetune
 
+    _quiet_transformers()
     result = finetune(config)
     print(f"output: {result.output_dir}")
+    if config.method.method == "lora" and config.method.merge:
+        print(f"merged: {result.output_dir / 'merged'}")
     return 0
 
 

@@ -135,7 +135,7 @@ class LoopOptions:
     eval_every: int = 0
     """Evaluate held-out loss every N steps (0: only at the end)."""
     save_every: int = 0
-    """Write a resumable checkpoint every N steps (0: only at the end)."""
+    """Write a resumable checkpoint every N steps (0: none; the final model is always saved)."""
     keep_checkpoints: int = 2
     """How many step checkpoints to keep."""
     resume: bool = False
