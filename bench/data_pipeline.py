@@ -54,6 +54,10 @@ def bench_tokenizer(model: str | None) -> Any:
     """The starter's (or --model's) tokenizer, else a fresh 8k BPE with Llama-3 specials."""
     from tunesmith.model.load import STARTER_DIR, load_tokenizer
 
+    if model and (Path(model) / "tokenizer_config.json").is_file():  # a bare tokenizer directory
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model)
     if model or (STARTER_DIR / "config.json").is_file():
         return load_tokenizer(model)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
