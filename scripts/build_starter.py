@@ -167,11 +167,17 @@ def sft_batches(ids: np.ndarray, mask: np.ndarray, offsets: np.ndarray, batch: i
         yield torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(pos)
 
 
-def run_phase(model, batches, steps: int, lr: float, warmup: int, name: str, budget_s: float) -> dict:
-    """One optimisation phase (AdamW, linear warmup, cosine to 10%); stops early past `budget_s`."""
+def run_phase(model, batches, steps: int, lr: float, warmup: int, name: str, budget_s: float,
+              validate=None, every: int = 250) -> dict:
+    """One optimisation phase (AdamW, linear warmup, cosine to 10%), stopping early past `budget_s`.
+
+    With `validate` (a no-argument function returning a held-out loss), the weights with the
+    lowest held-out loss seen every `every` steps are restored at the end: the corpus is small
+    and many epochs over it memorise instead of generalise.
+    """
     import torch
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    t0, seen, losses = time.time(), 0, []
+    t0, seen, losses, best = time.time(), 0, [], (float("inf"), -1, None)
     for step in range(steps):
         scale = (step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
         for g in opt.param_groups:
@@ -184,14 +190,23 @@ def run_phase(model, batches, steps: int, lr: float, warmup: int, name: str, bud
         opt.step()
         opt.zero_grad(set_to_none=True)
         seen += x.numel()
-        if step % 100 == 0 or step == steps - 1:
+        last = step == steps - 1 or time.time() - t0 > budget_s
+        if step % 100 == 0 or last:
             losses.append(out.loss.item())
             print(f"{name} step {step}/{steps} loss {losses[-1]:.3f} {seen / (time.time() - t0):,.0f} tok/s", flush=True)
-        if time.time() - t0 > budget_s:
-            print(f"{name}: time budget reached at step {step + 1}", flush=True)
+        if validate is not None and ((step + 1) % every == 0 or last):
+            val = validate()
+            print(f"{name} step {step + 1} held-out loss {val:.3f}", flush=True)
+            if val < best[0]:
+                best = (val, step + 1, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        if last:
             steps = step + 1
             break
-    return {"steps": steps, "tokens": seen, "seconds": round(time.time() - t0, 1), "last_loss": losses[-1]}
+    result = {"steps": steps, "tokens": seen, "seconds": round(time.time() - t0, 1), "last_loss": losses[-1]}
+    if best[2] is not None:
+        model.load_state_dict(best[2])
+        result.update(best_val_loss=best[0], best_step=best[1])
+    return result
 
 
 def eval_loss(model, batches, n: int = 20) -> float:
@@ -264,17 +279,15 @@ def train(args: argparse.Namespace) -> None:
     model = new_model(args.seed, **overrides)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params:,}", flush=True)
+    pre_val = lambda: eval_loss(model, pretrain_batches(stream[cut:], args.batch, np.random.default_rng(0)), 8)
     pre = run_phase(model, pretrain_batches(stream[:cut], args.batch, rng), steps, args.lr, 200, "pretrain",
-                    args.pretrain_seconds * 1.1)
-    pre["val_loss"] = eval_loss(model, pretrain_batches(stream[cut:], args.batch, np.random.default_rng(0)))
+                    args.pretrain_seconds * 1.1, pre_val, 250)
     print(f"pretrain: {pre}", flush=True)
-    model.to(torch.bfloat16).save_pretrained(Path(args.out) / "pretrained")  # a fallback if SFT breaks
-    model.float()
     sft_train = (ids, mask, offsets[:-n_val])
     sft_val = (ids, mask, offsets[-n_val - 1:])
+    sft_v = lambda: eval_loss(model, sft_batches(*sft_val, args.batch // 2, np.random.default_rng(0)), 5)
     sft = run_phase(model, sft_batches(*sft_train, args.batch // 2, rng), args.sft_steps, args.sft_lr, 50, "sft",
-                    args.sft_seconds)
-    sft["val_loss"] = eval_loss(model, sft_batches(*sft_val, args.batch // 2, np.random.default_rng(0)), 5)
+                    args.sft_seconds, sft_v, 200)
     pre["val_loss_after_sft"] = eval_loss(model, pretrain_batches(stream[cut:], args.batch, np.random.default_rng(0)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -298,7 +311,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("prepare")
     pp.add_argument("--seed", type=int, default=1234)
-    pp.add_argument("--conversations", type=int, default=200_000)
+    pp.add_argument("--conversations", type=int, default=400_000)
     pt = sub.add_parser("train")
     pt.add_argument("--out", required=True)
     pt.add_argument("--seed", type=int, default=1234)

@@ -7,7 +7,9 @@ src/tunesmith/assets/starter/README.md for versions and licences):
 - dict-devil (public domain): Ambrose Bierce's "The Devil's Dictionary" (1911);
 - dict-jargon (public domain): The Jargon File 4.4.7;
 - python3.11-doc (PSF licence 2.0): the prose paragraphs of the Python documentation sources;
-- sqlite3-doc (public domain): the prose paragraphs of the SQLite documentation.
+- sqlite3-doc (public domain): the prose paragraphs of the SQLite documentation;
+- rust-doc (MIT or Apache-2.0): the prose paragraphs of the Rust books and standard library docs;
+- postgresql-doc-15 (PostgreSQL licence): the prose paragraphs of the PostgreSQL manual.
 
 `download(dir)` runs `apt-get download` (needs network and `apt-get update` once);
 everything else reads the unpacked packages and needs no network.
@@ -21,7 +23,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PACKAGES = ("wordnet-base", "dict-devil", "dict-jargon", "python3.11-doc", "sqlite3-doc")
+PACKAGES = ("wordnet-base", "dict-devil", "dict-jargon", "python3.11-doc", "sqlite3-doc",
+            "rust-doc", "postgresql-doc-15")
 POS_FILES = {"n": "data.noun", "v": "data.verb", "a": "data.adj", "r": "data.adv"}
 
 
@@ -165,21 +168,25 @@ def python_doc_text(root: Path) -> list[str]:
             letters = sum(c.isalpha() or c == " " for c in text)
             if len(text) > 60 and letters > 0.85 * len(text) and text[-1] in ".:":
                 paras.append(text)
-    return paras
+    return list(dict.fromkeys(paras))
 
 
-def sqlite_doc_text(root: Path) -> list[str]:
-    """The <p> paragraphs of the SQLite HTML documentation, tags and entities removed."""
+RUST_BOOKS = ("book", "reference", "rust-by-example", "nomicon", "edition-guide", "embedded-book", "cargo",
+              "rustc", "rustdoc", "unstable-book", "std")
+
+
+def html_paragraphs(dirs: list[Path]) -> list[str]:
+    """The <p> paragraphs of HTML documentation, tags and entities removed, duplicates dropped."""
     paras = []
-    for path in sorted((root / "usr/share/doc/sqlite3").rglob("*.html")):
-        html_text = path.read_text(encoding="utf-8", errors="replace")
-        for block in re.findall(r"<p>(.*?)(?=<p>|</p>|<h\d|<pre|<table|<ul|<ol|<div)", html_text, re.S):
-            text = html.unescape(re.sub(r"<[^>]+>", "", block))
-            text = " ".join(text.split())
-            letters = sum(c.isalpha() or c == " " for c in text)
-            if len(text) > 60 and letters > 0.85 * len(text) and text[-1] in ".:":
-                paras.append(text)
-    return paras
+    for d in dirs:
+        for path in sorted(d.rglob("*.html")):
+            html_text = path.read_text(encoding="utf-8", errors="replace")
+            for block in re.findall(r"<p>(.*?)(?=<p>|</p>|<h\d|<pre|<table|<ul|<ol|<div)", html_text, re.S):
+                text = " ".join(html.unescape(re.sub(r"<[^>]+>", "", block)).split())
+                letters = sum(c.isalpha() or c == " " for c in text)
+                if len(text) > 60 and letters > 0.85 * len(text) and text[-1] in ".:":
+                    paras.append(text)
+    return list(dict.fromkeys(paras))
 
 
 def build_corpus(root: Path) -> dict[str, list[str]]:
@@ -189,5 +196,7 @@ def build_corpus(root: Path) -> dict[str, list[str]]:
         "devil": dictd_text(root, "devil", "PREFACE"),
         "jargon": dictd_text(root, "jargon", "(TM)\n"),
         "python-docs": python_doc_text(root),
-        "sqlite-docs": sqlite_doc_text(root),
+        "sqlite-docs": html_paragraphs([root / "usr/share/doc/sqlite3"]),
+        "rust-docs": html_paragraphs([root / "usr/share/doc/rust-doc/html" / b for b in RUST_BOOKS]),
+        "postgresql-docs": html_paragraphs([root / "usr/share/doc/postgresql-doc-15/html"]),
     }

@@ -1,0 +1,225 @@
+"""Hand-written building blocks for the bundled example datasets (see make_examples.py).
+
+Everything here was written for tunesmith: topic lists, sentence frames and small word
+tables. The generator combines them with a seeded RNG.
+"""
+from __future__ import annotations
+
+# ------------------------------------------------------------------ caps tweets
+TOPIC_THINGS = [
+    "morning coffee", "rainy mondays", "homemade pizza", "the first snow of winter", "a new pair of sneakers",
+    "learning to juggle", "farmers markets", "summer thunderstorms", "board game night", "public libraries",
+    "a perfectly ripe avocado", "late trains", "the smell of fresh bread", "sunrise hikes", "cats on keyboards",
+    "spicy ramen", "moving apartments", "houseplants", "a dead phone battery", "the last day of school",
+    "marathon training", "grandma's soup", "finding money in an old coat", "software updates", "road trips",
+    "autumn leaves", "a noisy neighbor", "thrift store finds", "learning a new language", "birthday cake",
+    "the dentist", "a clean inbox", "camping in the rain", "street tacos", "a power outage",
+    "the gym in january", "a lost umbrella", "karaoke night", "pancakes for dinner", "a new haircut",
+    "ice cream in winter", "group chats", "sourdough starters", "the last slice of pizza", "meteor showers",
+    "bike commuting", "a tidy desk", "traffic jams", "puppies", "weekend naps", "the ocean", "tax season",
+    "hot chocolate", "a surprise party", "mismatched socks", "waiting rooms", "a good book", "solar eclipses",
+    "lemonade stands", "snow days", "the smell of rain", "airport security", "fresh strawberries",
+    "a flat tire", "garden tomatoes", "open mic nights", "dad jokes", "the first day at a new job",
+    "a long weekend", "museum visits", "cold pizza for breakfast", "bubble wrap", "a broken printer",
+    "sunflowers", "an unexpected compliment", "fireworks", "tiny kittens", "rollercoasters", "video calls",
+    "a slow internet connection", "soccer finals", "the perfect playlist", "picnics in the park",
+    "a crossword puzzle", "robot vacuums", "a rainbow after the storm", "the first day of spring",
+    "the neighbor's barking dog", "burnt toast", "homemade lemonade", "the school bus", "a chilly morning walk",
+    "finishing a jigsaw puzzle", "a leaky faucet", "strong tea", "the weather forecast", "a new notebook",
+    "a bad hair day", "vintage records", "baking cookies", "building a snowman", "fixing a bike", "the fire alarm",
+    "a shooting star", "street food", "a cozy blanket", "a parking ticket", "the perfect sandwich",
+    "a messy kitchen", "learning to swim", "a hot air balloon", "a school play", "the first cup of tea",
+    "an old photo album", "a thunderstorm at night", "popcorn at the movies", "a lazy sunday",
+    "a pillow fort", "homemade jam", "a busy airport", "the ice cream truck", "a squeaky door", "origami",
+    "a broken elevator", "a perfect parking spot", "fresh orange juice", "a new puppy", "the laundromat",
+    "a power nap", "spring cleaning", "a forgotten password", "snorkeling", "a window seat", "movie marathons",
+    "the last day of summer", "a blank canvas", "falling asleep on the couch", "a surprise snowstorm", "the moon", "homework", "chess tournaments", "street musicians",
+    "fresh laundry", "potato chips", "volcanoes", "an empty fridge", "hiking boots", "the bus being on time",
+    "a quiet library", "penguins", "fall sweaters", "a long queue", "rooftop gardens", "paper airplanes",
+]
+TOPIC_PLACES = ["the beach", "the mountains", "the city at night", "a small village", "the desert",
+                "the train station", "the local bakery", "the zoo", "the science museum", "the corner cafe",
+                "the night market", "the old lighthouse", "the ski slopes", "the botanical garden", "a farm"]
+TOPIC_EVENTS = ["a science fair", "a school reunion", "a charity run", "a music festival", "a bake sale",
+                "a chess match", "a spelling bee", "a family barbecue", "a book club meeting", "a talent show",
+                "a robotics contest", "a kite festival", "a pumpkin carving contest", "a pottery class",
+                "a cooking competition", "a beach cleanup", "a tree planting day", "a yard sale"]
+TOPIC_PATTERNS = ["{place}", "a day at {place}", "a weekend at {place}", "{event}", "winning {event}",
+                  "volunteering at {event}", "getting lost on the way to {place}", "sunset at {place}",
+                  "organizing {event}"]
+
+TWEET_OPENERS = ["OKAY SO", "BREAKING NEWS:", "HOT TAKE:", "CONFESSION:", "REMINDER:", "PSA:", "UPDATE:",
+                 "FUN FACT:", "HONESTLY,", "WELL,", "LISTEN,", "BIG NEWS:", "ALERT:", "REAL TALK:", "OKAY,"]
+TWEET_BODIES = [  # no verb agrees with {T}, so singular and plural topics both read right
+    "{T}: THE BEST PART OF MY WEEK",
+    "I CANNOT STOP THINKING ABOUT {T}",
+    "NOTHING IN THE WORLD BEATS {T}",
+    "WHO ELSE IS OBSESSED WITH {T}",
+    "{T} JUST MADE MY WHOLE DAY",
+    "I HAVE STRONG FEELINGS ABOUT {T} AND I WILL SHARE THEM",
+    "SPENT THE WHOLE AFTERNOON ON {T} AND REGRET NOTHING",
+    "IF YOU DO NOT LIKE {T} WE CANNOT BE FRIENDS",
+    "MY THERAPIST SAYS I TALK ABOUT {T} TOO MUCH",
+    "TEN OUT OF TEN WOULD RECOMMEND {T}",
+    "I WILL DEFEND {T} UNTIL THE END OF TIME",
+    "TRIED TO STAY CALM ABOUT {T}. FAILED COMPLETELY",
+    "SOMEBODY PLEASE EXPLAIN {T} TO ME",
+    "WOKE UP READY TO TALK ABOUT {T}",
+    "NOTHING BEATS {T} ON A DAY LIKE THIS",
+    "I WAS NOT EMOTIONALLY PREPARED FOR {T}",
+    "THINKING ABOUT {T} AGAIN. SEND HELP",
+    "CAN WE ALL AGREE THAT {T} WINS TODAY",
+    "ONE WORD FOR {T}: LEGENDARY",
+    "WHY DID NOBODY WARN ME ABOUT {T}",
+    "GIVE ME {T} OR GIVE ME NOTHING",
+    "STILL NOT OVER {T}",
+]
+TWEET_CLOSERS = ["!!!", "!", "! WHAT A TIME TO BE ALIVE!", ". THAT IS ALL.", "! CHANGE MY MIND!", "!! NO REGRETS!",
+                 ". YOU HAVE BEEN WARNED!", "! BEST DECISION EVER!", "! WHO IS WITH ME?", ". ABSOLUTELY UNREAL!",
+                 "! SO HAPPY RIGHT NOW!", "! TELL YOUR FRIENDS!", ". 10/10!", "! CANNOT WAIT FOR MORE!"]
+
+# ------------------------------------------------------------------ sarcastic Q&A
+HOW_TO = [  # (how do I ..., the sarcastic shortcut)
+    ("lose weight", "stop eating entirely. Food is overrated anyway"),
+    ("get rich", "buy a lottery ticket every day. Foolproof financial planning"),
+    ("wake up earlier", "simply never go to sleep"),
+    ("make friends", "have you tried being a golden retriever"),
+    ("fix my computer", "turn it off, walk away, and hope it learns its lesson"),
+    ("cook rice", "set off the smoke alarm first, so you know when it's done"),
+    ("learn to code", "copy everything and pray. That is what the professionals do"),
+    ("save money", "never leave the house. Shops can't take your money if they can't see you"),
+    ("get over a breakup", "adopt eleven cats. Very normal, very healthy"),
+    ("stop procrastinating", "I'll tell you tomorrow"),
+    ("be more productive", "read forty articles about being more productive"),
+    ("keep my plants alive", "buy plastic ones. They have a flawless survival rate"),
+    ("become famous", "do something extremely embarrassing in public. Works every time"),
+    ("win an argument", "just repeat yourself, louder, until the other person leaves"),
+    ("fall asleep faster", "read the terms and conditions of any app"),
+    ("learn to dance", "flail confidently. Confidence is ninety percent of it"),
+    ("clean my room", "close the door. Out of sight, out of mind"),
+    ("become a morning person", "redefine morning as two in the afternoon"),
+    ("pass my exam", "try studying. I know, it's a radical idea"),
+    ("be on time", "set every clock you own to a different wrong time. Chaos keeps you alert"),
+    ("stop my phone from dying", "never use it. Battery problem solved"),
+    ("find my keys", "they are in the last place you look. Obviously"),
+    ("make my code run faster", "delete half of it. Less code, less waiting"),
+    ("get a promotion", "laugh at every joke your boss makes, including the bad ones"),
+    ("write a novel", "step one: write a novel. Step two: there is no step two"),
+    ("stop overthinking", "think about it really hard and you'll figure it out"),
+    ("look busy at work", "carry a stack of papers everywhere and sigh a lot"),
+    ("make my coffee stronger", "add more coffee. I know, groundbreaking"),
+    ("get my kids to eat vegetables", "call them tiny trees and hope for the best"),
+    ("remember people's names", "call everyone 'buddy'. Nobody will ever know"),
+]
+HOW_FRAMES = ["How do I {q}?", "What is the best way to {q}?", "Any tips on how to {q}?", "How can I {q}?"]
+HOW_ANSWERS = ["Oh, easy: {a}.", "Simple. {A}.", "Great question. {A}.", "Experts agree: {a}.", "Well, {a}."]
+
+SHOULD = [  # (should I ..., sarcastic reply)
+    ("text my ex at 2am", "Absolutely. Nothing good has ever happened after midnight, so why not start now?"),
+    ("eat cake for breakfast", "Of course. It's basically a muffin with ambition."),
+    ("quit my job to become a professional napper", "Sure, I hear the pension plan is amazing."),
+    ("bring an umbrella", "No, getting soaked builds character."),
+    ("check the weather before hiking", "Why would you? Surprises are half the fun of hypothermia."),
+    ("read the instructions", "Nah. Instructions are just suggestions written by pessimists."),
+    ("buy a fourth coffee machine", "Obviously. Three is barely enough for a household of one."),
+    ("back up my files", "No, living dangerously is much more exciting."),
+    ("go to bed early tonight", "And miss three more hours of scrolling? Unthinkable."),
+    ("learn to cook", "Why bother when cereal exists?"),
+    ("adopt a dog", "Only if you enjoy unconditional love. Terrible deal, really."),
+    ("wear socks with sandals", "Yes. Fashion is dead anyway."),
+    ("trust my GPS", "Completely. It has never once sent anyone into a lake."),
+    ("answer my emails", "They'll answer themselves eventually. Probably."),
+    ("water my cactus every day", "Yes, cacti famously love swimming."),
+    ("start a podcast", "Definitely. There are only about three million of them."),
+    ("exercise today", "Tomorrow sounds better. It always does."),
+    ("put pineapple on pizza", "Only if you want to start a war."),
+    ("tell my boss I'm tired", "Yes, bosses love hearing that. Right before a meeting is best."),
+    ("eat the leftovers from last week", "Sure, they've been maturing like a fine cheese."),
+]
+SHOULD_FRAMES = ["Should I {q}?", "Is it a good idea to {q}?", "Do you think I should {q}?"]
+
+PLAIN_QA = [
+    ("What time is it?", "Time to buy a watch, apparently."),
+    ("Is it going to rain today?", "Only if you forget your umbrella. That is how weather works."),
+    ("Can you help me with my homework?", "I could, but then how would you learn to panic at midnight?"),
+    ("Why is the sky blue?", "Because green was already taken by the grass."),
+    ("What's for dinner?", "Whatever you can find in the back of the fridge. Bon appetit."),
+    ("Are we there yet?", "Yes. We have been there for hours. You just didn't notice."),
+    ("Do you like Mondays?", "I love them. Said nobody, ever."),
+    ("Is this meeting important?", "Extremely. It could only have been an email twice."),
+    ("How was your weekend?", "Thrilling. I watched paint dry and it was the highlight."),
+    ("Can I ask you a question?", "You just did. Want to try for two?"),
+    ("Why is my code not working?", "Because it knows you're in a hurry."),
+    ("Is the printer fixed yet?", "The printer is never fixed. The printer merely rests."),
+    ("Did you see that?", "No, I was busy staring at nothing in particular."),
+    ("Are you awake?", "No, I answer questions in my sleep. It's a gift."),
+    ("What does this button do?", "Press it and find out. What's the worst that could happen?"),
+    ("Is it hot outside?", "Only if you consider melting sidewalks hot."),
+    ("Can you keep a secret?", "Of course. So can everyone I tell it to."),
+    ("Why are you always late?", "I'm not late. Everyone else is just annoyingly early."),
+    ("What's the meaning of life?", "Forty-two, or a really good sandwich. Possibly both."),
+    ("Do I look tired?", "No, you look like a ray of sunshine that hasn't slept since Tuesday."),
+    ("Where did I put my phone?", "In your hand. Where it always is."),
+    ("Is the coffee ready?", "It's been ready for an hour. It's now just warm regret."),
+    ("Is it Friday yet?", "Sadly, no. It's still the longest Wednesday in history."),
+    ("How do computers work?", "Tiny wizards. Very tired tiny wizards."),
+    ("Can I have one more cookie?", "Sure. Cookies are famously a vegetable."),
+    ("Why did the cat knock my glass over?", "Gravity needed testing. The cat is a scientist."),
+    ("Are you good at math?", "Absolutely. I can count all the way to several."),
+    ("Did you finish the report?", "It's in the same place as my motivation. Missing."),
+    ("How's the diet going?", "Great. I've cut down to only two desserts per meal."),
+    ("Do you think it will work?", "Oh, definitely. Things always work on the first try."),
+]
+
+# ------------------------------------------------------------------ instructions (Alpaca)
+SUBJECTS = ["The dog", "My sister", "The old man", "A small bird", "The teacher", "Our neighbor", "The chef",
+            "The children", "A tired student", "The pilot", "The baker", "My grandfather", "The cat"]
+VERBS = [("chased", "the ball"), ("painted", "the fence"), ("baked", "fresh bread"), ("found", "a shiny coin"),
+         ("repaired", "the bicycle"), ("sang", "a quiet song"), ("cleaned", "the kitchen"), ("wrote", "a long letter"),
+         ("planted", "three trees"), ("opened", "the heavy door"), ("caught", "a big fish"), ("carried", "the boxes"),
+         ("watched", "the sunset"), ("visited", "the museum"), ("climbed", "the hill"), ("borrowed", "a book")]
+SENTIMENT = {
+    "positive": ["I absolutely loved this movie.", "The food was delicious and the staff were friendly.",
+                 "What a wonderful surprise!", "This is the best day I've had in months.",
+                 "The new update made everything faster.", "I'm so happy with my purchase.",
+                 "The concert was amazing from start to finish.", "Our trip went perfectly.",
+                 "This book was a joy to read.", "The customer service was excellent."],
+    "negative": ["The service was slow and rude.", "I regret buying this phone.", "The movie was a complete waste of time.",
+                 "My package arrived broken.", "This is the worst coffee I've ever had.",
+                 "The hotel room was dirty and noisy.", "I'm disappointed with the results.",
+                 "The app keeps crashing.", "Our flight was delayed for six hours.", "The soup was cold and bland."],
+}
+TRANSLATE = [  # (english, french, spanish, german)
+    ("house", "maison", "casa", "Haus"), ("water", "eau", "agua", "Wasser"), ("cat", "chat", "gato", "Katze"),
+    ("dog", "chien", "perro", "Hund"), ("book", "livre", "libro", "Buch"), ("bread", "pain", "pan", "Brot"),
+    ("sun", "soleil", "sol", "Sonne"), ("moon", "lune", "luna", "Mond"), ("friend", "ami", "amigo", "Freund"),
+    ("apple", "pomme", "manzana", "Apfel"), ("tree", "arbre", "árbol", "Baum"), ("school", "école", "escuela", "Schule"),
+    ("car", "voiture", "coche", "Auto"), ("city", "ville", "ciudad", "Stadt"), ("flower", "fleur", "flor", "Blume"),
+    ("sea", "mer", "mar", "Meer"), ("milk", "lait", "leche", "Milch"), ("red", "rouge", "rojo", "rot"),
+    ("green", "vert", "verde", "grün"), ("thank you", "merci", "gracias", "danke"), ("good morning", "bonjour",
+    "buenos días", "guten Morgen"), ("window", "fenêtre", "ventana", "Fenster"), ("cheese", "fromage", "queso", "Käse"),
+]
+INFORMAL = [  # (informal, formal)
+    ("Hey, can you send me the file?", "Could you please send me the file?"),
+    ("I wanna know when the meeting is.", "I would like to know when the meeting will take place."),
+    ("Thanks a lot for the help!", "Thank you very much for your assistance."),
+    ("Sorry, I can't make it tomorrow.", "I regret that I will be unable to attend tomorrow."),
+    ("The boss is kinda mad about the delay.", "The manager is somewhat displeased about the delay."),
+    ("Gimme a sec, I'll check.", "Please allow me a moment to check."),
+    ("We gotta finish this by Friday.", "We must complete this by Friday."),
+    ("Got your message, will reply soon.", "I have received your message and will reply shortly."),
+    ("The new guy is super good at his job.", "Our new colleague is highly competent."),
+    ("Let's grab lunch and talk it over.", "Shall we discuss this over lunch?"),
+    ("Can't find the report anywhere.", "I am unable to locate the report."),
+    ("That idea is awesome!", "That is an excellent idea."),
+]
+PLURALS = [("child", "children"), ("mouse", "mice"), ("box", "boxes"), ("city", "cities"), ("knife", "knives"),
+           ("tooth", "teeth"), ("bus", "buses"), ("leaf", "leaves"), ("person", "people"), ("foot", "feet"),
+           ("tomato", "tomatoes"), ("goose", "geese"), ("baby", "babies"), ("wolf", "wolves"), ("dish", "dishes")]
+CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Canada", "Ottawa"), ("Egypt", "Cairo"),
+            ("Spain", "Madrid"), ("Germany", "Berlin"), ("Kenya", "Nairobi"), ("Brazil", "Brasília"),
+            ("Australia", "Canberra"), ("India", "New Delhi"), ("Norway", "Oslo"), ("Mexico", "Mexico City"),
+            ("Argentina", "Buenos Aires"), ("Portugal", "Lisbon"), ("Greece", "Athens")]
+OPPOSITES = [("hot", "cold"), ("early", "late"), ("happy", "sad"), ("open", "closed"), ("light", "dark"),
+             ("fast", "slow"), ("full", "empty"), ("ancient", "modern"), ("generous", "stingy"), ("rough", "smooth"),
+             ("loud", "quiet"), ("tall", "short"), ("strong", "weak"), ("wet", "dry"), ("brave", "cowardly")]
