@@ -119,3 +119,37 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_
     assert any("--lr" in line for line in info.value.problems)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     assert not (out / "model.safetensors").exists()  # no diverged model is written as the result
+
+
+def test_steps_from_epochs_and_the_data_position_walk(llama3_tokenizer):
+    from tunesmith.train.checkpoint import TrainState
+    from tunesmith.train.loop import DataPlan, step_groups, total_steps
+
+    plan = DataPlan(samples(12, len(llama3_tokenizer)), batch_tokens=40, seed=1)
+    per_epoch = len(plan.groups(0))
+    assert total_steps(plan, 2, 1.5, None) == math.ceil(1.5 * math.ceil(per_epoch / 2))
+    assert total_steps(plan, 2, 3.0, 7) == 7
+    walk = step_groups(plan, 2, TrainState())
+    seen = [next(walk) for _ in range(math.ceil(per_epoch / 2) + 1)]
+    assert seen[-1][0] == 1 and seen[-2][1] == per_epoch  # epoch 0 ends, epoch 1 begins
+    resumed = next(step_groups(plan, 2, TrainState(epoch=seen[2][0], batch_in_epoch=seen[2][1])))
+    assert [b.input_ids.tolist() for b in resumed[3]] == [b.input_ids.tolist() for b in seen[3][3]]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.model.adapters import prepare_for_method
+    from tunesmith.model.fast import prepare_for_training
+
+    data = pack(samples(4, 600), 10_000)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same LoRA initialisation for both
+        model = prepare_for_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), "lora")
+        prepare_for_training(model, device=CPU, batch_tokens=10_000, gradient_checkpointing=checkpointing)
+        assert model.get_base_model().is_activation_checkpointing == checkpointing
+        grads.append(grads_after(model, data)[1])
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6)

@@ -89,3 +89,29 @@ def test_no_token_attends_across_a_sample_boundary(model):
         torch.testing.assert_close(second, alone, rtol=1e-4, atol=1e-5)
         leaky = model(input_ids=packed.input_ids, use_cache=False).logits[0, start:start + len(samples[1].input_ids)]
         assert not torch.allclose(leaky, alone, atol=1e-3)
+
+
+class IgnoresPositions:
+    """A model whose attention cannot see sample boundaries (it drops position_ids)."""
+
+    def __init__(self, model) -> None:
+        self.model, self.training = model, False
+
+    def __call__(self, input_ids, position_ids=None, **kwargs):
+        return self.model(input_ids=input_ids, **kwargs)
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+
+def test_probe_detects_whether_packing_is_exact(model):
+    from tunesmith.train.losses import packing_is_exact
+
+    assert packing_is_exact(model, torch.device("cpu"))
+    assert not packing_is_exact(IgnoresPositions(model), torch.device("cpu"))

@@ -99,6 +99,11 @@ def collate_padded(samples: list[TokenizedSample], pad_id: int = 0) -> Batch:
                  sum(len(s.input_ids) for s in samples))
 
 
+def collate(samples: list[TokenizedSample], *, padded: bool = False, pad_id: int = 0) -> Batch:
+    """One micro-batch of `samples`: packed into one row, or padded one per row."""
+    return collate_padded(samples, pad_id) if padded else collate_packed(samples)
+
+
 def pack(samples: list[TokenizedSample], batch_tokens: int, *, padded: bool = False,
          pad_id: int = 0) -> list[Batch]:
     """Micro-batches of up to `batch_tokens` real tokens, in the order given.
@@ -107,9 +112,7 @@ def pack(samples: list[TokenizedSample], batch_tokens: int, *, padded: bool = Fa
     the same groups of samples, one per row, padded to the longest.
     """
     groups = group_by_budget([len(s.input_ids) for s in samples], batch_tokens)
-    if padded:
-        return [collate_padded([samples[i] for i in g], pad_id) for g in groups]
-    return [collate_packed([samples[i] for i in g]) for g in groups]
+    return [collate([samples[i] for i in g], padded=padded, pad_id=pad_id) for g in groups]
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[int]:
@@ -119,8 +122,19 @@ def epoch_order(num_samples: int, seed: int, epoch: int, rank: int = 0, world_si
     return order[rank::world_size]
 
 
+def epoch_groups(samples: list[TokenizedSample], batch_tokens: int, seed: int, epoch: int, *,
+                 rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """Sample indices of each micro-batch of one epoch: deterministic for (seed, epoch, rank).
+
+    Only indices, so a large dataset is collated one micro-batch at a time.
+    """
+    order = epoch_order(len(samples), seed, epoch, rank, world_size)
+    groups = group_by_budget([len(samples[i].input_ids) for i in order], batch_tokens)
+    return [[order[i] for i in g] for g in groups]
+
+
 def epoch_batches(samples: list[TokenizedSample], batch_tokens: int, seed: int, epoch: int, *,
                   padded: bool = False, pad_id: int = 0, rank: int = 0, world_size: int = 1) -> list[Batch]:
-    """All micro-batches of one epoch: deterministic for (seed, epoch, rank), which resume relies on."""
-    order = epoch_order(len(samples), seed, epoch, rank, world_size)
-    return pack([samples[i] for i in order], batch_tokens, padded=padded, pad_id=pad_id)
+    """All micro-batches of one epoch, collated (tests and small data; the loop collates lazily)."""
+    groups = epoch_groups(samples, batch_tokens, seed, epoch, rank=rank, world_size=world_size)
+    return [collate([samples[i] for i in g], padded=padded, pad_id=pad_id) for g in groups]

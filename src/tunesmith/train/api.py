@@ -45,6 +45,7 @@ class Run:
     prepared: Any
     model: Any
     loss_fn: Any
+    padded: bool  # True: the attention cannot keep packed samples apart, so batches are padded
     notices: list[str]
 
 
@@ -87,7 +88,7 @@ def setup_run(config: TrainConfig, output_dir: Path) -> Run:
     from tunesmith.model.adapters import count_parameters, prepare_for_method
     from tunesmith.model.fast import prepare_for_training
     from tunesmith.model.load import load_model, load_tokenizer, pick_device_dtype, resolve_model_name
-    from tunesmith.train.losses import sft_loss_sum
+    from tunesmith.train.losses import packing_is_exact, sft_loss_sum
 
     device, dtype = pick_device_dtype()
     name = resolve_model_name(config.model.model)
@@ -105,7 +106,10 @@ def setup_run(config: TrainConfig, output_dir: Path) -> Run:
     trainable, total = count_parameters(model)
     notices = [*fast.notices, f"model: {name} on {device} ({str(dtype).removeprefix('torch.')}), method {m.method}: "
                f"{trainable:,} of {total:,} parameters train"]
-    return Run(config, output_dir, device, tokenizer, prepared, model, fast.loss_sum or sft_loss_sum, notices)
+    padded = fast.loss_sum is None and not packing_is_exact(model, device)  # the fast path packs by design
+    if padded:
+        notices.append("batches: padded (this model's attention does not separate packed samples)")
+    return Run(config, output_dir, device, tokenizer, prepared, model, fast.loss_sum or sft_loss_sum, padded, notices)
 
 
 def build_optimizer(model: Any, lr: float, weight_decay: float, seed: int) -> torch.optim.Optimizer:
@@ -156,14 +160,14 @@ def train_and_save(run: Run, resume_from: Path | None, started: float) -> dict[s
 
     config, loop, out = run.config, run.config.loop, run.output_dir
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
-    plan = DataPlan(run.prepared.train, loop.batch_tokens, loop.seed, pad_id=pad_id)
+    plan = DataPlan(run.prepared.train, loop.batch_tokens, loop.seed, padded=run.padded, pad_id=pad_id)
     steps = total_steps(plan, loop.grad_accum, loop.epochs, loop.max_steps)
     optimizer = build_optimizer(run.model, config.peak_lr(), loop.weight_decay, loop.seed)
     scheduler = cosine_schedule(optimizer, steps, loop.warmup_ratio)
     state = TrainState()
     if resume_from is not None:
         state = load_checkpoint(resume_from, run.model, optimizer, scheduler)
-    eval_batches = pack(run.prepared.eval, loop.batch_tokens)
+    eval_batches = pack(run.prepared.eval, loop.batch_tokens, padded=run.padded, pad_id=pad_id)
     save_config(out, to_flat_dict(config))
     write_jsonl(run.prepared.eval_conversations, out / "eval.jsonl")
     log = RunLog(out, steps, start_step=state.step, history=state.history)

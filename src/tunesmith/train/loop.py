@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from tunesmith.config import LoopOptions
-from tunesmith.data.packing import Batch, epoch_batches
+from tunesmith.data.packing import Batch, collate, epoch_groups
 from tunesmith.data.tokenize import TokenizedSample
 from tunesmith.errors import UserError
 from tunesmith.train.checkpoint import TrainState
@@ -48,17 +48,21 @@ class DataPlan:
     rank: int = 0
     world_size: int = 1
 
-    def batches(self, epoch: int) -> list[Batch]:
-        """Micro-batches of `epoch` for this rank."""
-        return epoch_batches(self.samples, self.batch_tokens, self.seed, epoch, padded=self.padded,
-                             pad_id=self.pad_id, rank=self.rank, world_size=self.world_size)
+    def groups(self, epoch: int) -> list[list[int]]:
+        """Sample indices of each micro-batch of `epoch` for this rank."""
+        return epoch_groups(self.samples, self.batch_tokens, self.seed, epoch, rank=self.rank,
+                            world_size=self.world_size)
+
+    def collate(self, group: list[int]) -> Batch:
+        """The micro-batch of these sample indices."""
+        return collate([self.samples[i] for i in group], padded=self.padded, pad_id=self.pad_id)
 
 
 def total_steps(plan: DataPlan, grad_accum: int, epochs: float, max_steps: int | None) -> int:
     """Optimizer steps of the run: --max-steps, else epochs x steps per epoch (rounded up)."""
     if max_steps is not None:
         return max_steps
-    per_epoch = math.ceil(len(plan.batches(0)) / grad_accum)
+    per_epoch = math.ceil(len(plan.groups(0)) / grad_accum)
     return max(1, math.ceil(epochs * per_epoch))
 
 
@@ -66,10 +70,10 @@ def step_groups(plan: DataPlan, grad_accum: int, state: TrainState) -> Iterator[
     """(epoch, next batch index, epoch progress, micro-batches) per optimizer step, from `state` on, forever."""
     epoch, start = state.epoch, state.batch_in_epoch
     while True:
-        batches = plan.batches(epoch)
-        for i in range(start, len(batches), grad_accum):
-            end = min(i + grad_accum, len(batches))
-            yield epoch, end, epoch + end / len(batches), batches[i:end]
+        groups = plan.groups(epoch)
+        for i in range(start, len(groups), grad_accum):
+            end = min(i + grad_accum, len(groups))
+            yield epoch, end, epoch + end / len(groups), [plan.collate(g) for g in groups[i:end]]
         epoch, start = epoch + 1, 0
 
 

@@ -35,3 +35,27 @@ def sft_loss_sum(model: Any, batch: Batch) -> tuple[torch.Tensor, int]:
     loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, batch.num_targets
+
+
+@torch.no_grad()
+def packing_is_exact(model: Any, device: torch.device) -> bool:
+    """Probe: does a sample packed behind another get the same logits as alone?
+
+    True when the model's attention honours restarting `position_ids` (every transformers
+    architecture built on `masking_utils`); False means tokens would attend across sample
+    boundaries, and the loop must fall back to padded batches.
+    """
+    from tunesmith.data.packing import collate_packed
+    from tunesmith.data.tokenize import TokenizedSample
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+    first = TokenizedSample([(7 * i + 3) % vocab for i in range(8)], [0] * 8)
+    second = TokenizedSample([(11 * i + 5) % vocab for i in range(8)], [0] * 8)
+    was_training = model.training
+    model.eval()
+    packed = forward_logits(model, collate_packed([first, second]).to(device))[0, 8:].float()  # (8, V)
+    alone = forward_logits(model, collate_packed([second]).to(device))[0].float()  # (8, V)
+    model.train(was_training)
+    tolerance = 1e-3 if packed.dtype == torch.float32 and alone.dtype == torch.float32 else 5e-2
+    scale = float(alone.abs().max()) + 1e-6
+    return float((packed - alone).abs().max()) <= tolerance * scale
