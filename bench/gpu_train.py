@@ -197,7 +197,7 @@ def run_tunesmith(config: Any, samples: list[list[int]], method: str, fast: bool
     from tunesmith.train.api import build_optimizer
     from tunesmith.train.checkpoint import TrainState
     from tunesmith.train.loop import DataPlan, total_steps, train
-    from tunesmith.train.losses import sft_loss_sum
+    from tunesmith.train.losses import packing_is_exact, sft_loss_sum
     from tunesmith.train.progress import RunLog
     from tunesmith.train.schedule import cosine_schedule
 
@@ -209,7 +209,8 @@ def run_tunesmith(config: Any, samples: list[list[int]], method: str, fast: bool
     setup = prepare_for_training(model, device=torch.device(DEVICE), batch_tokens=batch_tokens, fast_kernels=fast)
     loss_fn = setup.loss_sum or sft_loss_sum
     optimizer = build_optimizer(model, 2e-4 if method == "lora" else 1e-4, 0.0, seed=0)
-    plan = DataPlan([TokenizedSample(s, s) for s in samples], batch_tokens, seed=0)
+    padded = setup.loss_sum is None and not packing_is_exact(model, torch.device(DEVICE))  # as `tunesmith train`
+    plan = DataPlan([TokenizedSample(s, s) for s in samples], batch_tokens, seed=0, padded=padded)
     steps = total_steps(plan, 1, 1.0, max_steps)
     opts = LoopOptions(batch_tokens=batch_tokens, max_steps=steps)
     scheduler = cosine_schedule(optimizer, steps)
@@ -224,9 +225,8 @@ def run_tunesmith(config: Any, samples: list[list[int]], method: str, fast: bool
         torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         log.close()
-    batches = plan.batches(0)[WARMUP_STEPS:steps]
-    docs = [[int(n) for n in torch.diff(torch.nonzero(b.position_ids[0] == 0).flatten(),
-                                        append=torch.tensor([b.num_tokens]))] for b in batches]
+    groups = [g for epoch in range(1 + steps // max(1, len(plan.groups(0)))) for g in plan.groups(epoch)]
+    docs = [[len(plan.samples[i].input_ids) for i in group] for group in groups[WARMUP_STEPS:steps]]
     flops = sum(step_flops(config, n_params, d, method == "lora") for d in docs)
     tokens = state.tokens - tokens_before
     result = Result(name, tokens / seconds, torch.cuda.max_memory_allocated() / 2**30,
@@ -246,17 +246,20 @@ def profile_steps(model: Any, optimizer: Any, plan: Any, loss_fn: Any, steps: in
 
     from tunesmith.train.loop import accumulate
 
-    batches = plan.batches(1)[:steps]
+    batches = [plan.collate(group) for group in plan.groups(1)[:steps]]
+    torch.cuda.synchronize()
+    started = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for b in batches:
             accumulate(model, [b], loss_fn, torch.device(DEVICE))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
+    wall_us = (time.perf_counter() - started) * 1e6
     events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in events)
     top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
-    return "profile (share of GPU time): " + "; ".join(
+    return f"profile: GPU busy {100 * total / wall_us:.0f}% of {wall_us / 1e3 / steps:.0f} ms/step; top kernels: " + "; ".join(
         f"{e.key[:60]} {100 * e.self_device_time_total / total:.1f}%" for e in top)
 
 
@@ -350,7 +353,8 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
                                      budget, rate, max_steps=50)
     rows["fast_full"] = guarded("tunesmith full", run_tunesmith, config, samples, "full", True, budget, rate,
                                 profile=profile)
-    rows["fast_lora"] = guarded("tunesmith LoRA", run_tunesmith, config, samples, "lora", True, budget, rate)
+    rows["fast_lora"] = guarded("tunesmith LoRA", run_tunesmith, config, samples, "lora", True, budget, rate,
+                                profile=profile)
     out: dict[str, Any] = {"shape": shape, "regime": regime, "samples": n_samples,
                            "real_tokens": sum(map(len, samples)), "runs": {k: asdict(v) for k, v in rows.items()}}
     if parity and not rows["plain_full"].error and not rows["fast_full"].error:
@@ -392,9 +396,11 @@ def environment() -> dict[str, Any]:
 
     env = {"torch": torch.__version__, "transformers": transformers.__version__,
            "device": torch.cuda.get_device_name(), "python": sys.version.split()[0]}
-    for name in ("peft", "liger_kernel", "triton"):
+    from importlib.metadata import version
+
+    for name in ("peft", "liger-kernel", "triton", "accelerate"):
         try:
-            env[name] = __import__(name).__version__
+            env[name] = version(name)
         except Exception as exc:  # report, do not fail: the bench shows the fallbacks too
             env[name] = f"unavailable ({type(exc).__name__})"
     return env

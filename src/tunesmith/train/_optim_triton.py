@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 _BLOCK = 2048
+_WARPS = 4
 
 
 @triton.jit
@@ -39,4 +40,5 @@ def adamw_bf16_sr(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Te
     n = p.numel()
     grid = (triton.cdiv(n, _BLOCK),)
     _adamw_bf16_sr_kernel[grid](p, g, m, v, n, lr, beta1, beta2, eps, 1.0 - lr * weight_decay,
-                                1.0 - beta1**step, 1.0 - beta2**step, seed, BLOCK=_BLOCK)
+                                1.0 - beta1**step, 1.0 - beta2**step, seed, BLOCK=_BLOCK,
+                                num_warps=_WARPS)
