@@ -139,6 +139,8 @@ def finetune(config: TrainConfig | None = None, **options: Any) -> TrainResult:
     resume_from = check_output_dir(output_dir, config.loop.resume)
     started = time.perf_counter()
     run = setup_run(config, output_dir)
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)  # this run's peak, not an earlier one's in this process
     try:
         metrics = train_and_save(run, resume_from, started)
     except torch.OutOfMemoryError:

@@ -43,8 +43,8 @@ class RunLog:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self._bar = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TextColumn("ETA"), TimeRemainingColumn(), console=Console(file=sys.stderr), transient=False)
+            TextColumn("[bold]train"), BarColumn(bar_width=16), MofNCompleteColumn(), TextColumn("ETA"),
+            TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=Console(file=sys.stderr), transient=False)
         self._task = self._bar.add_task("train", total=total_steps, completed=start_step, info="")
         self._bar.start()
 
@@ -63,7 +63,7 @@ class RunLog:
     def advance(self, step: int, epoch: float, loss: float, lr: float, tokens_per_s: float) -> None:
         """Move the bar to `step` and show the latest figures."""
         if self._bar is not None:
-            info = f"epoch {epoch:.2f}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s"
+            info = f"epoch {epoch:.2f} loss {loss:.4f} lr {lr:.1e} {tokens_per_s:,.0f} tok/s"
             self._bar.update(self._task, completed=step, info=info)
 
     def message(self, text: str) -> None:
