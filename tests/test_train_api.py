@@ -147,3 +147,17 @@ def test_resume_without_checkpoint_and_unfinished_run_are_refused(tmp_path):
     with pytest.raises(UserError, match="unfinished run"):
         check_output_dir(tmp_path, resume=False)
     assert check_output_dir(tmp_path, resume=True).name == "step-000004"
+
+
+def test_out_of_memory_becomes_advice(tiny_model_dir, tmp_path, monkeypatch):
+    import tunesmith.train.loop as loop
+    from tunesmith.train.api import finetune
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loop, "accumulate", oom)
+    with pytest.raises(UserError, match="out of GPU memory") as info:
+        finetune(model=str(tiny_model_dir), data=str(write_qa(tmp_path / "qa.jsonl")), max_steps=2,
+                 batch_tokens=4096, test_split=0.0, output=str(tmp_path / "out"), report=False)
+    assert "--batch-tokens (now 4096)" in info.value.problems[0] and "--gradient-checkpointing" in info.value.problems[0]

@@ -147,6 +147,11 @@ def finetune(config: TrainConfig | None = None, **options: Any) -> TrainResult:
         raise UserError("out of GPU memory", [
             f"fix: lower --batch-tokens (now {config.loop.batch_tokens}), add --gradient-checkpointing, "
             "or use --method lora"]) from None
+    except KeyboardInterrupt:
+        saved = checkpoint_dirs(output_dir / CHECKPOINTS)
+        if saved:
+            print(f"stopped; `--resume` continues from {saved[-1]}", file=sys.stderr)
+        raise
     if config.output.report:
         _final_report(output_dir, metrics, run)
     return TrainResult(output_dir, metrics)
