@@ -161,3 +161,16 @@ def test_out_of_memory_becomes_advice(tiny_model_dir, tmp_path, monkeypatch):
         finetune(model=str(tiny_model_dir), data=str(write_qa(tmp_path / "qa.jsonl")), max_steps=2,
                  batch_tokens=4096, test_split=0.0, output=str(tmp_path / "out"), report=False)
     assert "--batch-tokens (now 4096)" in info.value.problems[0] and "--gradient-checkpointing" in info.value.problems[0]
+
+
+def test_a_finished_run_in_the_output_dir_is_replaced(tmp_path):
+    from tunesmith.train.api import check_output_dir
+
+    (tmp_path / "checkpoints" / "step-000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-000002" / "state.json").write_text("{}")
+    (tmp_path / "summary.json").write_text("{}")
+    assert check_output_dir(tmp_path, resume=False) is None
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "summary.json").exists()
+    with pytest.raises(UserError, match="is not a directory"):
+        (tmp_path / "file").write_text("x")
+        check_output_dir(tmp_path / "file", resume=False)

@@ -70,9 +70,11 @@ def check_output_dir(output_dir: Path, resume: bool) -> Path | None:
         return existing[-1]
     if existing and not (output_dir / SUMMARY_FILE).is_file():
         raise UserError(f"{output_dir}: holds an unfinished run (checkpoint {existing[-1].name})",
-                        ["pass --resume to continue it, or choose another --output"])
+                        ["pass --resume to continue it, choose another --output, or delete "
+                         f"{output_dir / CHECKPOINTS} to start over"])
     for old in (CHECKPOINTS, "tensorboard"):  # a finished earlier run in the same dir is replaced
         shutil.rmtree(output_dir / old, ignore_errors=True)
+    (output_dir / SUMMARY_FILE).unlink(missing_ok=True)  # until this run finishes, the dir holds no finished run
     return None
 
 

@@ -69,9 +69,7 @@ def save_model(model: Any, tokenizer: Any, directory: Path, end_of_turn_ids: lis
     gen.save_pretrained(directory)
     if not merge:
         return [directory]
-    import copy
-
-    merged = copy.deepcopy(model).merge_and_unload()  # keep the trained adapter model intact
+    merged = model.merge_and_unload()  # in place (no second copy of the weights): the adapter is saved already
     _save_full(merged, tokenizer, directory / MERGED_DIR, gen)
     return [directory, directory / MERGED_DIR]
 
