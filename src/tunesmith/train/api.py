@@ -140,10 +140,10 @@ def finetune(config: TrainConfig | None = None, **options: Any) -> TrainResult:
     output_dir = Path(config.output.output).expanduser()
     resume_from = check_output_dir(output_dir, config.loop.resume)
     started = time.perf_counter()
-    run = setup_run(config, output_dir)
-    if run.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(run.device)  # this run's peak, not an earlier one's in this process
     try:
+        run = setup_run(config, output_dir)
+        if run.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(run.device)  # this run's peak, not an earlier one's in this process
         metrics = train_and_save(run, resume_from, started)
     except torch.OutOfMemoryError:
         raise UserError("out of GPU memory", [
@@ -183,12 +183,14 @@ def train_and_save(run: Run, resume_from: Path | None, started: float) -> dict[s
     for line in run.notices + [f"training: {steps} steps, peak lr {config.peak_lr():g}"
                                + (f", resumed at step {state.step} from {resume_from}" if resume_from else "")]:
         log.message(line)
+
+    def save(s: TrainState) -> Path:
+        return save_checkpoint(out / CHECKPOINTS, run.model, optimizer, scheduler, s, loop.keep_checkpoints)
+
     try:
         if state.step == 0 and eval_batches:
             record_eval(run.model, eval_batches, run.loss_fn, run.device, state, log)
             state.best_eval_loss = None  # the base model's loss is not a result of this run
-        def save(s: TrainState) -> Path:
-            return save_checkpoint(out / CHECKPOINTS, run.model, optimizer, scheduler, s, loop.keep_checkpoints)
         state = train(run.model, optimizer, scheduler, plan, eval_batches, loop, state, steps, log, run.loss_fn,
                       save, run.device, last_checkpoint=resume_from)
         final = record_eval(run.model, eval_batches, run.loss_fn, run.device, state, log) if eval_batches else {}
