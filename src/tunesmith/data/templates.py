@@ -82,7 +82,7 @@ def choose_template(tokenizer: Any, name: str = "auto") -> str:
     if missing:
         raise UserError(
             f"template {name!r} needs the tokens {', '.join(missing)}, which this tokenizer's vocabulary lacks",
-            [f"choose a template that needs no new tokens: --template zephyr | alpaca | plain"],
+            ["choose a template that needs no new tokens: --template zephyr | alpaca | plain"],
         )
     if tokenizer.eos_token is None:
         raise UserError(f"template {name!r}: the tokenizer has no eos_token, so turns cannot end "
