@@ -108,6 +108,8 @@ def setup_run(config: TrainConfig, output_dir: Path) -> Run:
     trainable, total = count_parameters(model)
     notices = [*fast.notices, f"model: {name} on {device} ({str(dtype).removeprefix('torch.')}), method {m.method}: "
                f"{trainable:,} of {total:,} parameters train"]
+    if m.merge and m.method == "full":
+        notices.append("--merge: nothing to merge with --method full (the output holds full weights)")
     padded = fast.loss_sum is None and not packing_is_exact(model, device)  # the fast path packs by design
     if padded:
         notices.append("batches: padded (this model's attention does not separate packed samples)")
