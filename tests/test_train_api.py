@@ -174,3 +174,18 @@ def test_a_finished_run_in_the_output_dir_is_replaced(tmp_path):
     with pytest.raises(UserError, match="is not a directory"):
         (tmp_path / "file").write_text("x")
         check_output_dir(tmp_path / "file", resume=False)
+
+
+def test_a_base_that_does_not_stop_at_end_of_turn_is_flagged_for_adapter_dirs(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.model.adapters import prepare_for_method
+    from tunesmith.train.output import adapter_stop_notice
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    model = prepare_for_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "lora")
+    assert adapter_stop_notice(model, tokenizer, [eot], tmp_path) is None  # the base already stops there
+    model.get_base_model().generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|end_of_text|>")
+    notice = adapter_stop_notice(model, tokenizer, [eot], tmp_path)
+    assert "<|eot_id|>" in notice and str(tmp_path / "merged") in notice

@@ -166,7 +166,7 @@ def train_and_save(run: Run, resume_from: Path | None, started: float) -> dict[s
     from tunesmith.data.packing import pack
     from tunesmith.data.readers import write_jsonl
     from tunesmith.train.loop import DataPlan, record_eval, total_steps, train
-    from tunesmith.train.output import save_config, save_model, save_summary
+    from tunesmith.train.output import adapter_stop_notice, save_config, save_model, save_summary
     from tunesmith.train.schedule import cosine_schedule
 
     config, loop, out = run.config, run.config.loop, run.output_dir
@@ -198,11 +198,14 @@ def train_and_save(run: Run, resume_from: Path | None, started: float) -> dict[s
         final = record_eval(run.model, eval_batches, run.loss_fn, run.device, state, log) if eval_batches else {}
     finally:
         log.close()
+    notice = adapter_stop_notice(run.model, run.tokenizer, run.prepared.end_of_turn_ids, out)
     save_model(run.model, run.tokenizer, out, run.prepared.end_of_turn_ids, merge=config.method.merge)
     metrics = run_metrics(log.history, state, final, run.device, time.perf_counter() - started)
     plot_losses(log.history, out / PLOT_FILE)
     save_summary(out, metrics)
     print(format_summary(metrics), file=sys.stderr)
+    if notice:
+        print(notice, file=sys.stderr)
     return metrics
 
 

@@ -74,6 +74,26 @@ def save_model(model: Any, tokenizer: Any, directory: Path, end_of_turn_ids: lis
     return [directory, directory / MERGED_DIR]
 
 
+def adapter_stop_notice(model: Any, tokenizer: Any, end_of_turn_ids: list[int], directory: Path) -> str | None:
+    """A warning when a LoRA dir loaded by plain transformers would not stop at the end of a turn.
+
+    transformers takes the generation config of an adapter directory from its *base* model,
+    not from DIR/generation_config.json; if the base's EOS ids miss an end-of-turn id, plain
+    `pipeline(DIR)` runs past the reply (tunesmith's own generate/chat stop correctly).
+    """
+    if not is_peft(model):
+        return None
+    base_eos = model.get_base_model().generation_config.eos_token_id
+    base_eos = {base_eos} if isinstance(base_eos, int) else set(base_eos or [])
+    missing = [i for i in stop_ids(tokenizer, end_of_turn_ids) if i not in base_eos]
+    if not missing:
+        return None
+    names = ", ".join(tokenizer.convert_ids_to_tokens(missing))
+    return (f"note: the base model's generation config does not stop at {names}; plain transformers.pipeline("
+            f"{directory}) would run past the reply: use {directory / MERGED_DIR} (--merge) or pass "
+            f"eos_token_id from {directory / 'generation_config.json'}; tunesmith generate/chat stop correctly")
+
+
 def save_config(directory: Path, flat_config: dict[str, Any]) -> None:
     """config.yaml: the resolved options (rerun with `tunesmith train --config DIR/config.yaml`)."""
     directory.mkdir(parents=True, exist_ok=True)
