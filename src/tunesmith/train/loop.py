@@ -84,12 +84,12 @@ def accumulate(model: Any, micro_batches: list[Batch], loss_fn: LossFn, device: 
     """
     total = sum(b.num_targets for b in micro_batches)
     denominator = max(total, 1)
-    loss_total = 0.0
+    loss_total = torch.zeros((), device=device)
     for batch in micro_batches:
         loss_sum, _count = loss_fn(model, batch.to(device))
         (loss_sum / denominator).backward()
-        loss_total += float(loss_sum.detach())
-    return loss_total / denominator, total
+        loss_total += loss_sum.detach().float()  # no host sync per micro-batch: one at the end of the step
+    return float(loss_total) / denominator, total
 
 
 @torch.no_grad()
