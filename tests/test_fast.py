@@ -122,3 +122,21 @@ def test_fused_lora_forward_matches_peft():
     with model.disable_adapter():  # states the fused forward does not cover go back to peft
         base = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits
     assert not torch.allclose(base, got)
+
+
+def test_fused_lora_on_bf16_base_keeps_fp32_adapter_gradients():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_tiny().to(torch.bfloat16), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    assert {p.dtype for p in adapters} == {torch.float32}  # peft keeps adapters fp32 on a bf16 base
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    batch = _packed([9, 6])
+    ref = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits.float()
+    fast._fuse_lora_layers(model)
+    got = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits.float()
+    assert (got - ref).norm() / ref.norm() < 2e-2  # bf16 matmuls instead of peft's fp32 ones
+    got.square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapters)

@@ -12,8 +12,8 @@ What it changes, and why each piece pays on a packed batch of T tokens:
   chunked, recomputing torch version keeps the same memory bound.
 - packed rows are padded to a fixed length so the compiled flex kernels see one shape.
 - gradient checkpointing switches itself on when the estimate says activations will not fit.
-- LoRA adapters are cast to the base model's bf16, so no fp32 copies of activations are made
-  (the optimizer policy in train/optim.py keeps bf16 weights sound).
+- LoRA layers run as one fused autograd node in bf16 (adapter weights stay fp32 for the
+  optimizer), instead of peft's fp32 copies of every activation and ~6 nodes per layer.
 Not compiled with torch.compile: liger's kernels fail under it (issue 7) and the matmuls
 are cuBLAS either way; flex attention is compiled by transformers itself.
 
@@ -187,31 +187,48 @@ def _set_flex_attention(lm: Any) -> str:
         return str(getattr(lm.config, "_attn_implementation", "default"))
 
 
-def _cast_adapters(model: Any) -> None:
-    """Cast fp32 trainable parameters (peft's LoRA default) to the frozen base's dtype (bf16)."""
-    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
-    if frozen == {torch.bfloat16}:
-        for p in model.parameters():
-            if p.requires_grad and p.dtype == torch.float32:
-                p.data = p.data.to(torch.bfloat16)
+class _LoraLinear(torch.autograd.Function):
+    """y = x W^T + s (x A^T) B^T as ONE autograd node, in the activations' dtype (bf16 on CUDA).
+
+    peft's forward is ~6 autograd nodes per adapted layer (base linear, casts, A, scale, B,
+    add), each a CPU-launched step in the backward pass, and it scales and adds on the whole
+    (T, out) output. On a 1B model at 8k tokens the GPU then waits for the CPU. Here: the
+    scale is applied on the (T, r) side, the add is fused into the matmul (`addmm`), the fp32
+    adapter weights are cast to bf16 for the matmuls (their gradients come back in fp32).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        a_c, b_c = a.to(x.dtype), b.to(x.dtype)  # (r, in), (out, r)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        h = (x2 @ a_c.t()) * scale  # (N, r)
+        y = torch.addmm(x2 @ w.t(), h, b_c.t())  # (N, out)
+        ctx.save_for_backward(x2, w, a_c, b_c, h)
+        ctx.scale, ctx.dtypes = scale, (a.dtype, b.dtype)
+        return y.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        x2, w, a_c, b_c, h = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        gh = (g @ b_c) * ctx.scale  # (N, r)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.addmm(g @ w, gh, a_c).view(*grad.shape[:-1], w.shape[1])  # (..., in)
+        grad_a = (gh.t() @ x2).to(ctx.dtypes[0])  # (r, in)
+        grad_b = (g.t() @ h).to(ctx.dtypes[1])  # (out, r)
+        return grad_x, None, grad_a, grad_b, None
 
 
 def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """peft LoRA Linear, with fewer passes over the (T, out) output than peft's own forward.
-
-    peft computes `y + B(A(x)) * s`: the scale and the add each read and write the whole
-    (T, out) tensor, forward and backward. Here the scale is applied to the (T, r)
-    intermediate and the add is fused into the B matmul (`addmm`, beta=1). Any state this
-    does not cover (adapter disabled or merged, several adapters, extra args) goes to peft.
-    """
+    """peft LoRA Linear through `_LoraLinear`; states it does not cover go to peft's own forward."""
     active = self.active_adapters
     if self.disable_adapters or self.merged or args or kwargs or len(active) != 1 or active[0] not in self.lora_A:
         return type(self).forward(self, x, *args, **kwargs)
     name = active[0]
-    out = self.base_layer(x)  # (..., out)
-    a, b = self.lora_A[name].weight, self.lora_B[name].weight  # (r, in), (out, r)
-    h = (x @ a.t()) * self.scaling[name]  # (..., r)
-    return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t()).view(out.shape)
+    return _LoraLinear.apply(x, self.base_layer.weight, self.lora_A[name].weight, self.lora_B[name].weight,
+                             self.scaling[name])
 
 
 def _fuse_lora_layers(model: Any) -> int:
@@ -226,7 +243,8 @@ def _fuse_lora_layers(model: Any) -> int:
             continue
         name = next(iter(module.lora_A))
         plain = (isinstance(module.lora_dropout[name], torch.nn.Identity) and name not in module.lora_variant
-                 and module.lora_B[name].bias is None and type(module.base_layer) is torch.nn.Linear)
+                 and module.lora_B[name].bias is None and type(module.base_layer) is torch.nn.Linear
+                 and module.base_layer.bias is None and not module.base_layer.weight.requires_grad)
         if plain:
             module.forward = MethodType(_fused_lora_forward, module)
             fused += 1
@@ -257,7 +275,6 @@ def prepare_for_training(model: Any, *, device: torch.device, batch_tokens: int,
             setup.loss_sum = make_fused_loss(batch_tokens, use_liger=setup.liger)
         else:
             setup.notices.append(f"fast kernels: plain loss for {lm.config.model_type!r} (fused loss not exact)")
-        _cast_adapters(model)
         _fuse_lora_layers(model)
     setup.checkpointing = gradient_checkpointing or _auto_checkpointing(model, device, batch_tokens, setup)
     if setup.checkpointing:
