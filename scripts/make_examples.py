@@ -25,6 +25,7 @@ import examples_pieces as P  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "src" / "tunesmith" / "assets" / "examples"
 CAPS_SYSTEM = "Write a tweet in all capital letters."
+SEED = 20261124
 
 
 def caps_topics() -> list[str]:
@@ -190,7 +191,7 @@ def devil_excerpt(max_chars: int = 60_000) -> str:
 def main() -> None:
     """Write all six datasets."""
     OUT.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(20261124)
+    rng = random.Random(SEED)
     with open(OUT / "caps_tweets.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in caps_tweets(rng))
     with open(OUT / "sarcastic_qa.csv", "w", encoding="utf-8", newline="") as f:

@@ -48,3 +48,16 @@ def test_example_rows_are_not_duplicated() -> None:
         rows = json.loads(text) if name.endswith(".json") else [json.loads(x) for x in text.splitlines()]
         keys = [json.dumps(r, sort_keys=True) for r in rows]
         assert len(set(keys)) >= 0.9 * len(keys), name
+
+
+def test_caps_tweets_match_their_generator() -> None:
+    """The committed file is what scripts/make_examples.py writes (no hand edits drift in)."""
+    import random
+    import sys
+
+    sys.path.insert(0, str(EXAMPLES.parents[3] / "scripts"))
+    import make_examples
+
+    rows = make_examples.caps_tweets(random.Random(make_examples.SEED))
+    lines = (EXAMPLES / "caps_tweets.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(x) for x in lines] == rows
