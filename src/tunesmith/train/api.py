@@ -227,10 +227,22 @@ def run_metrics(history: list[dict[str, Any]], state: TrainState, final: dict[st
 
 
 def _final_report(output_dir: Path, metrics: dict[str, float], run: Run) -> None:
-    """HOOK: the end-of-run base-vs-tuned report (tunesmith.eval.report is wired in here).
+    """The end-of-run base-vs-tuned report on up to 20 held-out prompts (off with --no-report).
 
-    For now: the held-out loss of the base model before training and of the tuned model after.
+    The tuned model is reloaded from `output_dir`, so the report measures exactly what was
+    saved (not the in-memory model with training-only kernels patched in).
     """
+    from tunesmith.eval.report import report_after_training
+    from tunesmith.model.load import load_model, load_tokenizer
+
     if "base_eval_loss" in metrics and "final_eval_loss" in metrics:
         print(f"held-out loss: base {metrics['base_eval_loss']:.4f} -> tuned {metrics['final_eval_loss']:.4f}",
               file=sys.stderr)
+    conversations = [c for c in run.prepared.eval_conversations if c.kind == "chat"]
+    if not conversations:
+        print("report: skipped (no held-out chat samples; set --test-split or --eval-data)", file=sys.stderr)
+        return
+    run.model = None  # free the training copy before loading the saved one
+    tuned = load_model(str(output_dir), device=run.device)
+    report_after_training(tuned, load_tokenizer(str(output_dir)), conversations, output_dir,
+                          run.config.model.model)
