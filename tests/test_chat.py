@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from test_generate import CHATS, trained_dir
 from tunesmith.data.readers import read_conversations
@@ -18,12 +17,7 @@ from tunesmith.infer.generate import Model, load, prompt_ids
 QUESTIONS = list(CHATS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

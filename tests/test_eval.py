@@ -7,7 +7,6 @@ PyTorch steps (written here on purpose: the real trainer is tested on its own).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 import random
 import re
 import shutil
@@ -75,13 +74,7 @@ def write_messages(convs: list[Conversation], path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Models this small run fastest on one thread (and 30x slower when threads fight for 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
