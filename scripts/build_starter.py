@@ -237,7 +237,6 @@ def calibrate_steps(data: np.ndarray, batch: int, budget_s: float, seed: int, ov
     model = new_model(seed, **overrides)
     gen = pretrain_batches(data, batch, np.random.default_rng(seed))
     run_phase(model, gen, 5, 1e-4, 1, "warmup", 1e9)
-    import torch
     t = time.time()
     run_phase(model, gen, 20, 1e-4, 1, "calibrate", 1e9)  # .item() in the log line syncs the device
     return int(budget_s / ((time.time() - t) / 20))
