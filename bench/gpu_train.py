@@ -241,26 +241,42 @@ def run_tunesmith(config: Any, samples: list[list[int]], method: str, fast: bool
 
 
 def profile_steps(model: Any, optimizer: Any, plan: Any, loss_fn: Any, steps: int = 3) -> str:
-    """Where a fast step's GPU time goes: the top kernels of a few profiled steps."""
+    """Where a fast step's time goes: GPU busy share and top kernels of a few profiled steps
+    (issued as the loop issues them: no host reads inside), and host vs GPU time per step."""
     from torch.profiler import ProfilerActivity, profile
 
-    from tunesmith.train.loop import accumulate
+    from tunesmith.train.loop import accumulate, stage
 
-    batches = [plan.collate(group) for group in plan.groups(1)[:steps]]
+    device = torch.device(DEVICE)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def issue(batches: list[Any]) -> list[torch.Tensor]:
+        losses = []
+        for b in batches:
+            losses.append(accumulate(model, stage([b], device), loss_fn, device)[0])
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return losses
+
+    batches = [plan.collate(group) for group in plan.groups(1)[:2 * steps]]
     torch.cuda.synchronize()
     started = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for b in batches:
-            accumulate(model, [b], loss_fn, torch.device(DEVICE))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        issue(batches[:steps])
         torch.cuda.synchronize()
     wall_us = (time.perf_counter() - started) * 1e6
+    started = time.perf_counter()  # unprofiled: how long the host takes to issue a step vs the GPU to run it
+    issue(batches[steps:])
+    issued = time.perf_counter() - started
+    torch.cuda.synchronize()
+    done = time.perf_counter() - started
     events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in events)
     top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
-    return f"profile: GPU busy {100 * total / wall_us:.0f}% of {wall_us / 1e3 / steps:.0f} ms/step; top kernels: " + "; ".join(
-        f"{e.key[:60]} {100 * e.self_device_time_total / total:.1f}%" for e in top)
+    return (f"profile: GPU busy {100 * total / wall_us:.0f}% of {wall_us / 1e3 / steps:.0f} ms/step (profiled); "
+            f"unprofiled: host issues a step in {1e3 * issued / steps:.0f} ms, GPU done after {1e3 * done / steps:.0f} ms/step; "
+            "top kernels: " + "; ".join(f"{e.key[:60]} {100 * e.self_device_time_total / total:.1f}%" for e in top))
 
 
 # ------------------------------------------------------------------------------------------------

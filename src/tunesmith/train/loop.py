@@ -12,6 +12,7 @@ token count must then be all-reduced before dividing; only rank 0 logs and saves
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -77,10 +78,28 @@ def step_groups(plan: DataPlan, grad_accum: int, state: TrainState) -> Iterator[
         epoch, start = epoch + 1, 0
 
 
-def accumulate(model: Any, micro_batches: list[Batch], loss_fn: LossFn, device: torch.device) -> tuple[float, int]:
+def stage(micro_batches: list[Batch], device: torch.device) -> list[Batch]:
+    """The micro-batches on `device`. On CUDA: from pinned memory, without blocking the host.
+
+    A copy from ordinary (pageable) memory makes the host wait; a pinned, non-blocking copy
+    is queued behind the GPU work already launched, so the host keeps running ahead.
+    """
+    if device.type != "cuda":
+        return [b.to(device) for b in micro_batches]
+
+    def move(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.pin_memory().to(device, non_blocking=True)
+
+    return [Batch(move(b.input_ids), move(b.targets), move(b.position_ids), b.num_targets,
+                  move(b.attention_mask), b.num_tokens) for b in micro_batches]
+
+
+def accumulate(model: Any, micro_batches: list[Batch], loss_fn: LossFn,
+               device: torch.device) -> tuple[torch.Tensor, int]:
     """Forward/backward every micro-batch; gradients = those of the mean loss over all their targets.
 
-    Returns the step's mean loss and its trained-token count.
+    Returns the step's mean loss as a 0-dim tensor on `device` (read it later: reading it
+    now would make the host wait for the GPU) and its trained-token count.
     """
     total = sum(b.num_targets for b in micro_batches)
     denominator = max(total, 1)
@@ -88,8 +107,8 @@ def accumulate(model: Any, micro_batches: list[Batch], loss_fn: LossFn, device: 
     for batch in micro_batches:
         loss_sum, _count = loss_fn(model, batch.to(device))
         (loss_sum / denominator).backward()
-        loss_total += loss_sum.detach().float()  # no host sync per micro-batch: one at the end of the step
-    return float(loss_total) / denominator, total
+        loss_total += loss_sum.detach().float()
+    return loss_total / denominator, total
 
 
 @torch.no_grad()
@@ -106,55 +125,130 @@ def evaluate(model: Any, batches: list[Batch], loss_fn: LossFn, device: torch.de
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
 
+@dataclass
+class StepResult:
+    """One optimizer step's loss and gradient norm, still on the device, and how to report it.
+
+    The host reads them one step later (`read`), when the GPU has long finished them, so the
+    loop never waits for the GPU inside a step. A NaN/inf is still caught before anything
+    is evaluated or saved: the loop reads the pending step before every evaluation and
+    checkpoint, so a checkpoint never holds diverged weights.
+    """
+
+    step: int
+    loss: torch.Tensor  # () fp32
+    norm: torch.Tensor  # () fp32
+    last_checkpoint: Path | None
+    record: dict[str, Any]
+    tokens: int = 0  # real tokens of the step
+
+    def read(self) -> tuple[float, float]:
+        """(loss, gradient norm) on the host, one sync for both; raises if either is not finite."""
+        loss, norm = torch.stack([self.loss.float(), self.norm.float()]).tolist()
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                    else "no checkpoint was written yet")
+            what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
+            raise TrainingDiverged(
+                f"training diverged at step {self.step}: {what}; stopped ({kept})",
+                ["fix: lower --lr (e.g. by 10x), keep --grad-clip 1.0, check the data for broken samples; "
+                 "--resume continues from the last checkpoint"])
+        return loss, norm
+
+
 def optimizer_step(model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, grad_clip: float,
-                   loss: float, state: TrainState, last_checkpoint: Path | None) -> float:
-    """Clip and step, unless loss or gradient is not finite (then stop with a clear message)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    if not (math.isfinite(loss) and math.isfinite(float(norm))):
-        kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
-        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {float(norm)}"
-        raise TrainingDiverged(
-            f"training diverged at step {state.step + 1}: {what}; stopped ({kept})",
-            ["fix: lower --lr (e.g. by 10x), keep --grad-clip 1.0, check the data for broken samples; "
-             "--resume continues from the last checkpoint"])
+                   loss: torch.Tensor | float, state: TrainState, last_checkpoint: Path | None) -> StepResult:
+    """Clip and step; the finiteness check is deferred to `StepResult.read` (no host sync here).
+
+    The clipped parameters are the optimizer's (exactly the trainable ones), not a fresh
+    walk over the model's modules every step.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+    loss = torch.as_tensor(loss, dtype=torch.float32, device=norm.device)
+    return StepResult(state.step + 1, loss, norm, last_checkpoint, {})
 
 
 def train(model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, plan: DataPlan, eval_batches: list[Batch],
           opts: LoopOptions, state: TrainState, steps: int, log: RunLog, loss_fn: LossFn, save: SaveFn,
           device: torch.device, last_checkpoint: Path | None = None) -> TrainState:
-    """Run optimizer steps from `state.step` to `steps`; evaluate and checkpoint on schedule."""
+    """Run optimizer steps from `state.step` to `steps`; evaluate and checkpoint on schedule.
+
+    Step N's loss is read while step N+1 runs on the GPU (see `StepResult`); tokens/s is
+    real tokens over wall time (evaluations and checkpoints excluded).
+    """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    train_seconds, run_tokens = 0.0, 0
+    clock = Clock()
     groups = step_groups(plan, opts.grad_accum, state)
+    pending: StepResult | None = None
     while state.step < steps:
         epoch, next_index, progress, micro = next(groups)
-        started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        loss, _targets = accumulate(model, micro, loss_fn, device)
-        norm = optimizer_step(model, optimizer, scheduler, opts.grad_clip, loss, state, last_checkpoint)
-        train_seconds += time.perf_counter() - started
+        loss, _targets = accumulate(model, stage(micro, device), loss_fn, device)
+        result = optimizer_step(model, optimizer, scheduler, opts.grad_clip, loss, state, last_checkpoint)
         tokens = sum(b.num_tokens for b in micro)
-        run_tokens += tokens
         state.step, state.epoch, state.batch_in_epoch = state.step + 1, epoch, next_index
         state.tokens += tokens
-        speed = run_tokens / max(train_seconds, 1e-9)
-        log.log({"step": state.step, "epoch": round(progress, 4), "train_loss": loss, "lr": lr,
-                 "grad_norm": norm, "tokens": state.tokens, "tokens_per_s": speed})
-        log.advance(state.step, progress, loss, lr, speed)
-        if opts.eval_every and state.step % opts.eval_every == 0 and state.step < steps and eval_batches:
-            record_eval(model, eval_batches, loss_fn, device, state, log)
-        if opts.save_every and state.step % opts.save_every == 0:
-            state.history = list(log.history)
-            last_checkpoint = save(state)
-            log.message(f"checkpoint: {last_checkpoint}")
+        result.tokens = tokens
+        result.record = {"step": state.step, "epoch": round(progress, 4), "lr": lr, "tokens": state.tokens}
+        if pending is not None:
+            report(pending, log, clock)  # waits for the previous step only: this one is queued behind it
+        pending = result
+        evaluating = opts.eval_every and state.step % opts.eval_every == 0 and state.step < steps and eval_batches
+        saving = opts.save_every and state.step % opts.save_every == 0
+        if evaluating or saving:
+            report(pending, log, clock)
+            pending = None
+            with clock.paused():
+                if evaluating:
+                    record_eval(model, eval_batches, loss_fn, device, state, log)
+                if saving:
+                    state.history = list(log.history)
+                    last_checkpoint = save(state)
+                    log.message(f"checkpoint: {last_checkpoint}")
+    if pending is not None:
+        report(pending, log, clock)
     state.history = list(log.history)
     return state
+
+
+class Clock:
+    """Wall time of training (evaluations and checkpoints excluded) and the tokens it covered."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.excluded = 0.0
+        self.tokens = 0
+
+    def speed(self) -> float:
+        """Real tokens per second of the steps read so far."""
+        return self.tokens / max(time.perf_counter() - self.started - self.excluded, 1e-9)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside does not count as training time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - start
+
+
+def report(result: StepResult, log: RunLog, clock: Clock) -> None:
+    """Read a finished step's loss and norm (raises on NaN/inf), log them and move the bar."""
+    loss, norm = result.read()
+    clock.tokens += result.tokens
+    record = {**result.record, "train_loss": loss, "grad_norm": norm, "tokens_per_s": clock.speed()}
+    record = {k: record[k] for k in ("step", "epoch", "train_loss", "lr", "grad_norm", "tokens", "tokens_per_s")}
+    log.log(record)
+    log.advance(record["step"], record["epoch"], loss, record["lr"], record["tokens_per_s"])
 
 
 def record_eval(model: Any, eval_batches: list[Batch], loss_fn: LossFn, device: torch.device,
