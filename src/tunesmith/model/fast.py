@@ -22,10 +22,9 @@ a model family liger does not cover, a head the fused loss cannot express.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
 from types import MethodType
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,167 +112,28 @@ def chunked_linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor,
 
 
 def _liger_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                  softcap: float | None, count: int) -> torch.Tensor:
-    """liger-kernel's fused linear cross-entropy, summed over the targets (its own entry point)."""
+                  softcap: float | None) -> torch.Tensor:
+    """liger-kernel's fused linear cross-entropy, summed over the targets."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     return liger_fused_linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX,
                                             reduction="sum", softcap=softcap, chunk_mem_const=LIGER_CE_CHUNK_MEM)
 
 
-def _flce_forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, count: int,
-                  softcap: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """liger 0.8.5's fused linear CE forward, same kernels in the same order, minus its `.item()`.
-
-    The case it covers: no bias, no class weights, reduction "sum", bf16 hidden and weight,
-    gradient accumulated in the weight's dtype. liger reads the target count from the GPU
-    (a host sync mid-step); here it comes from the host (`count`), and "sum" never uses it.
-    hidden (N, H), weight (V, H), targets (N,) -> (loss (), grad_input (N, H), grad_weight (V, H)).
-    """
-    import triton
-    from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel
-    from liger_kernel.ops.fused_linear_cross_entropy import MAX_FUSED_SIZE
-
-    (n, h), v = hidden.shape, weight.shape[0]
-    grads = hidden.requires_grad
-    chunk = min(triton.next_power_of_2(triton.cdiv(n, triton.cdiv(v, LIGER_CE_CHUNK_MEM * h))), n)
-    grad_input = torch.zeros_like(hidden)
-    grad_weight = torch.zeros_like(weight) if grads and weight.requires_grad else None
-    loss_1d = torch.zeros(n, dtype=torch.float32, device=hidden.device)  # (N,)
-    logits = torch.empty((chunk, v), dtype=hidden.dtype, device=hidden.device)  # (C, V), reused
-    for start in range(0, n, chunk):
-        end = min(start + chunk, n)
-        x, part, y, out = hidden[start:end], logits[:end - start], targets[start:end].contiguous(), loss_1d[start:end]
-        torch.mm(x, weight.t(), out=part)
-        liger_cross_entropy_kernel[(end - start,)](  # loss into `out`, d loss / d logits into `part`
-            X_ptr=part, X_stride=part.stride(-2), Y_ptr=y, Y_stride=y.stride(-1), weight_ptr=None, loss_ptr=out,
-            z_loss_ptr=None, loss_stride=out.stride(-1), token_accuracy_ptr=None, token_accuracy_stride=0,
-            predicted_tokens_ptr=None, predicted_tokens_stride=0, n_cols=v, n_non_ignore=count,
-            sum_non_ignore_weight=count, weight_sum=0.0, ignore_index=IGNORE_INDEX, lse_square_scale=0.0,
-            label_smoothing=0.0, reduction="sum", softcap=softcap, RETURN_Z_LOSS=False,
-            RETURN_TOKEN_ACCURACY=False, RETURN_PREDICTED_TOKENS=False, HAS_WEIGHT=False,
-            HAS_SOFTCAPPING=softcap is not None, HAS_GRADIENTS=grads,
-            BLOCK_SIZE=min(MAX_FUSED_SIZE, triton.next_power_of_2(v)), num_warps=32)
-        if grads:
-            torch.mm(part, weight, out=grad_input[start:end])
-            if grad_weight is not None:
-                torch.addmm(grad_weight, part.t(), x, out=grad_weight)
-    return torch.sum(loss_1d), grad_input, grad_weight
-
-
-def _scale_rows(x: torch.Tensor, scale: torch.Tensor) -> None:
-    """x *= scale in place with liger's kernel (fp32 multiply, as liger's backward does)."""
-    import triton
-    from liger_kernel.ops.fused_linear_cross_entropy import MAX_FUSED_SIZE
-    from liger_kernel.ops.utils import element_mul_kernel
-
-    element_mul_kernel[(x.shape[0],)](x, x.stride(-2), scale, x.shape[1],
-                                      BLOCK_SIZE=min(MAX_FUSED_SIZE, triton.next_power_of_2(x.shape[1])),
-                                      X_col_stride=x.stride(-1), num_warps=32)
-
-
-class _SyncFreeLinearCE(torch.autograd.Function):
-    """liger's fused linear CE without its two host syncs per call (the forward's target count
-    `.item()` and the backward's `torch.equal(grad_output, 1)`), so the host never waits for
-    the GPU inside a training step. Gradients are computed in the forward, scaled in the backward.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, count: int,
-                softcap: float | None) -> torch.Tensor:
-        loss, grad_input, grad_weight = _flce_forward(hidden, weight, targets, count, softcap)
-        ctx.save_for_backward(grad_input, grad_weight)
-        return loss
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        grad_input, grad_weight = ctx.saved_tensors
-        scale = grad.float().contiguous()  # ()
-        _scale_rows(grad_input, scale)
-        if grad_weight is not None:
-            _scale_rows(grad_weight, scale)
-        return grad_input, grad_weight, None, None, None
-
-
-def _sync_free_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                      softcap: float | None, count: int) -> torch.Tensor:
-    """`_SyncFreeLinearCE` for the case it mirrors exactly; liger's own function otherwise."""
-    if hidden.dtype == weight.dtype == torch.bfloat16:
-        return _SyncFreeLinearCE.apply(hidden, weight, targets, count, softcap)
-    return _liger_ce_sum(hidden, weight, targets, softcap, count)
-
-
-def sync_free_ce_matches_liger(weight: torch.Tensor, tokens: int = 1024) -> str | None:
-    """Check `_sync_free_ce_sum` against liger's function on random data: bitwise equal loss and
-    gradients, scaled as the loop scales them. None when equal; else why (then liger's is used).
-    """
-    try:
-        gen = torch.Generator(device=weight.device).manual_seed(0)
-        w = weight.detach()  # (V, H): the real vocabulary, so the loss runs in several chunks
-        x = torch.randn(tokens, w.shape[1], device=w.device, generator=gen).to(w.dtype)  # (N, H)
-        t = torch.randint(0, w.shape[0], (tokens,), device=w.device, generator=gen)
-        t[::3] = IGNORE_INDEX
-        results = []
-        for fn in (_liger_ce_sum, _sync_free_ce_sum):
-            xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
-            loss = fn(xi, wi, t, None, int((t != IGNORE_INDEX).sum()))
-            (loss / 7).backward()
-            results.append((loss.detach(), xi.grad, wi.grad))
-        same = all(torch.equal(a, b) for a, b in zip(*results))
-        return None if same else "fast kernels: sync-free fused CE differs from liger's; using liger's (host syncs)"
-    except Exception as exc:  # a liger version whose kernel signature differs
-        return f"fast kernels: sync-free fused CE unavailable ({type(exc).__name__}: {str(exc)[:80]}); using liger's"
-
-
-def _document_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """Document index of every token (B, T): a new document wherever positions do not go up by 1.
-
-    transformers' `find_packed_sequence_indices` computes the same, then asks the GPU whether
-    there is only one document (`.all()`, a host sync before every forward) to return None
-    instead: the same mask either way (one document = plain causal), so that question is skipped.
-    """
-    first = position_ids[:, :1] - 1  # (B, 1)
-    return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)  # (B, T)
-
-
-@contextlib.contextmanager
-def _no_mask_sync() -> Iterator[None]:
-    """Inside: transformers finds packed documents with `_document_ids` (no host sync)."""
-    try:
-        from transformers import masking_utils
-    except ImportError:
-        yield
-        return
-    original = getattr(masking_utils, "find_packed_sequence_indices", None)
-    if original is None:  # a transformers without it: nothing to skip
-        yield
-        return
-    masking_utils.find_packed_sequence_indices = _document_ids
-    try:
-        yield
-    finally:
-        masking_utils.find_packed_sequence_indices = original
-
-
-def make_fused_loss(budget: int, use_liger: bool, sync_free: bool = False) -> LossFn:
+def make_fused_loss(budget: int, use_liger: bool) -> LossFn:
     """The fast SFT loss: decoder -> final hidden states -> fused linear CE (no (T, V) logits)."""
-    if use_liger:
-        linear_ce = _sync_free_ce_sum if sync_free else _liger_ce_sum
-    else:
-        linear_ce = lambda h, w, t, cap, _count: chunked_linear_cross_entropy_sum(h, w, t, cap)  # noqa: E731
+    linear_ce = _liger_ce_sum if use_liger else chunked_linear_cross_entropy_sum
 
     def fused_sft_loss_sum(model: Any, batch: Any) -> tuple[torch.Tensor, int]:
         """Summed CE over the batch's targets and their count (same contract as the plain loss)."""
         lm = causal_lm(model)
         length = padded_length(batch.input_ids.shape[1], budget)
         ids, pos, tgt = pad_packed(batch.input_ids, batch.position_ids, batch.targets, length)  # (1, L)
-        with _no_mask_sync():
-            out = lm.get_decoder()(input_ids=ids, position_ids=pos, attention_mask=None, use_cache=False)
+        out = lm.get_decoder()(input_ids=ids, position_ids=pos, attention_mask=None, use_cache=False)
         hidden = out.last_hidden_state  # (1, L, H)
         head = lm.get_output_embeddings()
         softcap = getattr(lm.config, "final_logit_softcapping", None)
-        loss = linear_ce(hidden.reshape(-1, hidden.shape[-1]), head.weight, tgt.reshape(-1), softcap,
-                         int(batch.num_targets))
+        loss = linear_ce(hidden.reshape(-1, hidden.shape[-1]), head.weight, tgt.reshape(-1), softcap)
         return loss, int(batch.num_targets)
 
     return fused_sft_loss_sum
@@ -412,10 +272,7 @@ def prepare_for_training(model: Any, *, device: torch.device, batch_tokens: int,
         setup.attention = _set_flex_attention(lm)
         head = lm.get_output_embeddings()
         if lm.config.model_type in FUSED_LOSS_FAMILIES and not hasattr(head, "base_layer"):
-            mismatch = sync_free_ce_matches_liger(head.weight) if setup.liger else None
-            if setup.liger:
-                setup.notices.append(mismatch or "fast kernels: fused CE without host syncs (bitwise equal to liger's)")
-            setup.loss_sum = make_fused_loss(batch_tokens, use_liger=setup.liger, sync_free=setup.liger and not mismatch)
+            setup.loss_sum = make_fused_loss(batch_tokens, use_liger=setup.liger)
         else:
             setup.notices.append(f"fast kernels: plain loss for {lm.config.model_type!r} (fused loss not exact)")
         _fuse_lora_layers(model)
