@@ -3,7 +3,7 @@
 One command, one run, on one CUDA GPU, no network (random weights, synthetic tokens):
 
     python bench/gpu_train.py            # Llama-3.2-1B shape, short samples: the table of issue 7
-    python bench/gpu_train.py --sweep    # + 1B/3B/Qwen-0.5B shapes x full/LoRA x short/long samples
+    python bench/gpu_train.py --sweep    # instead: 1B/3B/Qwen-0.5B shapes x full/LoRA x short/long samples
 
 Measures the GPU's bf16 matmul rate (8192^3), then on the same synthetic samples (Alpaca-like
 lengths: log-normal, median ~200, clipped to 32..1024) runs: Trainer full (fp32 weights + bf16
@@ -422,10 +422,17 @@ def environment() -> dict[str, Any]:
     return env
 
 
+def write_json(report: dict[str, Any], out: str) -> None:
+    """Everything measured, as `gpu_train.json` in `out`."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "gpu_train.json").write_text(json.dumps(report, indent=1))
+
+
 def main() -> None:
     """Run the benchmark; print the table; write everything as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", action="store_true", help="also 1B/3B/Qwen-0.5B x full/LoRA x short/long")
+    parser.add_argument("--sweep", action="store_true",
+                        help="instead: 1B/3B/Qwen-0.5B x full/LoRA x short/long (all but the default 1B short)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_train.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -434,20 +441,23 @@ def main() -> None:
     report: dict[str, Any] = {"env": environment()}
     rate = report["matmul_tflops"] = matmul_tflops()
     print(f"{report['env']}\nbf16 matmul 8192^3: {rate:.0f} TFLOP/s (MFU denominator)", flush=True)
-    report["fused_adamw_max_ulp"] = check_fused_adamw()
-    results = [compare("llama-1b", "short", rate, REGIMES["short"][4], parity=True, profile=True)]
-    print("\n".join(table(results[0])), flush=True)
-    policy = report["optimizer_policy"] = check_optimizer_policy()
-    if args.sweep:
+    if args.sweep:  # the other shapes and regimes; the headline (1B, short) is the plain run
+        results = []
         for shape in SHAPES:
             for regime in REGIMES:
                 if (shape, regime) != ("llama-1b", "short"):
                     n = REGIMES[regime][4] // 3 if regime == "short" else REGIMES[regime][4] // 2
                     results.append(compare(shape, regime, rate, n, parity=False, profile=False))
                     print("\n".join(table(results[-1])), flush=True)
+        report["results"] = results
+        write_json(report, args.out)
+        return
+    report["fused_adamw_max_ulp"] = check_fused_adamw()
+    results = [compare("llama-1b", "short", rate, REGIMES["short"][4], parity=True, profile=True)]
+    print("\n".join(table(results[0])), flush=True)
+    policy = report["optimizer_policy"] = check_optimizer_policy()
     report["results"] = results
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "gpu_train.json").write_text(json.dumps(report, indent=1))
+    write_json(report, args.out)
     print("\n".join(["", *[line for r in results for line in table(r)]]))
     print(f"optimizer policy, bf16 + stochastic rounding vs fp32 master, {policy['steps']} steps: mean rel diff "
           f"{100 * policy['mean_rel_diff']:.2f}%, max over 20-step means {100 * policy['max_rel_diff_20step_mean']:.2f}% "
