@@ -12,16 +12,10 @@ import random
 from pathlib import Path
 from typing import Any
 
-LLAMA3_TEMPLATE = (
-    "{{- bos_token }}"
-    "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{% generation %}{{- message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}"
-    "{%- else %}{{- message['content'] | trim + '<|eot_id|>' }}{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
-)
+# The starter model's own template (written by scripts/build_starter.py): Meta's Llama-3 layout,
+# content trimmed, assistant replies inside {% generation %} markers.
+LLAMA3_TEMPLATE = (Path(__file__).resolve().parent.parent / "src" / "tunesmith" / "assets" / "starter"
+                   / "chat_template.jinja").read_text(encoding="utf-8")
 
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"
