@@ -87,9 +87,7 @@ def run_data(args: argparse.Namespace) -> int:
     """Run `data inspect`."""
     from tunesmith.data.inspect import inspect_data
 
-    values = {o.name: getattr(args, o.name) for o in options_of(DataOptions)
-              if getattr(args, o.name, None) is not None}
-    options = build_config(DataOptions, values)
+    options = config_from_args(DataOptions, args)
     inspect_data(options, model=args.model, samples=args.samples, time_it=args.stats)
     return 0
 
@@ -102,9 +100,7 @@ def _sampling_from_args(args: argparse.Namespace) -> Any:
     """The SamplingOptions of the flags that were given (validated)."""
     from tunesmith.infer.sampling import SamplingOptions
 
-    values = {o.name: getattr(args, o.name) for o in options_of(SamplingOptions)
-              if getattr(args, o.name, None) is not None}
-    return build_config(SamplingOptions, values)
+    return config_from_args(SamplingOptions, args)
 
 
 def _quiet_transformers() -> None:
@@ -197,8 +193,7 @@ def run_eval(args: argparse.Namespace) -> int:
     """Evaluate (and compare), print the metric table and where the report went."""
     from tunesmith.eval.options import EvalOptions
 
-    options = build_config(EvalOptions, {o.name: getattr(args, o.name) for o in options_of(EvalOptions)
-                                         if getattr(args, o.name, None) is not None})
+    options = config_from_args(EvalOptions, args)
     from tunesmith.eval.report import base_model_name, evaluate, short_name, summary_text
 
     _quiet_transformers()
