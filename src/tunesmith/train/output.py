@@ -25,21 +25,17 @@ from tunesmith.model.adapters import is_peft
 MERGED_DIR = "merged"
 
 
-def stop_ids(tokenizer: Any, end_of_turn_ids: list[int]) -> list[int]:
-    """The ids generation stops at: the end-of-turn ids, then the tokenizer's EOS; no duplicates."""
-    ids = list(end_of_turn_ids)
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return list(dict.fromkeys(int(i) for i in ids))
-
-
 def generation_config(model: Any, tokenizer: Any, end_of_turn_ids: list[int]) -> Any:
-    """The base model's generation config with the end-of-turn ids as EOS and a pad id set."""
+    """The base model's generation config with the end-of-turn ids as EOS and a pad id set.
+
+    `end_of_turn_ids` comes from `tunesmith.data.templates.end_of_turn_ids`, which already
+    includes the tokenizer's EOS.
+    """
     from transformers import GenerationConfig
 
     base = getattr(model, "generation_config", None)
     config = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
-    config.eos_token_id = stop_ids(tokenizer, end_of_turn_ids)
+    config.eos_token_id = list(end_of_turn_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.eos_token_id[0]
     config.pad_token_id = pad
     if tokenizer.bos_token_id is not None:
@@ -85,7 +81,7 @@ def adapter_stop_notice(model: Any, tokenizer: Any, end_of_turn_ids: list[int], 
         return None
     base_eos = model.get_base_model().generation_config.eos_token_id
     base_eos = {base_eos} if isinstance(base_eos, int) else set(base_eos or [])
-    missing = [i for i in stop_ids(tokenizer, end_of_turn_ids) if i not in base_eos]
+    missing = [i for i in end_of_turn_ids if i not in base_eos]
     if not missing:
         return None
     names = ", ".join(tokenizer.convert_ids_to_tokens(missing))
