@@ -45,18 +45,18 @@ def loss_samples(convs: list[Conversation], tokenizer: Any) -> list[TokenizedSam
 def heldout_loss(model: Any, samples: list[TokenizedSample]) -> tuple[float, int]:
     """Mean cross-entropy over the trained tokens of `samples`, and how many tokens that is.
 
-    Packed and summed with training's own `pack` + `sft_loss_sum`, then divided once by the
-    token count: the same number training logs as its eval loss.
+    Packed with training's own `pack` and scored by the training loop's `evaluate`: the
+    same number training logs as its eval loss. NaN when no token is trained.
     """
     from tunesmith.data.packing import pack
     from tunesmith.train.losses import sft_loss_sum
+    from tunesmith.train.loop import evaluate
 
-    total, count = 0.0, 0
-    for batch in pack(samples, LOSS_BATCH_TOKENS):
-        loss_sum, n = sft_loss_sum(model, batch.to(model.device))
-        total += float(loss_sum)
-        count += n
-    return (total / count if count else float("nan")), count
+    batches = pack(samples, LOSS_BATCH_TOKENS)
+    count = sum(b.num_targets for b in batches)
+    if not count:
+        return float("nan"), 0
+    return evaluate(model, batches, sft_loss_sum, model.device)["eval_loss"], count
 
 
 def generate_replies(model: Any, tokenizer: Any, cases: list[EvalCase], max_new_tokens: int) -> list[Any]:
