@@ -57,19 +57,33 @@ def test_save_appends_messages_jsonl_the_readers_accept(trained: Model, tmp_path
 
 
 def test_oldest_turns_trimmed_past_the_context_window(trained: Model) -> None:
-    chat = Chat(trained, greedy=True, max_new_tokens=24)
+    """The mechanics, not the tiny model's wording: which messages reach the model."""
+    chat = Chat(trained, system="Be brief.", greedy=True, max_new_tokens=24)
     for question in QUESTIONS * 2:
         chat.send(question)
-    full = len(prompt_ids(chat.tokenizer, chat.messages + [{"role": "user", "content": QUESTIONS[0]}]))
+    history = list(chat.messages)
+    full = len(prompt_ids(chat.tokenizer, [{"role": "system", "content": "Be brief."}, *history,
+                                          {"role": "user", "content": QUESTIONS[0]}]))
     window = trained.model.config.max_position_embeddings
     trained.model.config.max_position_embeddings = full  # a window too small for the whole history
+    seen: list[list[dict[str, str]]] = []
+    original = chat._visible
+    chat._visible = lambda options: seen.append(original(options)) or seen[-1]  # type: ignore[method-assign]
     try:
-        assert chat.send(QUESTIONS[0]) == CHATS[QUESTIONS[0]]
-        assert chat.trimmed >= 2 and chat.trimmed % 2 == 0
-        assert len(chat.messages) == 10  # the history itself keeps everything
+        chat.send(QUESTIONS[0])
+        visible = seen[-1]
+        dropped = chat.trimmed
+        assert dropped >= 2 and dropped % 2 == 0  # whole user/assistant pairs, oldest first
+        assert visible[0] == {"role": "system", "content": "Be brief."}  # the system prompt is always kept
+        assert visible[1:] == [*history, {"role": "user", "content": QUESTIONS[0]}][dropped:]
+        assert visible[1]["role"] == "user"
+        budget = full - min(24, full // 2)
+        assert len(prompt_ids(chat.tokenizer, visible)) <= budget < len(prompt_ids(chat.tokenizer, [
+            visible[0], *history[dropped - 2:], {"role": "user", "content": QUESTIONS[0]}]))  # the fewest dropped
+        assert len(chat.messages) == len(history) + 2  # the history itself keeps everything
         with pytest.raises(UserError, match="too long"):
             chat.send(" ".join(["river"] * full))
-        assert len(chat.messages) == 10  # the refused message is not kept
+        assert len(chat.messages) == len(history) + 2  # the refused message is not kept
     finally:
         trained.model.config.max_position_embeddings = window
 

@@ -41,7 +41,7 @@ def test_zero_argument_train(tmp_path: Path) -> None:
     from tunesmith.eval.metrics import uppercase_share
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", "--max-steps", "10", "--no-report"],
+    proc = subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", "--max-steps", "8", "--batch-tokens", "1024", "--no-report"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "tunesmith-output"
