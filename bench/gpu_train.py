@@ -190,14 +190,14 @@ def run_trainer(config: Any, samples: list[list[int]], lora: bool, rate: float) 
 def run_tunesmith(config: Any, samples: list[list[int]], method: str, fast: bool, batch_tokens: int, rate: float,
                   max_steps: int | None = None, profile: bool = False) -> Result:
     """Train through `tunesmith.train.loop.train`; time real tokens after the warm-up steps."""
-    from tunesmith.config import LoopOptions
+    from tunesmith.config import LoopOptions, MethodOptions
     from tunesmith.data.tokenize import TokenizedSample
-    from tunesmith.model.adapters import prepare_for_method
+    from tunesmith.methods import OBJECTIVES, PARAMETER_SETS
     from tunesmith.model.fast import prepare_for_training
-    from tunesmith.train.api import build_optimizer
     from tunesmith.train.checkpoint import TrainState
-    from tunesmith.train.loop import DataPlan, total_steps, train
-    from tunesmith.train.losses import packing_is_exact, sft_loss_sum
+    from tunesmith.train.loop import DataPlan, Engine, total_steps, train
+    from tunesmith.train.losses import packing_is_exact
+    from tunesmith.train.optim import make_optimizer
     from tunesmith.train.progress import RunLog
     from tunesmith.train.schedule import cosine_schedule
 
@@ -205,10 +205,11 @@ def run_tunesmith(config: Any, samples: list[list[int]], method: str, fast: bool
     free_gpu()
     model = build_model(config, torch.bfloat16)
     n_params = sum(p.numel() for p in model.parameters())
-    model = prepare_for_method(model, method, lora_r=16, lora_alpha=32)
+    model = PARAMETER_SETS[method].wrap(model, MethodOptions(method=method, lora_r=16, lora_alpha=32))
     setup = prepare_for_training(model, device=torch.device(DEVICE), batch_tokens=batch_tokens, fast_kernels=fast)
-    loss_fn = setup.loss_sum or sft_loss_sum
-    optimizer = build_optimizer(model, 2e-4 if method == "lora" else 1e-4, 0.0, seed=0)
+    loss_fn = OBJECTIVES["sft"].make_loss(setup)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad],
+                               lr=2e-4 if method == "lora" else 1e-4, weight_decay=0.0, seed=0)
     padded = setup.loss_sum is None and not packing_is_exact(model, torch.device(DEVICE))  # as `tunesmith train`
     plan = DataPlan([TokenizedSample(s, s) for s in samples], batch_tokens, seed=0, padded=padded)
     steps = total_steps(plan, 1, 1.0, max_steps)
@@ -216,8 +217,11 @@ def run_tunesmith(config: Any, samples: list[list[int]], method: str, fast: bool
     scheduler = cosine_schedule(optimizer, steps)
     with tempfile.TemporaryDirectory() as tmp:
         log = RunLog(Path(tmp), steps, show_bar=False)
-        run = lambda st, upto: train(model, optimizer, scheduler, plan, [], opts, st, upto, log, loss_fn,  # noqa: E731
-                                     lambda s: Path(tmp), torch.device(DEVICE))
+        engine = Engine(model, optimizer, scheduler, loss_fn, torch.device(DEVICE))
+
+        def run(st: Any, upto: int) -> Any:
+            return train(engine, plan, [], opts, st, upto, log, lambda s: Path(tmp))
+
         state = run(TrainState(), WARMUP_STEPS)
         torch.cuda.synchronize()
         started, tokens_before = time.perf_counter(), state.tokens
@@ -236,7 +240,7 @@ def run_tunesmith(config: Any, samples: list[list[int]], method: str, fast: bool
                                      f"checkpointing={setup.checkpointing} optimizer={type(optimizer).__name__}"])
     if profile:
         result.notes.append(profile_steps(model, optimizer, plan, loss_fn))
-    del model, optimizer, scheduler, setup, loss_fn
+    del model, optimizer, scheduler, setup, loss_fn  # (engine and run go with the frame)
     return result
 
 
@@ -245,7 +249,7 @@ def profile_steps(model: Any, optimizer: Any, plan: Any, loss_fn: Any, steps: in
     (issued as the loop issues them: no host reads inside), and host vs GPU time per step."""
     from torch.profiler import ProfilerActivity, profile
 
-    from tunesmith.train.loop import accumulate, stage
+    from tunesmith.train.loop import accumulate
 
     device = torch.device(DEVICE)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -253,7 +257,7 @@ def profile_steps(model: Any, optimizer: Any, plan: Any, loss_fn: Any, steps: in
     def issue(batches: list[Any]) -> list[torch.Tensor]:
         losses = []
         for b in batches:
-            losses.append(accumulate(model, stage([b], device), loss_fn, device)[0])
+            losses.append(accumulate(model, [b], loss_fn, device)[0])
             torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -304,7 +308,7 @@ def check_optimizer_policy(steps: int = 200) -> dict[str, float]:
         losses = []
         for step in range(steps):
             b = batches[step % len(batches)].to(torch.device(DEVICE))
-            loss_sum, count = loss_fn(model, b)
+            loss_sum, count, _ = loss_fn(model, b)
             (loss_sum / count).backward()
             losses.append(float(loss_sum) / count)
             if master:

@@ -7,7 +7,8 @@ import torch
 from tunesmith.data.packing import pack
 from tunesmith.data.tokenize import TokenizedSample
 from tunesmith.errors import UserError
-from tunesmith.model.adapters import count_parameters, lora_target_modules, prepare_for_method, trainable_state
+from tiny import with_method
+from tunesmith.model.adapters import count_parameters, lora_target_modules, trainable_state
 from tunesmith.train.losses import sft_loss_sum
 
 
@@ -20,13 +21,13 @@ def load(model_dir):
 def one_step(model) -> None:
     batch = pack([TokenizedSample(list(range(5, 25)), list(range(5, 25)))], 1000)[0]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    loss, n = sft_loss_sum(model, batch)
+    loss, n, _ = sft_loss_sum(model, batch)
     (loss / n).backward()
     optimizer.step()
 
 
 def test_lora_trains_only_the_adapter_and_the_base_stays_frozen(tiny_model_dir):
-    model = prepare_for_method(load(tiny_model_dir), "lora", lora_r=16, lora_alpha=32)
+    model = with_method(load(tiny_model_dir), "lora", lora_r=16, lora_alpha=32)
     config = model.peft_config["default"]
     assert (config.r, config.lora_alpha, config.lora_dropout) == (16, 32, 0.0)
     names = set(trainable_state(model))
@@ -47,15 +48,15 @@ def test_lora_trains_only_the_adapter_and_the_base_stays_frozen(tiny_model_dir):
 
 def test_lora_target_list_and_a_bad_target(tiny_model_dir):
     assert lora_target_modules("q_proj, v_proj") == ["q_proj", "v_proj"]
-    model = prepare_for_method(load(tiny_model_dir), "lora", lora_targets="q_proj,v_proj")
+    model = with_method(load(tiny_model_dir), "lora", lora_targets="q_proj,v_proj")
     assert {n.split(".")[-4] for n in trainable_state(model)} == {"q_proj", "v_proj"}
     with pytest.raises(UserError, match="lora-targets") as info:
-        prepare_for_method(load(tiny_model_dir), "lora", lora_targets="nope_proj")
+        with_method(load(tiny_model_dir), "lora", lora_targets="nope_proj")
     assert "q_proj" in info.value.problems[0]  # the message lists the layers that do exist
 
 
 def test_full_trains_every_weight(tiny_model_dir):
-    model = prepare_for_method(load(tiny_model_dir), "full")
+    model = with_method(load(tiny_model_dir), "full")
     trainable, total = count_parameters(model)
     assert trainable == total
     before = {n: p.clone() for n, p in model.named_parameters()}

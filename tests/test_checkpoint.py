@@ -1,6 +1,7 @@
 """Checkpoints: exact round trip, pruning, and atomic writes (a crash mid-save leaves the previous one)."""
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -35,7 +36,7 @@ def test_round_trip_restores_weights_optimizer_schedule_rng_and_position(tmp_pat
     expected_draw = (torch.rand(1).item(), random.random())
     model2, optimizer2, scheduler2 = tiny_setup(seed=1)  # different weights until loaded
     restored = load_checkpoint(path, model2, optimizer2, scheduler2)
-    assert restored == state
+    assert restored == dataclasses.replace(state, checkpoint=str(path))  # it names where it came from
     assert (torch.rand(1).item(), random.random()) == expected_draw
     torch.manual_seed(123)  # the same input for two continuations from the same checkpoint
     take_step(model2, optimizer2, scheduler2)

@@ -55,7 +55,7 @@ def test_chunked_linear_ce_equals_full_logits_ce(softcap):
 def test_fused_loss_with_padding_matches_plain_per_document_loss():
     model = _tiny()
     batch = _packed([7, 12, 5])
-    loss, count = fast.make_fused_loss(budget=32, use_liger=False)(model, batch)  # pads 24 -> 32
+    loss, count, _ = fast.make_fused_loss(budget=32, use_liger=False)(model, batch)  # pads 24 -> 32
     assert count == batch.num_targets
     # reference: each document on its own, full logits, no padding, no packing
     want, start = torch.zeros(()), 0

@@ -29,8 +29,8 @@ def samples(n: int, vocab: int, seed: int = 0) -> list[TokenizedSample]:
 
 def grads_after(model, micro_batches) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    loss, _n = accumulate(model, micro_batches, sft_loss_sum, CPU)
-    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    loss, _metrics, _n = accumulate(model, micro_batches, sft_loss_sum, CPU)
+    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def test_accumulation_packing_and_padding_give_the_same_loss_and_gradients(tiny_model_dir):
@@ -79,10 +79,13 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(tiny_model_dir, tmp_path
     finetune(**_options(tiny_model_dir, data, tmp_path / "straight"))
     real_step = loop.optimizer_step
 
-    def crash_at_step_5(model, optimizer, scheduler, clip, loss, state, last):
-        if state.step == 4:
+    steps_done = {"n": 0}
+
+    def crash_at_step_5(optimizer, scheduler, clip):
+        if steps_done["n"] == 4:
             raise KeyboardInterrupt
-        return real_step(model, optimizer, scheduler, clip, loss, state, last)
+        steps_done["n"] += 1
+        return real_step(optimizer, scheduler, clip)
 
     monkeypatch.setattr(loop, "optimizer_step", crash_at_step_5)
     with pytest.raises(KeyboardInterrupt):
@@ -108,8 +111,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_
 
     def nan_on_step_5(*args, **kwargs):
         calls["n"] += 1
-        loss, n = real(*args, **kwargs)
-        return (float("nan") if calls["n"] == 5 else loss), n
+        loss, metrics, n = real(*args, **kwargs)
+        return (torch.tensor(float("nan")) if calls["n"] == 5 else loss), metrics, n
 
     monkeypatch.setattr(loop, "accumulate", nan_on_step_5)
     out = tmp_path / "out"
@@ -139,14 +142,14 @@ def test_steps_from_epochs_and_the_data_position_walk(llama3_tokenizer):
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.model.adapters import prepare_for_method
+    from tiny import with_method
     from tunesmith.model.fast import prepare_for_training
 
     data = pack(samples(4, 600), 10_000)
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)  # the same LoRA initialisation for both
-        model = prepare_for_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), "lora")
+        model = with_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), "lora")
         prepare_for_training(model, device=CPU, batch_tokens=10_000, gradient_checkpointing=checkpointing)
         assert model.get_base_model().is_activation_checkpointing == checkpointing
         grads.append(grads_after(model, data)[1])

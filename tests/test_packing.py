@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from tunesmith.data.packing import epoch_batches, group_by_budget, pack, shifted_targets
+from tunesmith.data.packing import epoch_groups, group_by_budget, pack, shifted_targets
 from tunesmith.data.tokenize import IGNORE_INDEX, TokenizedSample
 from tunesmith.train.losses import forward_logits, sft_loss_sum
 
@@ -51,27 +51,24 @@ def test_budget_is_respected_and_nothing_is_dropped():
     assert [3] in groups
 
 
-def test_epoch_batches_are_deterministic_and_shard_by_rank(llama3_tokenizer):
+def test_epoch_groups_are_deterministic_and_cover_every_sample_once(llama3_tokenizer):
     samples = make_samples(20, len(llama3_tokenizer))
-    a = epoch_batches(samples, 64, seed=3, epoch=1)
-    b = epoch_batches(samples, 64, seed=3, epoch=1)
-    c = epoch_batches(samples, 64, seed=3, epoch=2)
-    assert [x.input_ids.tolist() for x in a] == [x.input_ids.tolist() for x in b]
-    assert [x.input_ids.tolist() for x in a] != [x.input_ids.tolist() for x in c]
-    r0 = sum(x.num_tokens for x in epoch_batches(samples, 64, 3, 1, rank=0, world_size=2))
-    r1 = sum(x.num_tokens for x in epoch_batches(samples, 64, 3, 1, rank=1, world_size=2))
-    assert r0 + r1 == sum(len(s.input_ids) for s in samples)
+    a = epoch_groups(samples, 64, seed=3, epoch=1)
+    assert a == epoch_groups(samples, 64, seed=3, epoch=1)
+    assert a != epoch_groups(samples, 64, seed=3, epoch=2)
+    assert sorted(i for g in a for i in g) == list(range(20))
+    assert all(sum(len(samples[i].input_ids) for i in g) <= 64 or len(g) == 1 for g in a)
 
 
 def test_packed_loss_equals_padded_per_sample_loss(model):
     samples = make_samples(8, model.config.vocab_size)
     with torch.no_grad():
         (packed,) = pack(samples, batch_tokens=10_000)
-        packed_sum, packed_n = sft_loss_sum(model, packed)
-        padded_sum, padded_n = sft_loss_sum(model, pack(samples, 10_000, padded=True)[0])
+        packed_sum, packed_n, _ = sft_loss_sum(model, packed)
+        padded_sum, padded_n, _ = sft_loss_sum(model, pack(samples, 10_000, padded=True)[0])
         alone = [sft_loss_sum(model, pack([s], 10_000)[0]) for s in samples]
-    alone_sum = sum(float(x) for x, _ in alone)
-    assert packed_n == padded_n == sum(n for _, n in alone) == sum(s.num_trained - (s.labels[0] != IGNORE_INDEX)
+    alone_sum = sum(float(x.total) for x in alone)
+    assert packed_n == padded_n == sum(x.count for x in alone) == sum(s.num_trained - (s.labels[0] != IGNORE_INDEX)
                                                                    for s in samples)
     assert abs(float(packed_sum) - alone_sum) <= 1e-4 * alone_sum
     assert abs(float(padded_sum) - alone_sum) <= 1e-4 * alone_sum

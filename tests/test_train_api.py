@@ -138,15 +138,16 @@ def test_unknown_option_and_bad_value_are_user_errors(tmp_path):
 
 
 def test_resume_without_checkpoint_and_unfinished_run_are_refused(tmp_path):
-    from tunesmith.train.api import check_output_dir
+    from tunesmith.train.api import find_resume_checkpoint
 
     with pytest.raises(UserError, match="no checkpoint"):
-        check_output_dir(tmp_path, resume=True)
+        find_resume_checkpoint(tmp_path, resume=True)
     (tmp_path / "checkpoints" / "step-000004").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step-000004" / "state.json").write_text("{}")
     with pytest.raises(UserError, match="unfinished run"):
-        check_output_dir(tmp_path, resume=False)
-    assert check_output_dir(tmp_path, resume=True).name == "step-000004"
+        find_resume_checkpoint(tmp_path, resume=False)
+    assert find_resume_checkpoint(tmp_path, resume=True).name == "step-000004"
+    assert (tmp_path / "checkpoints" / "step-000004").is_dir()  # finding never deletes
 
 
 def test_out_of_memory_becomes_advice(tiny_model_dir, tmp_path, monkeypatch):
@@ -164,27 +165,29 @@ def test_out_of_memory_becomes_advice(tiny_model_dir, tmp_path, monkeypatch):
 
 
 def test_a_finished_run_in_the_output_dir_is_replaced(tmp_path):
-    from tunesmith.train.api import check_output_dir
+    from tunesmith.train.api import clear_previous_run, find_resume_checkpoint
 
     (tmp_path / "checkpoints" / "step-000002").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step-000002" / "state.json").write_text("{}")
     (tmp_path / "summary.json").write_text("{}")
-    assert check_output_dir(tmp_path, resume=False) is None
+    assert find_resume_checkpoint(tmp_path, resume=False) is None
+    assert (tmp_path / "summary.json").exists()
+    clear_previous_run(tmp_path)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "summary.json").exists()
     with pytest.raises(UserError, match="is not a directory"):
         (tmp_path / "file").write_text("x")
-        check_output_dir(tmp_path / "file", resume=False)
+        find_resume_checkpoint(tmp_path / "file", resume=False)
 
 
 def test_a_base_that_does_not_stop_at_end_of_turn_is_flagged_for_adapter_dirs(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunesmith.model.adapters import prepare_for_method
+    from tiny import with_method
     from tunesmith.train.output import adapter_stop_notice
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
-    model = prepare_for_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "lora")
+    model = with_method(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "lora")
     assert adapter_stop_notice(model, tokenizer, [eot], tmp_path) is None  # the base already stops there
     model.get_base_model().generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|end_of_text|>")
     notice = adapter_stop_notice(model, tokenizer, [eot], tmp_path)

@@ -91,3 +91,11 @@ def make_model_dir(path: Path, style: str = "llama3", seed: int = 0) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def with_method(model, method: str, **options):
+    """`model` wrapped by the parameter set `method` of the registry (what `tunesmith train` does)."""
+    from tunesmith.config import MethodOptions
+    from tunesmith.methods import PARAMETER_SETS
+
+    return PARAMETER_SETS[method].wrap(model, MethodOptions(method=method, **options))

@@ -14,6 +14,7 @@ from typing import Any
 
 from tunesmith.config import DataOptions, Option, TrainConfig, build_config, load_yaml, options_of, train_config
 from tunesmith.errors import UserError
+from tunesmith.train.files import MERGED_DIR
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
@@ -64,7 +65,7 @@ def run_train(args: argparse.Namespace) -> int:
     result = finetune(config)
     print(f"output: {result.output_dir}")
     if config.method.method == "lora" and config.method.merge:
-        print(f"merged: {result.output_dir / 'merged'}")
+        print(f"merged: {result.output_dir / MERGED_DIR}")
     return 0
 
 

@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import UserError
+from tunesmith.methods import OBJECTIVES, PARAMETER_SETS, Recipe, recipe
 
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "qa", "prompt-completion", "text", "preference")
 TEMPLATES = ("auto", "tokenizer", "llama3", "chatml", "alpaca", "zephyr", "plain")  # = data.templates.TEMPLATE_NAMES
-METHODS = ("full", "lora", "qlora", "dpo", "pretrain")
-IMPLEMENTED_METHODS = ("full", "lora")
 
 
 def check(ok: bool, name: str, value: Any, allowed: str) -> None:
@@ -85,10 +84,12 @@ class ModelOptions:
 
 @dataclass
 class MethodOptions:
-    """What trains: all weights, or a LoRA adapter."""
+    """What trains (`method`) and what the loss is (`objective`): one entry of each registry."""
 
     method: str = "lora"
-    """Training method: full | lora (qlora, dpo, pretrain are planned)."""
+    """What trains: full (every weight) | lora (an adapter; the base stays frozen)."""
+    objective: str = "sft"
+    """The loss: sft (the replies and their end-of-turn token) | pretrain (every token: continued pretraining)."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32
@@ -99,13 +100,15 @@ class MethodOptions:
     """Also write merged full weights after a LoRA run."""
 
     def __post_init__(self) -> None:
-        check_choice("method", self.method, METHODS)
-        if self.method not in IMPLEMENTED_METHODS:
-            raise UserError(
-                f"method {self.method!r} is not available yet (available: {', '.join(IMPLEMENTED_METHODS)})"
-            )
+        check_choice("method", self.method, tuple(PARAMETER_SETS))
+        check_choice("objective", self.objective, tuple(OBJECTIVES))
+        self.recipe()  # refuses impossible combinations now, before anything loads
         check(self.lora_r >= 1, "lora_r", self.lora_r, "an integer >= 1")
         check(self.lora_alpha >= 1, "lora_alpha", self.lora_alpha, "an integer >= 1")
+
+    def recipe(self) -> Recipe:
+        """The parameter set x objective this run trains with."""
+        return recipe(self.method, self.objective, merge=self.merge)
 
 
 @dataclass
@@ -117,7 +120,7 @@ class LoopOptions:
     max_steps: int | None = None
     """Stop after this many optimizer steps."""
     lr: float | None = None
-    """Peak learning rate; default 1e-5 for full, 2e-4 for LoRA."""
+    """Peak learning rate; default by objective and method (sft and pretrain: 1e-5 full, 2e-4 LoRA)."""
     warmup_ratio: float = 0.0
     """Share of steps spent warming the learning rate up from 0."""
     weight_decay: float = 0.0
@@ -178,10 +181,10 @@ class TrainConfig:
     output: OutputOptions = field(default_factory=OutputOptions)
 
     def peak_lr(self) -> float:
-        """The learning rate to use: the flag, else the method's safe default."""
+        """The learning rate to use: the flag, else the recipe's default for this method x objective."""
         if self.loop.lr is not None:
             return self.loop.lr
-        return 1e-5 if self.method.method == "full" else 2e-4
+        return self.method.recipe().default_lr()
 
 
 # --------------------------------------------------------------------------------------
@@ -302,11 +305,16 @@ def train_config(values: dict[str, Any] | None = None) -> TrainConfig:
 
     When no model is named, the run uses the bundled starter model, and the starter's own
     `defaults.yaml` (tuned so the zero-argument job finishes in minutes on a laptop CPU)
-    goes beneath what the user gave: user values still win.
+    goes beneath what the user gave: user values still win. Its learning rate belongs to
+    its method and objective, so it is dropped when the user picks another one (else
+    `--method lora` would silently train at the starter's full fine-tuning rate).
     """
     values = dict(values or {})
     if values.get("model") is None and STARTER_DEFAULTS.is_file():
-        values = {**load_yaml(STARTER_DEFAULTS), **values}
+        starter = load_yaml(STARTER_DEFAULTS)
+        if any(values.get(k, starter.get(k)) != starter.get(k) for k in ("method", "objective")):
+            starter.pop("lr", None)
+        values = {**starter, **values}
     return build_config(TrainConfig, values)
 
 

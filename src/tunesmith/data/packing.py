@@ -33,10 +33,23 @@ class Batch:
     num_tokens: int = 0  # real (non-padding) tokens, for throughput
 
     def to(self, device: torch.device) -> Batch:
-        """The same batch on `device`."""
-        mask = None if self.attention_mask is None else self.attention_mask.to(device)
-        return Batch(self.input_ids.to(device), self.targets.to(device), self.position_ids.to(device),
-                     self.num_targets, mask, self.num_tokens)
+        """The same batch on `device`; on CUDA copied from pinned memory without blocking the host.
+
+        A copy from ordinary (pageable) memory makes the host wait; a pinned, non-blocking
+        copy is queued behind the GPU work already launched, so the host keeps running ahead.
+        A batch already on `device` is returned as it is.
+        """
+        if self.input_ids.device.type == torch.device(device).type:
+            return self
+        cuda = torch.device(device).type == "cuda"
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
+
+        return Batch(move(self.input_ids), move(self.targets), move(self.position_ids),  # type: ignore[arg-type]
+                     self.num_targets, move(self.attention_mask), self.num_tokens)
 
 
 def shifted_targets(labels: list[int]) -> list[int]:
@@ -115,26 +128,18 @@ def pack(samples: list[TokenizedSample], batch_tokens: int, *, padded: bool = Fa
     return [collate([samples[i] for i in g], padded=padded, pad_id=pad_id) for g in groups]
 
 
-def epoch_order(num_samples: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[int]:
-    """The sample order of one epoch: a seeded shuffle, then this rank's shard (every world_size-th)."""
+def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
+    """The sample order of one epoch: a seeded shuffle, the same for the same (seed, epoch)."""
     order = list(range(num_samples))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order[rank::world_size]
+    return order
 
 
-def epoch_groups(samples: list[TokenizedSample], batch_tokens: int, seed: int, epoch: int, *,
-                 rank: int = 0, world_size: int = 1) -> list[list[int]]:
-    """Sample indices of each micro-batch of one epoch: deterministic for (seed, epoch, rank).
+def epoch_groups(samples: list[TokenizedSample], batch_tokens: int, seed: int, epoch: int) -> list[list[int]]:
+    """Sample indices of each micro-batch of one epoch: deterministic for (seed, epoch).
 
     Only indices, so a large dataset is collated one micro-batch at a time.
     """
-    order = epoch_order(len(samples), seed, epoch, rank, world_size)
+    order = epoch_order(len(samples), seed, epoch)
     groups = group_by_budget([len(samples[i].input_ids) for i in order], batch_tokens)
     return [[order[i] for i in g] for g in groups]
-
-
-def epoch_batches(samples: list[TokenizedSample], batch_tokens: int, seed: int, epoch: int, *,
-                  padded: bool = False, pad_id: int = 0, rank: int = 0, world_size: int = 1) -> list[Batch]:
-    """All micro-batches of one epoch, collated (tests and small data; the loop collates lazily)."""
-    groups = epoch_groups(samples, batch_tokens, seed, epoch, rank=rank, world_size=world_size)
-    return [collate([samples[i] for i in g], padded=padded, pad_id=pad_id) for g in groups]

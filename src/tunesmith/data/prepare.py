@@ -61,11 +61,14 @@ def read_with_report(source: str, options: DataOptions, log: Callable[[str], Non
 
 
 def prepare_data(options: DataOptions, tokenizer: Any, *, seed: int = 42, cache_dir: Path | None = None,
-                 log: Callable[[str], None] = print) -> PreparedData:
+                 log: Callable[[str], None] = print,
+                 check_kinds: Callable[[set[str], str], None] | None = None) -> PreparedData:
     """Turn the configured data into checked, tokenized train/eval samples (cached on disk).
 
     Sets the chosen chat template on `tokenizer`, so saving the tokenizer with the model
-    makes inference render exactly as training did.
+    makes inference render exactly as training did. `check_kinds(kinds, source)` (the
+    objective's `Recipe.check_data`) refuses data the objective cannot train on, right
+    after reading and before anything is tokenized.
     """
     source = data_source(options)
     directory = cache_dir if cache_dir is not None else default_cache_dir()
@@ -78,6 +81,8 @@ def prepare_data(options: DataOptions, tokenizer: Any, *, seed: int = 42, cache_
         log(f"data: {len(train)} train / {len(evals)} eval samples (cached: {directory / key})")
         return PreparedData(train, evals, eval_convs, template, eot, stats)
     convs, report = read_with_report(source, options, log)
+    if check_kinds is not None:
+        check_kinds({c.kind for c in convs}, source)
     if options.eval_data:
         train_convs, eval_convs = convs, read_with_report(options.eval_data, options, log)[0]
     else:

@@ -15,8 +15,8 @@ from tunesmith.data.conversation import Conversation, Turn
 from tunesmith.data.formats import apply_columns, parse_columns, RowProblem
 from tunesmith.data.readers import read_conversations, read_rows
 from tunesmith.errors import UserError
+from tunesmith.train.files import HELD_OUT_FILE
 
-HELD_OUT_FILE = "eval.jsonl"  # written by train into its output directory
 REPLY_KEYS = ("output", "completion", "response", "answer", "chosen", "rejected")
 PROMPT_KEYS = ("prompt", "question", "instruction")
 MAX_LISTED = 20

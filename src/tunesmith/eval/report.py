@@ -21,6 +21,7 @@ from tunesmith.errors import UserError
 from tunesmith.eval.data import EvalCase, default_data, eval_cases, read_eval_data
 from tunesmith.eval.options import COMPARE_BASE, EvalOptions
 from tunesmith.eval.table import metric_rows, render_markdown, row_cells, skipped_lines, table_header
+from tunesmith.train.files import CONFIG_FILE
 
 TRAIN_MAX_NEW_TOKENS = 128
 
@@ -137,7 +138,7 @@ def base_model_name(model: str | None, compare: str) -> str | None:
     base = adapter_base(resolved)
     if base is not None:
         return base
-    config = Path(resolved) / "config.yaml"
+    config = Path(resolved) / CONFIG_FILE
     if config.is_file():
         import yaml
 

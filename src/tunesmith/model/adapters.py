@@ -1,8 +1,8 @@
-"""Which parameters train: every weight (`full`) or a LoRA adapter on the linear layers (`lora`).
+"""The mechanics of making weights trainable: all of them, or a LoRA adapter (peft).
 
-A method in tunesmith is "which parameters train" (this module) plus "which loss"
-(`tunesmith.train.losses`). LoRA adapters are kept in fp32 even when the base model is
-bf16 (peft's `autocast_adapter_dtype`), so the small adapter updates are not rounded away.
+`tunesmith.methods.params` decides which of these a run uses. LoRA adapters are kept in
+fp32 even when the base model is bf16 (peft's `autocast_adapter_dtype`), so the small
+adapter updates are not rounded away.
 """
 from __future__ import annotations
 
@@ -35,20 +35,11 @@ def apply_lora(model: Any, r: int, alpha: int, targets: str = "all-linear") -> A
                         [f"linear layers of this model: {', '.join(linear)}"]) from None
 
 
-def prepare_for_method(model: Any, method: str, *, lora_r: int = 16, lora_alpha: int = 32,
-                       lora_targets: str = "all-linear") -> Any:
-    """The model ready to train with `method`: full -> all weights train; lora -> an adapter.
-
-    Gradient checkpointing and kernels are `tunesmith.model.fast.prepare_for_training`'s job.
-    """
-    model.config.use_cache = False  # training never reuses a KV cache
-    if method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    if method == "lora":
-        return apply_lora(model, lora_r, lora_alpha, lora_targets)
-    raise UserError(f"method {method!r} is not available yet (available: full, lora)")
+def train_all_weights(model: Any) -> Any:
+    """Full fine-tuning: every parameter gets a gradient."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

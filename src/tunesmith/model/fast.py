@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from types import MethodType
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,18 +31,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from tunesmith.data.tokenize import IGNORE_INDEX
+from tunesmith.train.losses import LossFn, LossSum
+
 # Families whose logits are exactly `lm_head(final_hidden)` (optionally soft-capped), so the
 # fused loss reproduces them; and whose blocks liger-kernel patches.
 FUSED_LOSS_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
-LIGER_FAMILIES = FUSED_LOSS_FAMILIES
 # liger's fused CE processes the tokens in chunks of about BT * H * this / V; its default (1)
 # gives 32 chunks at T=8192 with a 128k vocabulary, and each chunk re-reads and re-writes the
 # whole (V, H) weight gradient. 16 -> 4 chunks: ~0.5 GiB of transient logits, 8x less traffic.
 LIGER_CE_CHUNK_MEM = 16
 PAD_MULTIPLE = 1024  # packed rows are padded up to the batch budget, longer ones to this multiple
 
-LossFn = Callable[[Any, Any], tuple[torch.Tensor, int]]
 
 
 @dataclass
@@ -124,7 +123,7 @@ def make_fused_loss(budget: int, use_liger: bool) -> LossFn:
     """The fast SFT loss: decoder -> final hidden states -> fused linear CE (no (T, V) logits)."""
     linear_ce = _liger_ce_sum if use_liger else chunked_linear_cross_entropy_sum
 
-    def fused_sft_loss_sum(model: Any, batch: Any) -> tuple[torch.Tensor, int]:
+    def fused_sft_loss_sum(model: Any, batch: Any) -> LossSum:
         """Summed CE over the batch's targets and their count (same contract as the plain loss)."""
         lm = causal_lm(model)
         length = padded_length(batch.input_ids.shape[1], budget)
@@ -134,7 +133,7 @@ def make_fused_loss(budget: int, use_liger: bool) -> LossFn:
         head = lm.get_output_embeddings()
         softcap = getattr(lm.config, "final_logit_softcapping", None)
         loss = linear_ce(hidden.reshape(-1, hidden.shape[-1]), head.weight, tgt.reshape(-1), softcap)
-        return loss, int(batch.num_targets)
+        return LossSum(loss, int(batch.num_targets))
 
     return fused_sft_loss_sum
 
@@ -167,7 +166,7 @@ def needs_checkpointing(model: Any, batch_tokens: int, budget_bytes: int, fused_
 def _apply_liger(lm: Any) -> str | None:
     """Patch RMSNorm, RoPE and SwiGLU of this model instance; a notice when it cannot."""
     family = lm.config.model_type
-    if family not in LIGER_FAMILIES:
+    if family not in FUSED_LOSS_FAMILIES:
         return f"fast kernels: no liger-kernel patches for model family {family!r}; using plain layers"
     try:
         from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance

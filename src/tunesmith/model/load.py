@@ -96,10 +96,12 @@ def load_model(
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
     merge_adapter: bool = False,
+    **load_options: Any,
 ) -> Any:
     """A causal LM on `device` in `dtype` (policy defaults); LoRA directories load base + adapter.
 
     `merge_adapter=True` folds the adapter into the base weights (faster inference, not trainable).
+    `load_options` go to `from_pretrained` as they are (a parameter set's, e.g. quantisation).
     """
     from transformers import AutoModelForCausalLM
 
@@ -114,6 +116,7 @@ def load_model(
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
+            **load_options,
         )
     except (OSError, ValueError) as exc:
         raise _hub_error(base or resolved, exc) from None

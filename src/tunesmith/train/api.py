@@ -1,11 +1,14 @@
 """`finetune(...)`: the Python API of training; `tunesmith train` is a thin layer over it.
 
-The run, in named steps: resolve options -> check the output dir -> tokenizer + data ->
-model + method (+ fast path) -> optimizer + schedule -> (resume) -> base eval -> loop ->
-final eval -> save model and run files -> summary -> report hook.
+The run, in named steps: resolve options -> find the checkpoint to resume (or clear the
+previous run) -> `setup_run` (recipe = parameter set x objective from `tunesmith.methods`;
+tokenizer + data; model loaded and wrapped by the parameter set, fast path; the
+objective's loss) -> `train_run` (engine: optimizer + schedule; resume; base eval; the
+ONE loop; final eval) -> `write_outputs` (model, plot, summary) -> the report.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import resource
 import shutil
@@ -13,17 +16,24 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tunesmith.config import TrainConfig, to_flat_dict, train_config
 from tunesmith.errors import UserError
+from tunesmith.methods import Recipe
 from tunesmith.train.checkpoint import TrainState, checkpoint_dirs, load_checkpoint, save_checkpoint
-from tunesmith.train.progress import PLOT_FILE, RunLog, format_summary, plot_losses
+from tunesmith.train.files import CHECKPOINTS_DIR, HELD_OUT_FILE, PLOT_FILE, SUMMARY_FILE, TENSORBOARD_DIR
+from tunesmith.train.losses import LossFn
+from tunesmith.train.progress import RunLog, format_summary, plot_losses
 
-CHECKPOINTS = "checkpoints"
-SUMMARY_FILE = "summary.json"
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from tunesmith.data.packing import Batch
+    from tunesmith.data.prepare import PreparedData
+    from tunesmith.train.loop import DataPlan, Engine
 
 
 @dataclass
@@ -39,12 +49,13 @@ class Run:
     """The pieces of one run, built by `setup_run` (plain values, no behaviour)."""
 
     config: TrainConfig
+    recipe: Recipe
     output_dir: Path
     device: torch.device
-    tokenizer: Any
-    prepared: Any
-    model: Any
-    loss_fn: Any
+    tokenizer: PreTrainedTokenizerBase
+    prepared: PreparedData
+    model: PreTrainedModel | None  # a peft model for adapter methods; None once freed for the report
+    loss_fn: LossFn
     padded: bool  # True: the attention cannot keep packed samples apart, so batches are padded
     notices: list[str]
 
@@ -58,24 +69,32 @@ def resolve_config(config: TrainConfig | None, options: dict[str, Any]) -> Train
     return config
 
 
-def check_output_dir(output_dir: Path, resume: bool) -> Path | None:
+def find_resume_checkpoint(output_dir: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (or None); refuse to overwrite an unfinished run by accident."""
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"{output_dir}: exists and is not a directory (choose another --output)")
-    existing = checkpoint_dirs(output_dir / CHECKPOINTS)
+    existing = checkpoint_dirs(output_dir / CHECKPOINTS_DIR)
     if resume:
         if not existing:
-            raise UserError(f"--resume: no checkpoint in {output_dir / CHECKPOINTS} "
+            raise UserError(f"--resume: no checkpoint in {output_dir / CHECKPOINTS_DIR} "
                             "(checkpoints are written every --save-every steps)")
         return existing[-1]
     if existing and not (output_dir / SUMMARY_FILE).is_file():
         raise UserError(f"{output_dir}: holds an unfinished run (checkpoint {existing[-1].name})",
                         ["pass --resume to continue it, choose another --output, or delete "
-                         f"{output_dir / CHECKPOINTS} to start over"])
-    for old in (CHECKPOINTS, "tensorboard"):  # a finished earlier run in the same dir is replaced
-        shutil.rmtree(output_dir / old, ignore_errors=True)
-    (output_dir / SUMMARY_FILE).unlink(missing_ok=True)  # until this run finishes, the dir holds no finished run
+                         f"{output_dir / CHECKPOINTS_DIR} to start over"])
     return None
+
+
+def clear_previous_run(output_dir: Path) -> None:
+    """A finished earlier run in the same directory is replaced: its checkpoints, logs and summary go.
+
+    The summary goes first, so until this run finishes the directory holds no finished run
+    (a crash cannot pass for a finished one).
+    """
+    (output_dir / SUMMARY_FILE).unlink(missing_ok=True)
+    for old in (CHECKPOINTS_DIR, TENSORBOARD_DIR):
+        shutil.rmtree(output_dir / old, ignore_errors=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -85,43 +104,53 @@ def seed_everything(seed: int) -> None:
 
 
 def setup_run(config: TrainConfig, output_dir: Path) -> Run:
-    """Tokenizer, data, model with its method and fast path: everything before the optimizer."""
+    """Tokenizer, data, model with its parameter set and fast path, the objective's loss."""
     from tunesmith.data.prepare import prepare_data
-    from tunesmith.model.adapters import count_parameters, prepare_for_method
+    from tunesmith.model.adapters import count_parameters
     from tunesmith.model.fast import prepare_for_training
     from tunesmith.model.load import load_model, load_tokenizer, pick_device_dtype, resolve_model_name
-    from tunesmith.train.losses import packing_is_exact, sft_loss_sum
+    from tunesmith.train.losses import packing_is_exact
 
+    chosen = config.method.recipe()
+    chosen.check_installed()
     device, dtype = pick_device_dtype()
     name = resolve_model_name(config.model.model)
     tokenizer = load_tokenizer(name, config.model.trust_remote_code)
-    prepared = prepare_data(config.data, tokenizer, seed=config.loop.seed, cache_dir=output_dir / ".cache",
-                            log=lambda line: print(line, file=sys.stderr))
+    data_options = (dataclasses.replace(config.data, train_on_prompt=True) if chosen.objective.train_all_tokens
+                    else config.data)
+    prepared = prepare_data(data_options, tokenizer, seed=config.loop.seed, cache_dir=output_dir / ".cache",
+                            log=lambda line: print(line, file=sys.stderr), check_kinds=chosen.check_data)
     seed_everything(config.loop.seed)
     model = load_model(name, device=device, dtype=dtype, trust_remote_code=config.model.trust_remote_code,
-                       merge_adapter=True)  # training from a tunesmith LoRA output starts from its merged weights
-    m = config.method
-    model = prepare_for_method(model, m.method, lora_r=m.lora_r, lora_alpha=m.lora_alpha, lora_targets=m.lora_targets)
+                       merge_adapter=True,  # training from a tunesmith LoRA output starts from its merged weights
+                       **chosen.params.load_options(device, dtype))
+    model.config.use_cache = False  # training never reuses a KV cache
+    model = chosen.params.wrap(model, config.method)
     fast = prepare_for_training(model, device=device, batch_tokens=config.loop.batch_tokens,
                                 fast_kernels=config.loop.fast_kernels,
                                 gradient_checkpointing=config.loop.gradient_checkpointing)
     trainable, total = count_parameters(model)
-    notices = [*fast.notices, f"model: {name} on {device} ({str(dtype).removeprefix('torch.')}), method {m.method}: "
+    notices = [*fast.notices, f"model: {name} on {device} ({str(dtype).removeprefix('torch.')}), "
+               f"method {chosen.params.name}, objective {chosen.objective.name}: "
                f"{trainable:,} of {total:,} parameters train"]
-    if m.merge and m.method == "full":
-        notices.append("--merge: nothing to merge with --method full (the output holds full weights)")
     padded = fast.loss_sum is None and not packing_is_exact(model, device)  # the fast path packs by design
     if padded:
         notices.append("batches: padded (this model's attention does not separate packed samples)")
-    return Run(config, output_dir, device, tokenizer, prepared, model, fast.loss_sum or sft_loss_sum, padded, notices)
+    return Run(config, chosen, output_dir, device, tokenizer, prepared, model, chosen.objective.make_loss(fast),
+               padded, notices)
 
 
-def build_optimizer(model: Any, lr: float, weight_decay: float, seed: int) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; the dtype policy (fp32 / bf16 weights) is `train.optim`'s."""
+def build_engine(run: Run, steps: int) -> Engine:
+    """AdamW over the trainable parameters (dtype policy: `train.optim`) and the cosine schedule."""
+    from tunesmith.train.loop import Engine
     from tunesmith.train.optim import make_optimizer
+    from tunesmith.train.schedule import cosine_schedule
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    return make_optimizer(params, lr=lr, weight_decay=weight_decay, seed=seed)
+    loop = run.config.loop
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, lr=run.config.peak_lr(), weight_decay=loop.weight_decay, seed=loop.seed)
+    return Engine(run.model, optimizer, cosine_schedule(optimizer, steps, loop.warmup_ratio), run.loss_fn,
+                  run.device)
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -140,19 +169,22 @@ def finetune(config: TrainConfig | None = None, **options: Any) -> TrainResult:
     """
     config = resolve_config(config, options)
     output_dir = Path(config.output.output).expanduser()
-    resume_from = check_output_dir(output_dir, config.loop.resume)
+    resume_from = find_resume_checkpoint(output_dir, config.loop.resume)
+    if resume_from is None:
+        clear_previous_run(output_dir)
     started = time.perf_counter()
     try:
         run = setup_run(config, output_dir)
         if run.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(run.device)  # this run's peak, not an earlier one's in this process
-        metrics = train_and_save(run, resume_from, started)
+        history, state, final = train_run(run, resume_from)
+        metrics = write_outputs(run, history, state, final, time.perf_counter() - started)
     except torch.OutOfMemoryError:
         raise UserError("out of GPU memory", [
             f"fix: lower --batch-tokens (now {config.loop.batch_tokens}), add --gradient-checkpointing, "
             "or use --method lora"]) from None
     except KeyboardInterrupt:
-        saved = checkpoint_dirs(output_dir / CHECKPOINTS)
+        saved = checkpoint_dirs(output_dir / CHECKPOINTS_DIR)
         if saved:
             print(f"stopped; `--resume` continues from {saved[-1]}", file=sys.stderr)
         raise
@@ -161,47 +193,62 @@ def finetune(config: TrainConfig | None = None, **options: Any) -> TrainResult:
     return TrainResult(output_dir, metrics)
 
 
-def train_and_save(run: Run, resume_from: Path | None, started: float) -> dict[str, float]:
-    """Optimizer, schedule, (resume), base eval, the loop, final eval; then write everything."""
+def data_plan(run: Run) -> tuple[DataPlan, list[Batch]]:
+    """How the training samples become batches, and the held-out batches."""
     from tunesmith.data.packing import pack
-    from tunesmith.data.readers import write_jsonl
-    from tunesmith.train.loop import DataPlan, record_eval, total_steps, train
-    from tunesmith.train.output import adapter_stop_notice, save_config, save_model, save_summary
-    from tunesmith.train.schedule import cosine_schedule
+    from tunesmith.train.loop import DataPlan
 
-    config, loop, out = run.config, run.config.loop, run.output_dir
+    loop = run.config.loop
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
     plan = DataPlan(run.prepared.train, loop.batch_tokens, loop.seed, padded=run.padded, pad_id=pad_id)
+    return plan, pack(run.prepared.eval, loop.batch_tokens, padded=run.padded, pad_id=pad_id)
+
+
+def train_run(run: Run, resume_from: Path | None) -> tuple[list[dict[str, Any]], TrainState, dict[str, float]]:
+    """Engine, (resume), base eval, the loop, final eval: returns the log history, state and final eval."""
+    from tunesmith.data.readers import write_jsonl
+    from tunesmith.train.loop import record_eval, total_steps, train
+    from tunesmith.train.output import save_config
+
+    config, loop, out = run.config, run.config.loop, run.output_dir
+    plan, eval_batches = data_plan(run)
     steps = total_steps(plan, loop.grad_accum, loop.epochs, loop.max_steps)
-    optimizer = build_optimizer(run.model, config.peak_lr(), loop.weight_decay, loop.seed)
-    scheduler = cosine_schedule(optimizer, steps, loop.warmup_ratio)
+    engine = build_engine(run, steps)
     state = TrainState()
     if resume_from is not None:
-        state = load_checkpoint(resume_from, run.model, optimizer, scheduler)
-    eval_batches = pack(run.prepared.eval, loop.batch_tokens, padded=run.padded, pad_id=pad_id)
+        state = load_checkpoint(resume_from, run.model, engine.optimizer, engine.scheduler)
     save_config(out, to_flat_dict(config))
-    write_jsonl(run.prepared.eval_conversations, out / "eval.jsonl")
+    write_jsonl(run.prepared.eval_conversations, out / HELD_OUT_FILE)
     log = RunLog(out, steps, start_step=state.step, history=state.history)
     for line in run.notices + [f"training: {steps} steps, peak lr {config.peak_lr():g}"
                                + (f", resumed at step {state.step} from {resume_from}" if resume_from else "")]:
         log.message(line)
 
     def save(s: TrainState) -> Path:
-        return save_checkpoint(out / CHECKPOINTS, run.model, optimizer, scheduler, s, loop.keep_checkpoints)
+        return save_checkpoint(out / CHECKPOINTS_DIR, run.model, engine.optimizer, engine.scheduler, s,
+                               loop.keep_checkpoints)
 
     try:
         if state.step == 0 and eval_batches:
-            record_eval(run.model, eval_batches, run.loss_fn, run.device, state, log)
+            record_eval(engine, eval_batches, state, log)
             state.best_eval_loss = None  # the base model's loss is not a result of this run
-        state = train(run.model, optimizer, scheduler, plan, eval_batches, loop, state, steps, log, run.loss_fn,
-                      save, run.device, last_checkpoint=resume_from)
-        final = record_eval(run.model, eval_batches, run.loss_fn, run.device, state, log) if eval_batches else {}
+        state = train(engine, plan, eval_batches, loop, state, steps, log, save)
+        final = record_eval(engine, eval_batches, state, log) if eval_batches else {}
     finally:
         log.close()
+    return log.history, state, final
+
+
+def write_outputs(run: Run, history: list[dict[str, Any]], state: TrainState, final: dict[str, float],
+                  seconds: float) -> dict[str, float]:
+    """The model (or adapter, and merged weights), the loss plot and the summary; returns the metrics."""
+    from tunesmith.train.output import adapter_stop_notice, save_model, save_summary
+
+    out = run.output_dir
     notice = adapter_stop_notice(run.model, run.tokenizer, run.prepared.end_of_turn_ids, out)
-    save_model(run.model, run.tokenizer, out, run.prepared.end_of_turn_ids, merge=config.method.merge)
-    metrics = run_metrics(log.history, state, final, run.device, time.perf_counter() - started)
-    plot_losses(log.history, out / PLOT_FILE)
+    save_model(run.model, run.tokenizer, out, run.prepared.end_of_turn_ids, merge=run.config.method.merge)
+    metrics = run_metrics(history, state, final, run.device, seconds)
+    plot_losses(history, out / PLOT_FILE)
     save_summary(out, metrics)
     print(format_summary(metrics), file=sys.stderr)
     if notice:

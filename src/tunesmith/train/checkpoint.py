@@ -34,6 +34,7 @@ class TrainState:
     tokens: int = 0  # real tokens trained on so far
     best_eval_loss: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # metric records logged so far
+    checkpoint: str | None = None  # the newest complete checkpoint (named if training diverges)
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
@@ -105,4 +106,6 @@ def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, sc
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return TrainState(**json.loads((path / "state.json").read_text(encoding="utf-8")))
+    state = TrainState(**json.loads((path / "state.json").read_text(encoding="utf-8")))
+    state.checkpoint = str(path)
+    return state

@@ -7,8 +7,8 @@ padded or split), check the loss is finite, clip, step, schedule. Evaluation and
 checkpoints happen between steps. Data position is (epoch, micro-batch index), and
 batches are a pure function of (seed, epoch), so a resumed run sees the same batches.
 
-Distributed later: each rank packs its own shard (`epoch_batches(rank=...)`); the trained
-token count must then be all-reduced before dividing; only rank 0 logs and saves.
+Distributed later: each rank packs its own share; the trained unit count must then be
+all-reduced before dividing; only rank 0 logs and saves.
 """
 from __future__ import annotations
 
@@ -46,17 +46,25 @@ class DataPlan:
     seed: int
     padded: bool = False
     pad_id: int = 0
-    rank: int = 0
-    world_size: int = 1
 
     def groups(self, epoch: int) -> list[list[int]]:
-        """Sample indices of each micro-batch of `epoch` for this rank."""
-        return epoch_groups(self.samples, self.batch_tokens, self.seed, epoch, rank=self.rank,
-                            world_size=self.world_size)
+        """Sample indices of each micro-batch of `epoch`."""
+        return epoch_groups(self.samples, self.batch_tokens, self.seed, epoch)
 
     def collate(self, group: list[int]) -> Batch:
         """The micro-batch of these sample indices."""
         return collate([self.samples[i] for i in group], padded=self.padded, pad_id=self.pad_id)
+
+
+@dataclass
+class Engine:
+    """What an optimizer step needs: the model, how it is updated, how it is scored, where it runs."""
+
+    model: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_fn: LossFn
+    device: torch.device
 
 
 def total_steps(plan: DataPlan, grad_accum: int, epochs: float, max_steps: int | None) -> int:
@@ -78,56 +86,47 @@ def step_groups(plan: DataPlan, grad_accum: int, state: TrainState) -> Iterator[
         epoch, start = epoch + 1, 0
 
 
-def stage(micro_batches: list[Batch], device: torch.device) -> list[Batch]:
-    """The micro-batches on `device`. On CUDA: from pinned memory, without blocking the host.
-
-    A copy from ordinary (pageable) memory makes the host wait; a pinned, non-blocking copy
-    is queued behind the GPU work already launched, so the host keeps running ahead.
-    """
-    if device.type != "cuda":
-        return [b.to(device) for b in micro_batches]
-
-    def move(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.pin_memory().to(device, non_blocking=True)
-
-    return [Batch(move(b.input_ids), move(b.targets), move(b.position_ids), b.num_targets,
-                  move(b.attention_mask), b.num_tokens) for b in micro_batches]
-
-
 def accumulate(model: Any, micro_batches: list[Batch], loss_fn: LossFn,
-               device: torch.device) -> tuple[torch.Tensor, int]:
-    """Forward/backward every micro-batch; gradients = those of the mean loss over all their targets.
+               device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """Forward/backward every micro-batch; gradients = those of the mean loss over all their units.
 
-    Returns the step's mean loss as a 0-dim tensor on `device` (read it later: reading it
-    now would make the host wait for the GPU) and its trained-token count.
+    Returns the step's mean loss and mean metrics as 0-dim tensors on `device` (read them
+    later: reading now would make the host wait for the GPU) and the step's unit count.
     """
     total = sum(b.num_targets for b in micro_batches)
     denominator = max(total, 1)
     loss_total = torch.zeros((), device=device)
+    metric_totals: dict[str, torch.Tensor] = {}
     for batch in micro_batches:
-        loss_sum, _count = loss_fn(model, batch.to(device))
-        (loss_sum / denominator).backward()
-        loss_total += loss_sum.detach().float()
-    return loss_total / denominator, total
+        result = loss_fn(model, batch.to(device))
+        (result.total / denominator).backward()
+        loss_total += result.total.detach().float()
+        for name, value in result.metrics.items():
+            metric_totals[name] = metric_totals.get(name, 0) + value.detach().float()
+    return loss_total / denominator, {k: v / denominator for k, v in metric_totals.items()}, total
 
 
 @torch.no_grad()
 def evaluate(model: Any, batches: list[Batch], loss_fn: LossFn, device: torch.device) -> dict[str, float]:
-    """Mean held-out loss over every target token, and its perplexity."""
+    """Mean held-out loss over every unit (and its perplexity), and the loss's metrics, as `eval_*`."""
     was_training = model.training
     model.eval()
     loss_sum, count = 0.0, 0
+    metric_sums: dict[str, float] = {}
     for batch in batches:
-        s, n = loss_fn(model, batch.to(device))
-        loss_sum, count = loss_sum + float(s), count + n
+        result = loss_fn(model, batch.to(device))
+        loss_sum, count = loss_sum + float(result.total), count + result.count
+        for name, value in result.metrics.items():
+            metric_sums[name] = metric_sums.get(name, 0.0) + float(value)
     model.train(was_training)
     loss = loss_sum / max(count, 1)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+    metrics = {f"eval_{name}": value / max(count, 1) for name, value in metric_sums.items()}
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), **metrics}
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepResult:
-    """One optimizer step's loss and gradient norm, still on the device, and how to report it.
+    """One optimizer step's loss, gradient norm and metrics, still on the device, and its record.
 
     The host reads them one step later (`read`), when the GPU has long finished them, so the
     loop never waits for the GPU inside a step. A NaN/inf is still caught before anything
@@ -138,13 +137,16 @@ class StepResult:
     step: int
     loss: torch.Tensor  # () fp32
     norm: torch.Tensor  # () fp32
-    last_checkpoint: Path | None
-    record: dict[str, Any]
-    tokens: int = 0  # real tokens of the step
+    metrics: dict[str, torch.Tensor]  # () fp32 each, means over the step's units
+    last_checkpoint: str | None
+    record: dict[str, Any]  # step, epoch, lr, tokens so far
+    tokens: int  # real tokens of the step
 
-    def read(self) -> tuple[float, float]:
-        """(loss, gradient norm) on the host, one sync for both; raises if either is not finite."""
-        loss, norm = torch.stack([self.loss.float(), self.norm.float()]).tolist()
+    def read(self) -> tuple[float, float, dict[str, float]]:
+        """(loss, gradient norm, metrics) on the host, one sync for all; raises if loss or norm is not finite."""
+        names = list(self.metrics)
+        values = torch.stack([self.loss.float(), self.norm.float(), *(self.metrics[n] for n in names)]).tolist()
+        loss, norm = values[0], values[1]
         if not (math.isfinite(loss) and math.isfinite(norm)):
             kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
                     else "no checkpoint was written yet")
@@ -153,12 +155,11 @@ class StepResult:
                 f"training diverged at step {self.step}: {what}; stopped ({kept})",
                 ["fix: lower --lr (e.g. by 10x), keep --grad-clip 1.0, check the data for broken samples; "
                  "--resume continues from the last checkpoint"])
-        return loss, norm
+        return loss, norm, dict(zip(names, values[2:]))
 
 
-def optimizer_step(model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, grad_clip: float,
-                   loss: torch.Tensor | float, state: TrainState, last_checkpoint: Path | None) -> StepResult:
-    """Clip and step; the finiteness check is deferred to `StepResult.read` (no host sync here).
+def optimizer_step(optimizer: torch.optim.Optimizer, scheduler: Any, grad_clip: float) -> torch.Tensor:
+    """Clip, step, schedule; returns the gradient norm before clipping (on the device, not read).
 
     The clipped parameters are the optimizer's (exactly the trainable ones), not a fresh
     walk over the model's modules every step.
@@ -171,33 +172,33 @@ def optimizer_step(model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    loss = torch.as_tensor(loss, dtype=torch.float32, device=norm.device)
-    return StepResult(state.step + 1, loss, norm, last_checkpoint, {})
+    return norm
 
 
-def train(model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, plan: DataPlan, eval_batches: list[Batch],
-          opts: LoopOptions, state: TrainState, steps: int, log: RunLog, loss_fn: LossFn, save: SaveFn,
-          device: torch.device, last_checkpoint: Path | None = None) -> TrainState:
+def train(engine: Engine, plan: DataPlan, eval_batches: list[Batch], opts: LoopOptions, state: TrainState,
+          steps: int, log: RunLog, save: SaveFn) -> TrainState:
     """Run optimizer steps from `state.step` to `steps`; evaluate and checkpoint on schedule.
 
     Step N's loss is read while step N+1 runs on the GPU (see `StepResult`); tokens/s is
-    real tokens over wall time (evaluations and checkpoints excluded).
+    real tokens over wall time (evaluations and checkpoints excluded). `save` writes a
+    checkpoint and returns its path; the newest one is named if training diverges.
     """
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
+    engine.model.train()
+    engine.optimizer.zero_grad(set_to_none=True)
     clock = Clock()
     groups = step_groups(plan, opts.grad_accum, state)
     pending: StepResult | None = None
+    last_checkpoint = state.checkpoint
     while state.step < steps:
         epoch, next_index, progress, micro = next(groups)
-        lr = optimizer.param_groups[0]["lr"]
-        loss, _targets = accumulate(model, stage(micro, device), loss_fn, device)
-        result = optimizer_step(model, optimizer, scheduler, opts.grad_clip, loss, state, last_checkpoint)
+        lr = engine.optimizer.param_groups[0]["lr"]
+        loss, metrics, _units = accumulate(engine.model, micro, engine.loss_fn, engine.device)
+        norm = optimizer_step(engine.optimizer, engine.scheduler, opts.grad_clip)
         tokens = sum(b.num_tokens for b in micro)
         state.step, state.epoch, state.batch_in_epoch = state.step + 1, epoch, next_index
         state.tokens += tokens
-        result.tokens = tokens
-        result.record = {"step": state.step, "epoch": round(progress, 4), "lr": lr, "tokens": state.tokens}
+        record = {"step": state.step, "epoch": round(progress, 4), "lr": lr, "tokens": state.tokens}
+        result = StepResult(state.step, loss.to(norm.device), norm, metrics, last_checkpoint, record, tokens)
         if pending is not None:
             report(pending, log, clock)  # waits for the previous step only: this one is queued behind it
         pending = result
@@ -208,10 +209,10 @@ def train(model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, plan: Da
             pending = None
             with clock.paused():
                 if evaluating:
-                    record_eval(model, eval_batches, loss_fn, device, state, log)
+                    record_eval(engine, eval_batches, state, log)
                 if saving:
                     state.history = list(log.history)
-                    last_checkpoint = save(state)
+                    last_checkpoint = state.checkpoint = str(save(state))
                     log.message(f"checkpoint: {last_checkpoint}")
     if pending is not None:
         report(pending, log, clock)
@@ -242,19 +243,19 @@ class Clock:
 
 
 def report(result: StepResult, log: RunLog, clock: Clock) -> None:
-    """Read a finished step's loss and norm (raises on NaN/inf), log them and move the bar."""
-    loss, norm = result.read()
+    """Read a finished step's loss, norm and metrics (raises on NaN/inf), log them and move the bar."""
+    loss, norm, metrics = result.read()
     clock.tokens += result.tokens
-    record = {**result.record, "train_loss": loss, "grad_norm": norm, "tokens_per_s": clock.speed()}
-    record = {k: record[k] for k in ("step", "epoch", "train_loss", "lr", "grad_norm", "tokens", "tokens_per_s")}
+    record = {"step": result.record["step"], "epoch": result.record["epoch"], "train_loss": loss,
+              "lr": result.record["lr"], "grad_norm": norm, "tokens": result.record["tokens"],
+              "tokens_per_s": clock.speed(), **metrics}
     log.log(record)
     log.advance(record["step"], record["epoch"], loss, record["lr"], record["tokens_per_s"])
 
 
-def record_eval(model: Any, eval_batches: list[Batch], loss_fn: LossFn, device: torch.device,
-                state: TrainState, log: RunLog) -> dict[str, float]:
+def record_eval(engine: Engine, eval_batches: list[Batch], state: TrainState, log: RunLog) -> dict[str, float]:
     """Evaluate, log, and keep the best eval loss in `state`."""
-    result = evaluate(model, eval_batches, loss_fn, device)
+    result = evaluate(engine.model, eval_batches, engine.loss_fn, engine.device)
     if state.best_eval_loss is None or result["eval_loss"] < state.best_eval_loss:
         state.best_eval_loss = result["eval_loss"]
     log.log({"step": state.step, **result})

@@ -1,9 +1,11 @@
-"""Losses: a method is which parameters train plus one of these.
+"""Losses: the contract every objective's loss keeps, and the plain next-token loss.
 
-Every loss returns the SUM over its targets and how many targets there were; the loop
-divides by the trained tokens of the whole optimizer step. Summing here (not averaging
-per micro-batch) is what makes packing, padding and gradient accumulation give the same
-loss and the same gradients.
+Every loss returns a `LossSum`: the SUM over its units (trained tokens for SFT, pairs for
+a preference loss) and how many units there were; the loop divides by the units of the
+whole optimizer step (`Batch.num_targets`, counted before any forward). Summing here (not
+averaging per micro-batch) is what makes packing, padding and gradient accumulation give
+the same loss and the same gradients. Extra metrics are sums over the same units, so the
+loop can average them the same way.
 
 `sft_loss_sum` is also the seam for the GPU fast path: `tunesmith.model.fast` may provide
 a fused linear-cross-entropy with the same signature (never materialising (B, T, V) logits).
@@ -11,7 +13,7 @@ a fused linear-cross-entropy with the same signature (never materialising (B, T,
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +21,17 @@ import torch.nn.functional as F
 from tunesmith.data.packing import Batch
 from tunesmith.data.tokenize import IGNORE_INDEX
 
-LossFn = Callable[[Any, Batch], tuple[torch.Tensor, int]]
+
+
+class LossSum(NamedTuple):
+    """What a loss returns for one micro-batch."""
+
+    total: torch.Tensor  # () summed loss over `count` units, with its graph
+    count: int  # units summed: trained tokens (SFT) or pairs (preference losses)
+    metrics: dict[str, torch.Tensor] = {}  # () detached sums over the same units, for logging
+
+
+LossFn = Callable[[Any, Batch], LossSum]
 
 
 def forward_logits(model: Any, batch: Batch) -> torch.Tensor:
@@ -29,12 +41,12 @@ def forward_logits(model: Any, batch: Batch) -> torch.Tensor:
     return out.logits
 
 
-def sft_loss_sum(model: Any, batch: Batch) -> tuple[torch.Tensor, int]:
+def sft_loss_sum(model: Any, batch: Batch) -> LossSum:
     """Summed next-token cross-entropy over the batch's targets (fp32 math), and their count."""
     logits = forward_logits(model, batch)  # (B, T, V)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, batch.num_targets
+    return LossSum(loss, batch.num_targets)
 
 
 @torch.no_grad()

@@ -21,8 +21,8 @@ from typing import Any
 import yaml
 
 from tunesmith.model.adapters import is_peft
+from tunesmith.train.files import CONFIG_FILE, MERGED_DIR, SUMMARY_FILE
 
-MERGED_DIR = "merged"
 
 
 def generation_config(model: Any, tokenizer: Any, end_of_turn_ids: list[int]) -> Any:
@@ -93,9 +93,9 @@ def adapter_stop_notice(model: Any, tokenizer: Any, end_of_turn_ids: list[int], 
 def save_config(directory: Path, flat_config: dict[str, Any]) -> None:
     """config.yaml: the resolved options (rerun with `tunesmith train --config DIR/config.yaml`)."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.yaml").write_text(yaml.safe_dump(flat_config, sort_keys=False), encoding="utf-8")
+    (directory / CONFIG_FILE).write_text(yaml.safe_dump(flat_config, sort_keys=False), encoding="utf-8")
 
 
 def save_summary(directory: Path, summary: dict[str, Any]) -> None:
     """summary.json: the final figures; its presence also marks the run as finished."""
-    (directory / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (directory / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-METRICS_FILE = "metrics.jsonl"
-PLOT_FILE = "loss.png"
+from tunesmith.train.files import METRICS_FILE, TENSORBOARD_DIR
+
 
 
 class RunLog:
@@ -34,7 +34,7 @@ class RunLog:
             f.writelines(json.dumps(r) + "\n" for r in self.history)
         from torch.utils.tensorboard import SummaryWriter
 
-        self._tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self._tb = SummaryWriter(str(output_dir / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None)
         if show_bar:
             self._start_bar(total_steps, start_step)
 
