@@ -44,7 +44,10 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 # regime: (median length, min, max, tunesmith batch tokens, samples in the default run)
 REGIMES = {"short": (200, 32, 1024, 8192, 1800), "long": (2000, 256, 8192, 16384, 200)}
+# --sweep: the shapes and regimes besides the headline (1B short) that must keep their lead.
+SWEEP = [("llama-3b", "short"), ("llama-1b", "long"), ("llama-3b", "long"), ("qwen-0.5b", "short")]
 WARMUP_STEPS = 4
+STARTER = Path(__file__).resolve().parent.parent / "src" / "tunesmith" / "assets" / "starter"
 DEVICE = "cuda"  # the CPU smoke check in bench/README.md sets "cpu"
 
 
@@ -183,12 +186,66 @@ def run_trainer(config: Any, samples: list[list[int]], lora: bool, rate: float) 
     return result
 
 
+def run_trl(config: Any, samples: list[list[int]], lora: bool, rate: float, max_length: int) -> Result:
+    """TRL's SFTTrainer as its docs recommend for speed: bf16 weights, liger kernels, BFD packing
+    (padding-free, position ids restart per sample) into rows of `max_length` tokens, batch 1 row."""
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    name = "TRL SFT LoRA" if lora else "TRL SFT full"
+    free_gpu()
+    model = build_model(config, torch.bfloat16)
+    n_params = sum(p.numel() for p in model.parameters())
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
+    tokenizer = AutoTokenizer.from_pretrained(STARTER)  # only its pad id is used: the samples are token ids
+    marks: dict[int, float] = {}
+    counts: list[int] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            torch.cuda.synchronize()
+            marks[state.global_step] = time.perf_counter()
+
+    from datasets import Dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SFTConfig(output_dir=tmp, per_device_train_batch_size=1, bf16=True, num_train_epochs=1,
+                         learning_rate=2e-4 if lora else 1e-5, logging_steps=10**6, save_strategy="no",
+                         report_to="none", dataloader_num_workers=0, disable_tqdm=True, seed=0,
+                         packing=True, max_length=max_length, use_liger_kernel=True)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": samples}),
+                             processing_class=tokenizer, peft_config=peft_config, callbacks=[Clock()])
+        step = trainer.training_step
+
+        def counted(model: Any, inputs: dict[str, Any], *a: Any, **k: Any) -> Any:
+            counts.append(int(inputs["input_ids"].numel()))  # padding-free rows: every id is a real token
+            return step(model, inputs, *a, **k)
+
+        trainer.training_step = counted  # type: ignore[method-assign]
+        trainer.train()
+    steps = max(marks)
+    tokens = sum(counts[WARMUP_STEPS:steps])
+    seconds = marks[steps] - marks[WARMUP_STEPS]
+    flops = tokens * (4 if lora else 6) * n_params  # + attention, estimated from the mean document length
+    mean_len = sum(map(len, samples)) / len(samples)
+    flops += step_flops(config, 0, [int(mean_len)] * int(tokens / mean_len), lora)
+    result = Result(name, tokens / seconds, torch.cuda.max_memory_allocated() / 2**30, flops / seconds / rate / 1e12,
+                    steps, tokens, seconds)
+    del trainer, model
+    return result
+
+
 # ------------------------------------------------------------------------------------------------
 # tunesmith: the same code `tunesmith train` runs (method, fast path, optimizer policy, loop).
 
 
 def run_tunesmith(config: Any, samples: list[list[int]], method: str, fast: bool, batch_tokens: int, rate: float,
-                  max_steps: int | None = None, profile: bool = False) -> Result:
+                  max_steps: int | None = None, profile: bool = False, label: str = "") -> Result:
     """Train through `tunesmith.train.loop.train`; time real tokens after the warm-up steps."""
     from tunesmith.config import LoopOptions, MethodOptions
     from tunesmith.data.tokenize import TokenizedSample
@@ -201,7 +258,7 @@ def run_tunesmith(config: Any, samples: list[list[int]], method: str, fast: bool
     from tunesmith.train.progress import RunLog
     from tunesmith.train.schedule import cosine_schedule
 
-    name = f"tunesmith {method}" + ("" if fast else " (plain path)")
+    name = f"tunesmith {method}" + ("" if fast else " (plain path)") + label
     free_gpu()
     model = build_model(config, torch.bfloat16)
     n_params = sum(p.numel() for p in model.parameters())
@@ -360,53 +417,95 @@ def guarded(name: str, fn: Any, *args: Any, **kwargs: Any) -> Result:
         return Result(name, error=kind)
 
 
-def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, profile: bool) -> dict[str, Any]:
-    """Baselines and tunesmith (full, LoRA) on one shape and length regime; parity and profile optional."""
+def with_eager_layers(fn: Any, *args: Any, **kwargs: Any) -> Result:
+    """`fn` with the fast path's regional compilation of the decoder layers switched off (liger layers instead)."""
+    from tunesmith.model import fast
+
+    fast.COMPILE_LAYERS = False
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        fast.COMPILE_LAYERS = True
+
+
+def loss_parity(a: list[float], b: list[float], steps: int = 50) -> dict[str, float]:
+    """Relative differences of two per-step loss curves over their first `steps` steps."""
+    n = min(steps, len(a), len(b))
+    a, b = a[:n], b[:n]
+    return {"steps": n, "plain_first": a[0], "plain_last": a[-1], "fast_last": b[-1],
+            "max_rel_diff": max(abs(x - y) / x for x, y in zip(a, b)),
+            "mean_rel_diff": sum(abs(x - y) / x for x, y in zip(a, b)) / n}
+
+
+def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, profile: bool,
+            peers: bool = True, eager: bool = True) -> dict[str, Any]:
+    """Baselines (Trainer, TRL) and tunesmith (full, LoRA; compiled layers, and eager liger layers) on one shape.
+
+    Order matters: liger's instance patches also replace a few module-level functions of
+    transformers (RoPE, the CausalLM forward), so every run that must not see them (the
+    plain path, the compiled layers) goes before the first liger-patched run.
+    """
     config = model_config(shape)
     samples = synth_samples(n_samples, regime, config.vocab_size)
     budget = REGIMES[regime][3]
     rows: dict[str, Result] = {}
     rows["base_full"] = guarded("Trainer full", run_trainer, config, samples, False, rate)
     rows["base_lora"] = guarded("Trainer+peft LoRA", run_trainer, config, samples, True, rate)
-    if parity:  # before the fast runs: liger patches transformers' modules process-wide
+    if parity:
         rows["plain_full"] = guarded("tunesmith full (plain path)", run_tunesmith, config, samples, "full", False,
                                      budget, rate, max_steps=50)
     rows["fast_full"] = guarded("tunesmith full", run_tunesmith, config, samples, "full", True, budget, rate,
                                 profile=profile)
     rows["fast_lora"] = guarded("tunesmith LoRA", run_tunesmith, config, samples, "lora", True, budget, rate,
                                 profile=profile)
+    if eager:
+        for method in ("full", "lora"):
+            rows[f"eager_{method}"] = guarded(f"tunesmith {method} (eager layers)", with_eager_layers,
+                                              run_tunesmith, config, samples, method, True, budget, rate,
+                                              label=" (eager liger layers)")
+    if peers:
+        rows["trl_full"] = guarded("TRL SFT full", run_trl, config, samples, False, rate, budget)
+        rows["trl_lora"] = guarded("TRL SFT LoRA", run_trl, config, samples, True, rate, budget)
     out: dict[str, Any] = {"shape": shape, "regime": regime, "samples": n_samples,
                            "real_tokens": sum(map(len, samples)), "runs": {k: asdict(v) for k, v in rows.items()}}
-    if parity and not rows["plain_full"].error and not rows["fast_full"].error:
-        n = min(50, len(rows["plain_full"].losses), len(rows["fast_full"].losses))
-        a, b = rows["plain_full"].losses[:n], rows["fast_full"].losses[:n]
-        out["parity"] = {"steps": len(a), "plain_first": a[0], "plain_last": a[-1], "fast_last": b[len(a) - 1],
-                         "max_rel_diff": max(abs(x - y) / x for x, y in zip(a, b)),
-                         "mean_rel_diff": sum(abs(x - y) / x for x, y in zip(a, b)) / len(a)}
+    ok = {k for k, v in rows.items() if not v.error}
+    if {"plain_full", "fast_full"} <= ok:
+        out["parity"] = loss_parity(rows["plain_full"].losses, rows["fast_full"].losses)
+    for method in ("full", "lora"):
+        if {f"eager_{method}", f"fast_{method}"} <= ok:
+            out[f"parity_compiled_{method}"] = loss_parity(rows[f"eager_{method}"].losses,
+                                                           rows[f"fast_{method}"].losses)
     return out
 
 
+PEERS = {"full": ("base_full", "trl_full"), "lora": ("base_lora", "trl_lora")}
+
+
 def table(result: dict[str, Any]) -> list[str]:
-    """Compact rows: real tokens/s, MFU, peak memory, and tunesmith/baseline ratios."""
+    """Compact rows: real tokens/s, MFU, peak memory; tunesmith / the best peer (speed) and / the Trainer (memory)."""
     runs = result["runs"]
     lines = [f"== {result['shape']}, {result['regime']} samples ({result['real_tokens']:,} real tokens each run)",
-             f"{'run':30} {'real tok/s':>11} {'MFU':>6} {'peak GiB':>9} {'speed x':>8} {'mem x':>7}"]
-    base_of = {"fast_full": "base_full", "plain_full": "base_full", "fast_lora": "base_lora"}
+             f"{'run':34} {'real tok/s':>11} {'MFU':>6} {'peak GiB':>9} {'x best peer':>11} {'mem x Trainer':>13}"]
     for key, r in runs.items():
         if r["error"]:
-            lines.append(f"{r['name']:30} {r['error']}")
+            lines.append(f"{r['name']:34} {r['error']}")
             continue
-        b = runs.get(base_of.get(key, ""), {})
-        ok = b and not b["error"]
-        speed = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}" if ok else ""
-        mem = f"{r['peak_gib'] / b['peak_gib']:.2f}" if ok else ""
-        lines.append(f"{r['name']:30} {r['tokens_per_s']:>11,.0f} {100 * r['mfu']:>5.1f}% {r['peak_gib']:>9.1f} "
-                     f"{speed:>8} {mem:>7}")
-    if "parity" in result:
-        p = result["parity"]
-        lines.append(f"loss parity, fast vs plain, first {p['steps']} steps, same batches (bf16): max rel diff "
-                     f"{100 * p['max_rel_diff']:.2f}%, mean {100 * p['mean_rel_diff']:.2f}% "
-                     f"(loss {p['plain_first']:.3f} -> plain {p['plain_last']:.3f} / fast {p['fast_last']:.3f})")
+        method = "lora" if key.endswith("lora") else "full"
+        peers = [runs[k] for k in PEERS[method] if k in runs and not runs[k]["error"]]
+        ours = not key.startswith(("base_", "trl_"))
+        best = max(peers, key=lambda b: b["tokens_per_s"]) if peers and ours else None
+        trainer = runs.get(PEERS[method][0])
+        speed = f"{r['tokens_per_s'] / best['tokens_per_s']:.2f}" if best else ""
+        mem = (f"{r['peak_gib'] / trainer['peak_gib']:.2f}" if ours and trainer and not trainer["error"] else "")
+        lines.append(f"{r['name']:34} {r['tokens_per_s']:>11,.0f} {100 * r['mfu']:>5.1f}% {r['peak_gib']:>9.1f} "
+                     f"{speed:>11} {mem:>13}")
+    for key, label in (("parity", "fast vs plain"), ("parity_compiled_full", "full: eager vs compiled layers"),
+                       ("parity_compiled_lora", "LoRA: eager vs compiled layers")):
+        if key in result:
+            p = result[key]
+            lines.append(f"loss parity, {label}, first {p['steps']} steps, same batches (bf16): max rel diff "
+                         f"{100 * p['max_rel_diff']:.2f}%, mean {100 * p['mean_rel_diff']:.2f}% "
+                         f"(loss {p['plain_first']:.3f} -> {p['plain_last']:.3f} / {p['fast_last']:.3f})")
     return lines
 
 
@@ -418,7 +517,7 @@ def environment() -> dict[str, Any]:
            "device": torch.cuda.get_device_name(), "python": sys.version.split()[0]}
     from importlib.metadata import version
 
-    for name in ("peft", "liger-kernel", "triton", "accelerate"):
+    for name in ("peft", "liger-kernel", "triton", "accelerate", "trl", "datasets"):
         try:
             env[name] = version(name)
         except Exception as exc:  # report, do not fail: the bench shows the fallbacks too
@@ -447,14 +546,13 @@ def main() -> None:
     print(f"{report['env']}\nbf16 matmul 8192^3: {rate:.0f} TFLOP/s (MFU denominator)", flush=True)
     if args.sweep:  # the other shapes and regimes; the headline (1B, short) is the plain run
         results = []
-        for shape in SHAPES:
-            for regime in REGIMES:
-                if (shape, regime) != ("llama-1b", "short"):
-                    n = REGIMES[regime][4] // 3 if regime == "short" else REGIMES[regime][4] // 2
-                    results.append(compare(shape, regime, rate, n, parity=False, profile=False))
-                    print("\n".join(table(results[-1])), flush=True)
-        report["results"] = results
-        write_json(report, args.out)
+        for shape, regime in SWEEP:
+            n = REGIMES[regime][4] // 3 if regime == "short" else REGIMES[regime][4] // 2
+            results.append(compare(shape, regime, rate, n, parity=False, profile=False,
+                                   peers=(shape, regime) == ("llama-3b", "short"), eager=False))
+            print("\n".join(table(results[-1])), flush=True)
+            report["results"] = results
+            write_json(report, args.out)  # after each shape: a run cut short still leaves its rows
         return
     report["fused_adamw_max_ulp"] = check_fused_adamw()
     results = [compare("llama-1b", "short", rate, REGIMES["short"][4], parity=True, profile=True)]
