@@ -52,7 +52,8 @@ class Conversation:
 
     def messages(self) -> list[dict[str, Any]]:
         """The chat turns as `[{"role", "content"}]` (plus `tool_calls` / `tool_call_id`), the shape chat
-        templates take; a tool-calling turn without text has `content` None, as in OpenAI's format."""
+        templates take. A tool-calling turn without text has `content` "" (not OpenAI's null: Qwen3's
+        and other templates test `'</think>' in content`, which fails on None)."""
         return [message(t) for t in self.turns]
 
     @property
@@ -66,8 +67,6 @@ def message(turn: Turn) -> dict[str, Any]:
     out: dict[str, Any] = {"role": turn.role, "content": turn.content}
     if turn.tool_calls:
         out["tool_calls"] = [dict(call) for call in turn.tool_calls]
-        if not turn.content:
-            out["content"] = None
     if turn.tool_call_id is not None:
         out["tool_call_id"] = turn.tool_call_id
     return out

@@ -153,18 +153,19 @@ class Renderer:
 
     @functools.cached_property
     def system_role(self) -> str | None:
-        """None when the template renders a system prompt; else why not ("raises: ...", "drops it").
+        """None when the template shows the model a system prompt; else why not ("raises: ...", "drops it").
 
-        Probed once: a template without a system role either raises on one (Gemma 2, Mistral 7B)
-        or silently leaves it out; both mean the system prompt must be folded or refused.
+        Probed once, on an inference prompt: a template without a system role either raises on
+        one (Gemma 2, Mistral 7B) or silently leaves it out; both mean the system prompt must be
+        folded or refused. (Mistral-Nemo shows it only in the last user turn: that counts as a role.)
         """
-        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
         marker = "SYSTEMPROBE"
+        probe = [{"role": "system", "content": marker}, {"role": "user", "content": "Hi"}]
         try:
-            text = self.render([{"role": "system", "content": marker}, *probe])
+            text = self.render(probe, add_generation_prompt=True)
         except UserError as exc:
             try:
-                self.render(probe)
+                self.render(probe[1:], add_generation_prompt=True)
             except UserError:
                 return None  # the template fails on the probe itself: nothing to learn about system roles
             return f"raises {str(exc).split(': ', 1)[-1]!r}"
@@ -181,7 +182,7 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
 
     Found by rendering a probe conversation and taking the first special token after the
     assistant's text (Phi-3.5 `<|end|>`, Gemma `<end_of_turn>`, Llama 3 `<|eot_id|>`), plus
-    Llama 3.1's `<|eom_id|>` (the end of a tool-calling message) where the template uses it.
+    Llama 3's `<|eom_id|>` (the end of a message awaiting a tool's result) where the vocabulary has it.
     Generation stops at any of these; training saves them as the generation config's `eos_token_id`.
     """
     ids: list[int] = []
@@ -192,7 +193,7 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
             ids.append(first)
         for token in EXTRA_END_OF_TURN:
             token_id = tokenizer.get_vocab().get(token)
-            if token in source and token_id is not None and token_id not in ids:
+            if token_id is not None and token_id not in ids:
                 ids.append(int(token_id))
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(int(tokenizer.eos_token_id))

@@ -23,6 +23,7 @@ from tunesmith.data.conversation import Conversation
 from tunesmith.data.templates import Renderer, end_of_turn_ids
 from tunesmith.errors import UserError
 
+SENTINEL = "\ue000reply\ue000"  # a reply text no template transforms, to find where the reply's rendering starts
 TEMPLATE_FIX = "fix: pick another template with --template (llama3 | chatml | zephyr | alpaca | plain)"
 
 
@@ -73,7 +74,7 @@ class TurnRenderer:
             number = i + 1 + shift
             prompt = self._render(conv, number, messages[:i], True)
             finished = self._render(conv, number, messages[:i + 1], False)
-            target = self._target(conv, number, message, prompt, finished)
+            target = self._target(conv, number, messages[:i + 1], prompt, finished)
             out.append(TurnText(i, number, prompt, target))
         return out
 
@@ -104,13 +105,15 @@ class TurnRenderer:
         except UserError as exc:
             raise Refusal(f"{conv.source}: turn {number}: {exc}", exc.problems) from None
 
-    def _target(self, conv: Conversation, number: int, message: dict[str, Any], prompt: str,
+    def _target(self, conv: Conversation, number: int, upto: list[dict[str, Any]], prompt: str,
                 finished: str) -> str:
-        """What the model must write after `prompt`, through its end-of-turn token."""
+        """What the model must write after `prompt`, through its end-of-turn token (`upto` ends with the turn)."""
+        message = upto[-1]
         if finished.startswith(prompt):
             target = self._through_end_of_turn(finished[len(prompt):], message.get("content"))
         else:
-            target = self._continuing(conv, number, message, prompt, finished)
+            target = self._moved_history(conv, number, upto, prompt, finished) or \
+                self._continuing(conv, number, message, prompt, finished)
         for call in message.get("tool_calls") or []:
             name = (call.get("function") or {}).get("name", "")
             if not name or name not in target:
@@ -120,6 +123,26 @@ class TurnRenderer:
         if not target:
             raise Refusal(f"{conv.source}: turn {number}: the chat template renders nothing for this assistant turn")
         return target
+
+    def _moved_history(self, conv: Conversation, number: int, upto: list[dict[str, Any]], prompt: str,
+                       finished: str) -> str | None:
+        """Target when the template renders the history differently once the reply exists, but the reply
+        itself follows the same generation prompt (Mistral-Nemo moves the system prompt to the last user turn).
+
+        The reply's rendering starts where a sentinel reply's rendering departs from it; the text before
+        it must end exactly as `prompt` does (its generation prompt), else None.
+        """
+        message = upto[-1]
+        if not isinstance(message.get("content"), str) or message.get("tool_calls"):
+            return None
+        probe = [*upto[:-1], {**message, "content": SENTINEL}]
+        start = len(os.path.commonprefix([finished, self._render(conv, number, probe, False)]))
+        before = self._render(conv, number, upto[:-1], False)
+        generation = prompt[len(os.path.commonprefix([before, prompt])):]
+        shared = len(os.path.commonprefix([prompt[::-1], finished[:start][::-1]]))
+        if shared < max(len(generation), 1) or not finished[start:].strip():
+            return None
+        return self._through_end_of_turn(finished[start:], message["content"])
 
     def _continuing(self, conv: Conversation, number: int, message: dict[str, Any], prompt: str,
                     finished: str) -> str:
@@ -150,4 +173,11 @@ class TurnRenderer:
         if content and content.strip() and content.strip() in tail:
             start = tail.find(content.strip()) + len(content.strip())
         ends = [tail.find(s, start) + len(s) for s in self.eot_strings if tail.find(s, start) >= 0]
-        return tail[:min(ends)] if ends else tail
+        if not ends:
+            return tail
+        end = min(ends)
+        while True:  # end-of-turn tokens written back to back are all trained (Command R: END_RESPONSE, END_OF_TURN)
+            more = next((s for s in self.eot_strings if tail.startswith(s, end)), None)
+            if more is None:
+                return tail[:end]
+            end += len(more)
