@@ -217,7 +217,7 @@ def test_lora_run_and_generate_stop_on_the_familys_end_of_turn(name: str, tmp_pa
     LlamaForCausalLM(config).save_pretrained(base)
     tok.save_pretrained(base)
     data = tmp_path / "chat.jsonl"
-    rows = [{"messages": reference_messages("x", conversation(name, system))[:4 + 2 * system]} for system in (1, 0)]
+    rows = [{"messages": reference_messages("x", conversation(name, system))[:4 + system]} for system in (1, 0)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows * 4), encoding="utf-8")
     out = tunesmith.finetune(model=str(base), data=str(data), method="lora", max_steps=2, test_split=0.0,
                              output=str(tmp_path / "out"), report=False).output_dir
