@@ -56,7 +56,7 @@ def inspect_data(options: DataOptions, model: str | None, samples: int = 3, time
                                     ("special token", SPECIAL_STYLE)))
     else:
         console.print(Text("trained tokens (the loss) are shown between double square brackets"))
-    for line in messages + report.notices()[:2]:  # the skip warning is printed with the refusals below
+    for line in messages + [n for n in report.notices() if n.startswith("note:")]:  # refusals: below
         console.print(Text(line, style="yellow"))
     for sample in tokenized[:samples]:
         print_sample(console, tokenizer, sample)
