@@ -225,3 +225,19 @@ def test_lora_run_and_generate_stop_on_the_familys_end_of_turn(name: str, tmp_pa
     assert set(tok.convert_tokens_to_ids(FAMILIES[name]["stops"])) <= set(stops)
     reply = tunesmith.generate(str(out), "Hi", max_new_tokens=4, seed=0)
     assert isinstance(reply, str)
+
+
+def test_the_training_log_says_what_was_split_and_folded(tmp_path: Path) -> None:
+    from tunesmith.config import DataOptions
+    from tunesmith.data.prepare import prepare_data
+
+    for name, note in (("qwen3", "note: 2 conversations were split into 8 samples"),
+                       ("gemma-2", "note: folded the system prompt into the first user turn in 2 samples")):
+        path = tmp_path / f"{name}.jsonl"
+        rows = [{"messages": conversation(name, True).messages()}] * 2
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        logged: list[str] = []
+        data = prepare_data(DataOptions(data=str(path), test_split=0.0), make_tokenizer(name),
+                            cache_dir=tmp_path / "cache", log=logged.append)
+        assert any(line.startswith(note) for line in logged), logged
+        assert data.stats["split_samples" if name == "qwen3" else "folded_system"] == (8 if name == "qwen3" else 2)

@@ -102,6 +102,11 @@ def _encode_batch(tokenizer: Any, texts: list[str]) -> list[Any]:
     return [SimpleNamespace(ids=i, offsets=o) for i, o in zip(out["input_ids"], out["offset_mapping"])]
 
 
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    """The exact text of `ids` (special tokens kept, no space clean-up)."""
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
 def _turn_ids(tokenizer: Any, source: str, turn: TurnText, prompt: Any, whole: Any) -> InferenceTurn:
     """P's ids, then the target's ids as the model generates them after P.
 
@@ -113,8 +118,7 @@ def _turn_ids(tokenizer: Any, source: str, turn: TurnText, prompt: Any, whole: A
     if s[:k] == p and (k == len(s) or whole.offsets[k][0] >= len(turn.prompt)):
         return InferenceTurn(turn.number, p, s[k:])
     alone = list(tokenizer.encode(turn.target, add_special_tokens=False))
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)  # noqa: E731
-    if decode(p + alone) != decode(s):
+    if _decode(tokenizer, p + alone) != _decode(tokenizer, s):
         raise Refusal(f"{source}: turn {turn.number}: the tokenizer merges the end of the prompt with the start of "
                       f"the reply ({turn.target[:20]!r}), and the reply alone does not tokenize to the same text",
                       ["fix: remove the reply's leading whitespace"])
