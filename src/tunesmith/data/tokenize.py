@@ -107,22 +107,67 @@ def _decode(tokenizer: Any, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def _turn_ids(tokenizer: Any, source: str, turn: TurnText, prompt: Any, whole: Any) -> InferenceTurn:
-    """P's ids, then the target's ids as the model generates them after P.
+def _covering(encoding: Any, ids: list[int], length: int) -> list[int] | None:
+    """The ids of the tokens that cover exactly the first `length` characters (None: a token crosses it)."""
+    if length == 0 or not ids:
+        return [] if length == 0 else None
+    if not isinstance(encoding, SimpleNamespace):  # Rust: a lookup or two instead of a pass over all offsets
+        if encoding.token_to_chars(len(ids) - 1)[1] <= length:
+            return ids
+        after = encoding.char_to_token(length)  # the first token that covers character `length`
+        if after is not None:
+            return ids[:after] if encoding.token_to_chars(after)[0] == length else None
+    offsets = encoding.offsets  # some characters belong to no token (a normalizer dropped them): walk
+    count = sum(1 for start, _ in offsets if start < length)
+    return ids[:count] if all(end <= length for _, end in offsets[:count]) else None
 
-    `prompt` encodes P alone, `whole` P + target. When no token spans the boundary, the tail of
-    `whole` is the target's ids; when one does (a merge across it), the target is tokenized on
-    its own: after P the model starts a fresh token. Refused if that does not decode the same.
+
+def added_strings(tokenizer: Any) -> tuple[str, ...]:
+    """The added tokens' strings: text is split at them before tokenizing, so none merges across one."""
+    return tuple(str(t) for t in tokenizer.added_tokens_decoder.values())
+
+
+def _layout(turns: list[TurnText], added: tuple[str, ...]) -> tuple[list[str], list[tuple[int, int]]]:
+    """The texts to tokenize for a conversation's turns, and per turn (index of P, index of a text starting
+    with P + target). Every prompt is tokenized; P + target on its own only where the next prompt does not
+    start with it and end it at an added token (a text ending at one tokenizes the same whatever follows)."""
+    texts = [turn.prompt for turn in turns]
+    where: list[tuple[int, int]] = []
+    for i, turn in enumerate(turns):
+        full = turn.prompt + turn.target
+        if i + 1 < len(turns) and turns[i + 1].prompt.startswith(full) and turn.target.endswith(added):
+            where.append((i, i + 1))
+        else:
+            texts.append(full)
+            where.append((i, len(texts) - 1))
+    return texts, where
+
+
+def _turn_ids(tokenizer: Any, source: str, turns: list[TurnText], where: list[tuple[int, int]],
+              encodings: Any) -> list[InferenceTurn]:
+    """P's ids, then the target's ids as the model generates them after P, for each turn.
+
+    When no token crosses the prompt/target boundary, the target's ids are those of P + target
+    after P's; when one does (a merge across it), the target is tokenized on its own: after P
+    the model starts a fresh token. Refused if that does not decode to the same text.
     """
-    p, s, k = list(prompt.ids), list(whole.ids), len(prompt.ids)
-    if s[:k] == p and (k == len(s) or whole.offsets[k][0] >= len(turn.prompt)):
-        return InferenceTurn(turn.number, p, s[k:])
-    alone = list(tokenizer.encode(turn.target, add_special_tokens=False))
-    if _decode(tokenizer, p + alone) != _decode(tokenizer, s):
-        raise Refusal(f"{source}: turn {turn.number}: the tokenizer merges the end of the prompt with the start of "
-                      f"the reply ({turn.target[:20]!r}), and the reply alone does not tokenize to the same text",
-                      ["fix: remove the reply's leading whitespace"])
-    return InferenceTurn(turn.number, p, alone)
+    ids = [list(e.ids) for e in encodings]
+    out: list[InferenceTurn] = []
+    for turn, (p, w) in zip(turns, where):
+        p_ids, whole, whole_ids = ids[p], encodings[w], ids[w]
+        s_ids = _covering(whole, whole_ids, len(turn.prompt) + len(turn.target))
+        if s_ids is None:
+            s_ids = list(tokenizer.encode(turn.prompt + turn.target, add_special_tokens=False))
+        if s_ids[:len(p_ids)] == p_ids and _covering(whole, whole_ids, len(turn.prompt)) == p_ids:
+            out.append(InferenceTurn(turn.number, p_ids, s_ids[len(p_ids):]))
+            continue
+        alone = list(tokenizer.encode(turn.target, add_special_tokens=False))
+        if _decode(tokenizer, p_ids + alone) != _decode(tokenizer, s_ids):
+            raise Refusal(f"{source}: turn {turn.number}: the tokenizer merges the end of the prompt with the start "
+                          f"of the reply ({turn.target[:20]!r}), and the reply alone does not tokenize to the same "
+                          "text", ["fix: remove the reply's leading whitespace"])
+        out.append(InferenceTurn(turn.number, p_ids, alone))
+    return out
 
 
 def inference_turns(conv: Conversation, tokenizer: Any, *, fold_system: bool = True) -> list[InferenceTurn]:
@@ -134,9 +179,8 @@ def inference_turns(conv: Conversation, tokenizer: Any, *, fold_system: bool = T
     (naming sample, turn, reason) when a turn cannot be trained as inference renders it.
     """
     turns = TurnRenderer(tokenizer, fold_system).turns(conv)
-    texts = [text for t in turns for text in (t.prompt, t.prompt + t.target)]
-    encodings = _encode_batch(tokenizer, texts)
-    return [_turn_ids(tokenizer, conv.source, t, encodings[2 * j], encodings[2 * j + 1]) for j, t in enumerate(turns)]
+    texts, where = _layout(turns, added_strings(tokenizer))
+    return _turn_ids(tokenizer, conv.source, turns, where, _encode_batch(tokenizer, texts))
 
 
 def _conversation_samples(source: str, turns: list[InferenceTurn], train_on_prompt: bool) -> list[TokenizedSample]:
@@ -150,8 +194,8 @@ def _conversation_samples(source: str, turns: list[InferenceTurn], train_on_prom
             samples.append(TokenizedSample(ids, labels, f"{source} (turn {first})"))
             ids, labels, first = [], [], turn.number
         context = turn.prompt_ids[len(ids):]
-        ids = ids + context + turn.target_ids
-        labels = labels + (context if train_on_prompt else [IGNORE_INDEX] * len(context)) + turn.target_ids
+        ids += context + turn.target_ids
+        labels += (context if train_on_prompt else [IGNORE_INDEX] * len(context)) + turn.target_ids
     if ids:
         samples.append(TokenizedSample(ids, labels, f"{source} (turn {first})" if samples else source))
     return samples
@@ -169,7 +213,8 @@ def tokenize_conversation(conv: Conversation, tokenizer: Any, max_length: int,
     return samples[0]
 
 
-Plan = list[tuple[Conversation, "list[TurnText] | None"]]
+Layout = tuple[list[TurnText], list[tuple[int, int]], int]  # turns, where their texts are, how many texts
+Plan = list[tuple[Conversation, "Layout | None"]]
 
 
 def tokenize_all(convs: list[Conversation], tokenizer: Any, max_length: int, train_on_prompt: bool = False, *,
@@ -213,6 +258,7 @@ def _plan_batch(batch: list[Conversation], turner: TurnRenderer | None,
     """Render each conversation's turns (refusals recorded) and list the texts to tokenize."""
     plan: Plan = []
     texts: list[str] = []
+    added = added_strings(turner.renderer.tokenizer) if turner is not None else ()
     for conv in batch:
         if conv.kind == "text":
             plan.append((conv, None))
@@ -223,8 +269,9 @@ def _plan_batch(batch: list[Conversation], turner: TurnRenderer | None,
         except Refusal as refusal:
             report.refused.append(refusal)
             continue
-        plan.append((conv, turns))
-        texts += [text for t in turns for text in (t.prompt, t.prompt + t.target)]
+        layout, where = _layout(turns, added)
+        plan.append((conv, (turns, where, len(layout))))
+        texts += layout
     return plan, texts
 
 
@@ -232,13 +279,13 @@ def _assemble(plan: Plan, future: Future[Any], tokenizer: Any, max_length: int, 
               samples: list[TokenizedSample], report: TokenizeReport) -> None:
     """Build each conversation's sample(s) from its encodings, and add them."""
     encodings = iter(future.result())
-    for conv, turns in plan:
-        if turns is None:
+    for conv, layout in plan:
+        if layout is None:
             samples += _document_chunks(next(encodings).ids, tokenizer, max_length, conv.source, report)
             continue
-        pairs = [(next(encodings), next(encodings)) for _ in turns]
+        turns, where, count = layout
         try:
-            ids = [_turn_ids(tokenizer, conv.source, t, p, w) for t, (p, w) in zip(turns, pairs)]
+            ids = _turn_ids(tokenizer, conv.source, turns, where, [next(encodings) for _ in range(count)])
         except Refusal as refusal:
             report.refused.append(refusal)
             continue
