@@ -46,11 +46,10 @@ class TurnText:
 
 
 def fold_system_prompt(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The system prompt moved to the front of the first user turn (what LLaMA-Factory and Unsloth do)."""
+    """The system prompt (messages[0]) moved to the front of the first user turn, as LLaMA-Factory and
+    Unsloth do for templates without a system role; `messages` must have a user turn."""
     system, rest = messages[0], [dict(m) for m in messages[1:]]
-    first_user = next((m for m in rest if m["role"] == "user"), None)
-    if first_user is None:
-        return rest
+    first_user = next(m for m in rest if m["role"] == "user")
     first_user["content"] = f"{system['content']}\n\n{first_user['content']}"
     return rest
 
@@ -76,6 +75,7 @@ class TurnRenderer:
             finished = self._render(conv, number, messages[:i + 1], False)
             target = self._target(conv, number, messages[:i + 1], prompt, finished)
             out.append(TurnText(i, number, prompt, target))
+        self.folded += shift  # counted once the sample is known to render
         return out
 
     def _messages(self, conv: Conversation) -> tuple[list[dict[str, Any]], int]:
@@ -95,7 +95,9 @@ class TurnRenderer:
                           "--no-fold-system is set",
                           ["fix: drop --no-fold-system to fold the system prompt into the first user turn, "
                            "or remove the system prompt"])
-        self.folded += 1
+        if not any(m["role"] == "user" for m in messages):
+            raise Refusal(f"{conv.source}: turn 1: the chat template has no system role (it {why}) and there is "
+                          "no user turn to fold the system prompt into")
         return fold_system_prompt(messages), 1
 
     def _render(self, conv: Conversation, number: int, messages: list[dict[str, Any]], generation: bool) -> str:
