@@ -29,7 +29,7 @@ IGNORE_INDEX = -100
 BATCH = 4096  # conversations per tokenizer call: big enough for Rust's parallelism, small enough to overlap
 MAX_LISTED = 20
 __all__ = ["IGNORE_INDEX", "InferenceTurn", "Refusal", "TemplateMismatch", "TokenizeReport", "TokenizedSample",
-           "inference_turns", "tokenize_all", "tokenize_conversation"]
+           "TurnRenderer", "inference_turns", "tokenize_all", "tokenize_conversation"]
 
 
 @dataclass
@@ -170,15 +170,17 @@ def _turn_ids(tokenizer: Any, source: str, turns: list[TurnText], where: list[tu
     return out
 
 
-def inference_turns(conv: Conversation, tokenizer: Any, *, fold_system: bool = True) -> list[InferenceTurn]:
+def inference_turns(conv: Conversation, tokenizer: Any, *, fold_system: bool = True,
+                    renderer: TurnRenderer | None = None) -> list[InferenceTurn]:
     """Every assistant turn of a chat `conv` as inference tokenizes it: (prompt_ids, target_ids).
 
     The one definition of "what the model is given and what it must write" for a turn; SFT
     labels and preference scoring (chosen vs rejected replies after the same prompt) both use
     it. `tokenizer` must carry the chat template (see `choose_template`). Raises `Refusal`
-    (naming sample, turn, reason) when a turn cannot be trained as inference renders it.
+    (naming sample, turn, reason) when a turn cannot be trained as inference renders it. Pass one
+    `renderer` (a `TurnRenderer` of this tokenizer) for many calls, to probe the template once.
     """
-    turns = TurnRenderer(tokenizer, fold_system).turns(conv)
+    turns = (renderer or TurnRenderer(tokenizer, fold_system)).turns(conv)
     texts, where = _layout(turns, added_strings(tokenizer))
     return _turn_ids(tokenizer, conv.source, turns, where, _encode_batch(tokenizer, texts))
 
