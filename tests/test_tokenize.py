@@ -196,3 +196,18 @@ def test_a_template_that_raises_names_the_sample_and_turn(base_tokenizer) -> Non
     with pytest.raises(UserError) as err:
         tokenize_conversation(MULTI, tok, max_length=64)
     assert str(err.value).startswith("t:1: turn 5: the chat template failed") and "Too many turns" in str(err.value)
+
+
+def test_inference_turns_score_chosen_and_rejected_after_the_same_prompt(llama3_tokenizer) -> None:
+    """The reusable per-turn view (what preference training needs): same prompt ids, each reply's own target."""
+    from tunesmith.data.tokenize import TurnRenderer, inference_turns
+
+    renderer = TurnRenderer(llama3_tokenizer)
+    prompt = [Turn("system", "Be kind."), Turn("user", "Is the sun big?")]
+    chosen, rejected = (inference_turns(Conversation(turns=[*prompt, Turn("assistant", reply)], source="p:1"),
+                                        llama3_tokenizer, renderer=renderer)[-1] for reply in ("Yes, very.", "No."))
+    text = llama3_tokenizer.apply_chat_template([{"role": t.role, "content": t.content} for t in prompt],
+                                                tokenize=False, add_generation_prompt=True)
+    assert chosen.prompt_ids == rejected.prompt_ids == llama3_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert llama3_tokenizer.decode(chosen.target_ids) == "Yes, very.<|eot_id|>"
+    assert llama3_tokenizer.decode(rejected.target_ids) == "No.<|eot_id|>" and chosen.number == 3
