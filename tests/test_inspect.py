@@ -68,3 +68,45 @@ def test_skipped_rows_and_failed_preflight_are_shown(tiny_base_model_dir: Path, 
         inspect_data(DataOptions(data=str(path), max_length=64), model=str(tiny_base_model_dir),
                      console=Console(file=out, force_terminal=False))
     assert "pre-flight: FAILED" in out.getvalue() and "[[" in out.getvalue()
+
+
+def family_model_dir(tmp_path: Path, family: str) -> Path:
+    """A directory with a real family's tokenizer (and a config, so it loads as a model directory)."""
+    from template_families import make_tokenizer
+    from transformers import LlamaConfig
+
+    tok = make_tokenizer(family)
+    tok.save_pretrained(tmp_path / family)
+    LlamaConfig(vocab_size=len(tok)).save_pretrained(tmp_path / family)
+    return tmp_path / family
+
+
+def test_inspect_shows_per_turn_splits_folds_and_refusals(tmp_path: Path) -> None:
+    think = "<think>\nhmm\n</think>\n\n"
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
+                          {"role": "assistant", "content": think + "A"}, {"role": "user", "content": "b"},
+                          {"role": "assistant", "content": think + "B"}]},
+            {"messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "no reasoning"}]}]
+    path = tmp_path / "r1.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    model = family_model_dir(tmp_path, "deepseek-r1-distill")
+    out = io.StringIO()
+    with pytest.raises(UserError, match="1 samples cannot be trained the way inference renders them"):
+        inspect_data(DataOptions(data=str(path)), model=str(model), console=Console(file=out, width=200))
+    text = out.getvalue()
+    assert "note: 1 conversations were split into 2 samples" in text
+    assert f"── {path}:1 (turn 3) ·" in text and f"── {path}:1 (turn 5) ·" in text
+    assert re.findall(r"\[\[(.*?)\]\]", text, flags=re.S) == ["hmm\n</think>\n\nA<｜end▁of▁sentence｜>",
+                                                              "hmm\n</think>\n\nB<｜end▁of▁sentence｜>"]
+    assert f"{path}:2: turn 2: the chat template renders this assistant turn differently" in text
+    stats, text = run(DataOptions(data=str(path), skip_invalid=True), model, terminal=False)
+    assert stats["split_conversations"] == 1 and stats["split_samples"] == 2 and stats["refused"] == 1
+    assert "split per turn" in text and "pre-flight: ok" in text
+
+
+def test_inspect_says_when_the_system_prompt_is_folded(tmp_path: Path) -> None:
+    stats, text = run(DataOptions(data=str(sharegpt_file(tmp_path))), family_model_dir(tmp_path, "gemma-2"),
+                      terminal=False)
+    assert "note: folded the system prompt into the first user turn in 1 samples" in text
+    assert "<start_of_turn>user\nYou shout.\n\nhello there<end_of_turn>" in text and stats["folded_system"] == 1
+    assert re.findall(r"\[\[(.*?)\]\]", text, flags=re.S)[:2] == ["HELLO THERE<end_of_turn>", "BECAUSE I CAN<end_of_turn>"]

@@ -69,9 +69,11 @@ def test_trained_tokens_are_assistant_contents_plus_end_of_turn(request, fixture
     sample = tokenize_conversation(MULTI, tok, max_length=512)
     assistants = [t.content for t in MULTI.turns if t.role == "assistant"]
     assert trained_runs(tok, sample) == [shown(a) + eot for a in assistants]
-    # segment-wise tokenizing gives the same ids as tokenizing the whole rendering at once
+    # here no BPE merge crosses a prompt/reply boundary, so the ids are those of the whole rendering,
+    # which the sample ends right after the last end-of-turn (what follows it is never trained)
     whole = tok(Renderer(tok).render(MULTI.messages()), add_special_tokens=False)["input_ids"]
-    assert sample.input_ids == whole
+    assert sample.input_ids == whole[:len(sample.input_ids)]
+    assert tok.decode(whole[len(sample.input_ids):]).strip() == ""
     if tok.bos_token_id is not None:
         assert sample.input_ids.count(tok.bos_token_id) == 1 and sample.input_ids[0] == tok.bos_token_id
 
@@ -132,12 +134,19 @@ HISTORY_REWRITING = (  # like Qwen3: only assistant turns after the last user me
 )
 
 
-def test_turns_a_template_rewrites_in_history_are_not_trained_but_counted(chatml_tokenizer) -> None:
+def test_a_template_that_rewrites_history_trains_every_turn_in_its_inference_context(chatml_tokenizer) -> None:
+    """Was: earlier turns left untrained. Now: one sample per turn, each rendered as inference renders it."""
     tok = copy.deepcopy(chatml_tokenizer)
     tok.chat_template = HISTORY_REWRITING
     samples, report = tokenize_all([MULTI], tok, max_length=512)
-    assert report.untrained_turns == 1
-    assert trained_runs(tok, samples[0]) == ["<think>\n\n</think>\n\nA rock,  mostly\n\nGREY 42 <|im_end|>"]
+    assert report.split_conversations == 1 and report.split_samples == 2 and len(samples) == 2
+    assert [trained_runs(tok, s) for s in samples] == [
+        ["<think>\n\n</think>\n\n A star.\n<|im_end|>"], ["<think>\n\n</think>\n\nA rock,  mostly\n\nGREY 42 <|im_end|>"]]
+    for sample, i in zip(samples, (2, 4)):  # the context of each is exactly the inference prompt
+        prompt = tok.apply_chat_template(MULTI.messages()[:i], tokenize=False, add_generation_prompt=True)
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        assert sample.input_ids[:len(ids)] == ids and set(sample.labels[:len(ids)]) == {IGNORE_INDEX}
+    assert "split into 2 samples" in report.notices()[0]
 
 
 def test_sentencepiece_style_tokenizer_masks_match_whole_text_tokenization() -> None:
@@ -155,27 +164,50 @@ def test_sentencepiece_style_tokenizer_masks_match_whole_text_tokenization() -> 
     conv = Conversation(turns=[Turn("user", "hello"), Turn("assistant", "The sun is big")], source="s:1")
     sample = tokenize_conversation(conv, tok, max_length=256)
     whole = tok(Renderer(tok).render(conv.messages()), add_special_tokens=False)["input_ids"]
-    assert sample.input_ids == whole
+    assert sample.input_ids == whole[:len(sample.input_ids)]
     trained = [t for t in sample.labels if t != IGNORE_INDEX]
     assert tok.convert_ids_to_tokens(trained)[-1] == "</s>"
     assert "".join(tok.convert_ids_to_tokens(trained[:-1])).replace("▁", " ").strip() == "The sun is big"
 
 
-def test_offset_walk_agrees_with_char_to_token(llama3_tokenizer) -> None:
-    from types import SimpleNamespace
-
-    from tunesmith.data.tokenize import SpanFinder, _labels
-
-    text, spans = SpanFinder(llama3_tokenizer).spans(MULTI)
-    encoding = llama3_tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
-    walked = _labels(SimpleNamespace(ids=encoding.ids, offsets=encoding.offsets), spans)
-    assert walked == _labels(encoding, spans) and walked.count(IGNORE_INDEX) < len(walked)
+NO_SYSTEM = ("{%- if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+             "{%- endif %}{%- for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{%- endfor %}"
+             "{%- if add_generation_prompt %}{{ 'assistant: ' }}{%- endif %}")
 
 
-def test_a_template_that_raises_names_the_sample(base_tokenizer) -> None:
+def test_a_system_prompt_is_folded_where_the_template_has_no_system_role(base_tokenizer) -> None:
+    """Was: refused with the template's message. Now: folded into the first user turn, counted; or refused."""
     tok = copy.deepcopy(base_tokenizer)
-    tok.chat_template = ("{%- if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-                         "{%- endif %}{%- for m in messages %}{{ m['content'] + eos_token }}{%- endfor %}")
+    tok.chat_template = NO_SYSTEM
+    samples, report = tokenize_all([MULTI], tok, max_length=256)
+    assert report.folded_system == 1 and "raises 'System role not supported'" in report.notices()[0]
+    assert tok.decode(samples[0].input_ids).startswith("user: You are terse.\n\n  what is the sun?  </s>")
+    assert trained_runs(tok, samples[0]) == [" A star.\n</s>", "A rock,  mostly\n\nGREY 42 </s>"]
+    with pytest.raises(UserError) as err:
+        tokenize_all([SINGLE, MULTI], tok, max_length=256, fold_system=False)
+    assert str(err.value) == "1 samples cannot be trained the way inference renders them"
+    assert err.value.problems[0].startswith("t:1: turn 1: the chat template has no system role (it raises")
+
+
+def test_a_template_that_raises_names_the_sample_and_turn(base_tokenizer) -> None:
+    tok = copy.deepcopy(base_tokenizer)
+    tok.chat_template = ("{%- if messages | length > 3 %}{{ raise_exception('Too many turns') }}{%- endif %}"
+                         "{%- for m in messages %}{{ m['content'] + eos_token }}{%- endfor %}")
     with pytest.raises(UserError) as err:
         tokenize_conversation(MULTI, tok, max_length=64)
-    assert str(err.value).startswith("t:1: the chat template failed") and "System role not supported" in str(err.value)
+    assert str(err.value).startswith("t:1: turn 5: the chat template failed") and "Too many turns" in str(err.value)
+
+
+def test_inference_turns_score_chosen_and_rejected_after_the_same_prompt(llama3_tokenizer) -> None:
+    """The reusable per-turn view (what preference training needs): same prompt ids, each reply's own target."""
+    from tunesmith.data.tokenize import TurnRenderer, inference_turns
+
+    renderer = TurnRenderer(llama3_tokenizer)
+    prompt = [Turn("system", "Be kind."), Turn("user", "Is the sun big?")]
+    chosen, rejected = (inference_turns(Conversation(turns=[*prompt, Turn("assistant", reply)], source="p:1"),
+                                        llama3_tokenizer, renderer=renderer)[-1] for reply in ("Yes, very.", "No."))
+    text = llama3_tokenizer.apply_chat_template([{"role": t.role, "content": t.content} for t in prompt],
+                                                tokenize=False, add_generation_prompt=True)
+    assert chosen.prompt_ids == rejected.prompt_ids == llama3_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert llama3_tokenizer.decode(chosen.target_ids) == "Yes, very.<|eot_id|>"
+    assert llama3_tokenizer.decode(rejected.target_ids) == "No.<|eot_id|>" and chosen.number == 3

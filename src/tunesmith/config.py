@@ -54,6 +54,8 @@ class DataOptions:
     """Chat template: auto (the tokenizer's own, else a default) | llama3 | chatml | alpaca | zephyr | plain."""
     system: str | None = None
     """System prompt added to every sample that has none."""
+    fold_system: bool = True
+    """Where the chat template has no system role (Gemma 2, Mistral 7B), fold the system prompt into the first user turn; --no-fold-system refuses such samples instead."""
     max_length: int = 2048
     """Longest sample in tokens; longer ones are truncated (and counted)."""
     train_on_prompt: bool = False

@@ -23,7 +23,7 @@ from tunesmith.data.conversation import Conversation
 from tunesmith.data.tokenize import TokenizedSample
 from tunesmith.errors import UserError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def default_cache_dir() -> Path:

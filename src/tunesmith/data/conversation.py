@@ -1,7 +1,8 @@
 """The one internal sample type: every reader produces it, every trainer consumes it.
 
 A `Conversation` is one of three kinds:
-- chat: ordered `turns` of system / user / assistant;
+- chat: ordered `turns` of system / user / assistant (and `tool` results, answering an
+  assistant turn's OpenAI-style `tool_calls`);
 - preference: `turns` are the prompt (system/user...), `chosen` and `rejected` the two replies;
 - text: a raw document in `text` (continued pretraining).
 `source` is "FILE:LINE" (or "hub-id:row N") so every later problem can point at its origin.
@@ -9,9 +10,10 @@ A `Conversation` is one of three kinds:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 ROLES = ("system", "user", "assistant")
+TOOL_ROLE = "tool"  # a tool's result, answering an assistant turn's tool call
 Kind = Literal["chat", "preference", "text"]
 
 
@@ -21,6 +23,10 @@ class Turn:
 
     role: str
     content: str
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    """OpenAI-style calls on an assistant turn: {"type": "function", "id", "function": {"name", "arguments"}}."""
+    tool_call_id: str | None = None
+    """On a `tool` turn: the id of the call it answers."""
 
 
 @dataclass
@@ -32,6 +38,8 @@ class Conversation:
     rejected: list[Turn] | None = None
     text: str | None = None
     source: str = ""
+    tools: list[dict[str, Any]] | None = None
+    """The tool (function) definitions offered to the model, passed to the chat template as `tools`."""
 
     @property
     def kind(self) -> Kind:
@@ -42,6 +50,23 @@ class Conversation:
             return "preference"
         return "chat"
 
-    def messages(self) -> list[dict[str, str]]:
-        """The chat turns as `[{"role", "content"}]`, the shape chat templates take."""
-        return [{"role": t.role, "content": t.content} for t in self.turns]
+    def messages(self) -> list[dict[str, Any]]:
+        """The chat turns as `[{"role", "content"}]` (plus `tool_calls` / `tool_call_id`), the shape chat
+        templates take. A tool-calling turn without text has `content` "" (not OpenAI's null: Qwen3's
+        and other templates test `'</think>' in content`, which fails on None)."""
+        return [message(t) for t in self.turns]
+
+    @property
+    def uses_tools(self) -> bool:
+        """Whether any turn calls a tool or carries a tool's result."""
+        return any(t.tool_calls or t.role == TOOL_ROLE for t in self.turns)
+
+
+def message(turn: Turn) -> dict[str, Any]:
+    """One turn in the shape chat templates take."""
+    out: dict[str, Any] = {"role": turn.role, "content": turn.content}
+    if turn.tool_calls:
+        out["tool_calls"] = [dict(call) for call in turn.tool_calls]
+    if turn.tool_call_id is not None:
+        out["tool_call_id"] = turn.tool_call_id
+    return out

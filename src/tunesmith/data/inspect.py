@@ -3,7 +3,9 @@
 Shows the first samples as the chat template renders them, with the trained tokens
 highlighted (colours on a terminal, `[[...]]` markers when piped), then the numbers that
 catch mistakes early: rows read/invalid, token lengths, the share of tokens trained, how
-many samples exceed --max-length; and runs the same pre-flight checks as training.
+many samples exceed --max-length, how many conversations were split per turn or had their
+system prompt folded, and which samples are refused (FILE:LINE, turn, reason); and runs the
+same pre-flight checks as training.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from tunesmith.data.conversation import Conversation
 from tunesmith.data.prepare import data_source, data_stats, length_stats, preflight, read_with_report
 from tunesmith.data.readers import ReadReport
 from tunesmith.data.templates import choose_template, end_of_turn_ids
-from tunesmith.data.tokenize import IGNORE_INDEX, TokenizedSample, TokenizeReport, tokenize_all
+from tunesmith.data.tokenize import IGNORE_INDEX, MAX_LISTED, TokenizedSample, TokenizeReport, tokenize_all
 from tunesmith.errors import UserError
 
 TRAINED_STYLE = "bold black on green"
@@ -43,7 +45,8 @@ def inspect_data(options: DataOptions, model: str | None, samples: int = 3, time
     eot = end_of_turn_ids(tokenizer)
     convs = [_as_chat(c) for c in convs]
     start = time.perf_counter()
-    tokenized, report = tokenize_all(convs, tokenizer, options.max_length, options.train_on_prompt)
+    tokenized, report = tokenize_all(convs, tokenizer, options.max_length, options.train_on_prompt,
+                                     fold_system=options.fold_system, skip_invalid=True)
     seconds = time.perf_counter() - start
     console.print(Text.assemble(("template: ", "bold"), template, ("  end of turn: ", "bold"),
                                 ", ".join(tokenizer.convert_ids_to_tokens(eot)), ("  format: ", "bold"),
@@ -53,10 +56,11 @@ def inspect_data(options: DataOptions, model: str | None, samples: int = 3, time
                                     ("special token", SPECIAL_STYLE)))
     else:
         console.print(Text("trained tokens (the loss) are shown between double square brackets"))
-    for line in messages:
+    for line in messages + [n for n in report.notices() if n.startswith("note:")]:  # refusals: below
         console.print(Text(line, style="yellow"))
     for sample in tokenized[:samples]:
         print_sample(console, tokenizer, sample)
+    _print_refusals(console, report, options)
     stats = data_stats(read_report, report, TokenizeReport(), options.max_length)
     if time_it:
         stats["samples_per_second"] = len(convs) / seconds if seconds > 0 else float("inf")
@@ -72,6 +76,25 @@ def inspect_data(options: DataOptions, model: str | None, samples: int = 3, time
         console.print(Text(line, style="yellow"))
     console.print(Text("pre-flight: ok", style="bold green"))
     return stats
+
+
+def _print_refusals(console: Console, report: TokenizeReport, options: DataOptions) -> None:
+    """Samples that cannot be trained as inference renders them: each with its FILE:LINE, turn and reason.
+
+    Raises the training error (after printing) unless --skip-invalid would skip them.
+    """
+    if not report.refused:
+        return
+    verdict = "skipped (--skip-invalid)" if options.skip_invalid else "training would refuse to start"
+    console.print(Text(f"refused: {len(report.refused)} samples cannot be trained the way inference renders them "
+                       f"({verdict}):", style="bold red"))
+    for refusal in report.refused[:MAX_LISTED]:
+        console.print(Text(f"  {refusal}", style="red"))
+        for hint in refusal.problems:
+            console.print(Text(f"    {hint}", style="red"))
+    if not options.skip_invalid:
+        raise UserError(f"{len(report.refused)} samples cannot be trained the way inference renders them",
+                        [str(r) for r in report.refused[:MAX_LISTED]])
 
 
 def _as_chat(conv: Conversation) -> Conversation:
@@ -138,8 +161,13 @@ def stats_table(stats: dict[str, Any], read_report: ReadReport, console: Console
         ("tokens trained", f"{stats['trained_share']:.1%} ({stats['trained_tokens']:,} of {stats['tokens']:,})"),
         (f"over --max-length {stats['max_length']}", f"{stats['over_max_length']:,}" + _over_note(stats)),
     ]
-    if stats["untrained_turns"]:
-        rows.append(("turns not trained", f"{stats['untrained_turns']:,} (the template rewrites them in history)"))
+    if stats["split_conversations"]:
+        rows.append(("split per turn", f"{stats['split_conversations']:,} conversations -> {stats['split_samples']:,} "
+                                       "samples (the template renders history differently)"))
+    if stats["folded_system"]:
+        rows.append(("system prompt folded", f"{stats['folded_system']:,} samples (the template has no system role)"))
+    if stats["refused"]:
+        rows.append(("refused", f"{stats['refused']:,} samples (see above)"))
     if stats["dropped"]:
         rows.append(("nothing left to train", f"{stats['dropped']:,} samples"))
     if "samples_per_second" in stats:

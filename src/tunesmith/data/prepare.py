@@ -87,8 +87,9 @@ def prepare_data(options: DataOptions, tokenizer: Any, *, seed: int = 42, cache_
         train_convs, eval_convs = convs, read_with_report(options.eval_data, options, log)[0]
     else:
         train_convs, eval_convs = split_train_eval(convs, options.test_split, seed)
-    train, train_report = tokenize_all(train_convs, tokenizer, options.max_length, options.train_on_prompt)
-    evals, eval_report = tokenize_all(eval_convs, tokenizer, options.max_length, options.train_on_prompt)
+    fit = {"fold_system": options.fold_system, "skip_invalid": options.skip_invalid}
+    train, train_report = tokenize_all(train_convs, tokenizer, options.max_length, options.train_on_prompt, **fit)
+    evals, eval_report = tokenize_all(eval_convs, tokenizer, options.max_length, options.train_on_prompt, **fit)
     has_chat = any(c.kind == "chat" for c in train_convs)
     preflight(train, train_report, eval_report, eot, options, log, has_chat)
     stats = data_stats(report, train_report, eval_report, options.max_length)
@@ -96,10 +97,8 @@ def prepare_data(options: DataOptions, tokenizer: Any, *, seed: int = 42, cache_
     save_entry(directory, key, train, evals, eval_convs, stats)
     log(f"data: {len(train)} train / {len(evals)} eval samples from {source} (format {report.format}, "
         f"template {template}); {stats['trained_share']:.0%} of tokens trained")
-    if stats["untrained_turns"]:
-        log(f"warning: {stats['untrained_turns']} earlier assistant turns are not trained: the template renders "
-            "them differently once later turns exist (it rewrites history); to train them, split those "
-            "conversations into one sample per assistant turn")
+    for line in train_report.notices():
+        log(line)
     if train_report.truncated:
         log(f"warning: {train_report.truncated} samples longer than --max-length {options.max_length} "
             "were truncated")
@@ -163,5 +162,8 @@ def data_stats(read: ReadReport, train: TokenizeReport, evals: TokenizeReport, m
         "truncated": train.truncated + evals.truncated,
         "dropped": len(train.dropped) + len(evals.dropped),
         "chunked_documents": train.chunked_documents + evals.chunked_documents,
-        "untrained_turns": train.untrained_turns + evals.untrained_turns,
+        "split_conversations": train.split_conversations + evals.split_conversations,
+        "split_samples": train.split_samples + evals.split_samples,
+        "folded_system": train.folded_system + evals.folded_system,
+        "refused": len(train.refused) + len(evals.refused),
     }

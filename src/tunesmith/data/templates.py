@@ -134,39 +134,82 @@ class Renderer:
         if not isinstance(source, str) or not source.strip():
             raise UserError("the tokenizer has no chat template; call choose_template first")
         self.tokenizer = tokenizer
+        self.source = source
         self.template = _compiled(source)
         self.kwargs = template_kwargs(tokenizer)
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+               tools: list[dict[str, Any]] | None = None) -> str:
         """The template's text for `messages` (what apply_chat_template(tokenize=False) returns)."""
         try:
             if self.template is None:
-                return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                                           add_generation_prompt=add_generation_prompt)
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        tools=None, documents=None, **self.kwargs)
+                                        tools=tools, documents=None, **self.kwargs)
         except Exception as exc:  # jinja's raise_exception and template bugs
             raise UserError(f"the chat template failed to render a conversation: {exc}",
                             ["try another template with --template (see tunesmith data inspect)"]) from None
+
+    @functools.cached_property
+    def system_role(self) -> str | None:
+        """None when the template shows the model a system prompt; else why not ("raises: ...", "drops it").
+
+        Probed once, on an inference prompt: a template without a system role either raises on
+        one (Gemma 2, Mistral 7B) or silently leaves it out; both mean the system prompt must be
+        folded or refused. (Mistral-Nemo shows it only in the last user turn: that counts as a role.)
+        """
+        marker = "SYSTEMPROBE"
+        probe = [{"role": "system", "content": marker}, {"role": "user", "content": "Hi"}]
+        try:
+            text = self.render(probe, add_generation_prompt=True)
+        except UserError as exc:
+            try:
+                self.render(probe[1:], add_generation_prompt=True)
+            except UserError:
+                return None  # the template fails on the probe itself: nothing to learn about system roles
+            return f"raises {str(exc).split(': ', 1)[-1]!r}"
+        return None if marker in text else "leaves it out"
+
+    @functools.cached_property
+    def renders_tools(self) -> bool:
+        """Whether the template renders assistant tool calls at all (it mentions `tool_calls`)."""
+        return "tool_calls" in self.source
 
 
 def end_of_turn_ids(tokenizer: Any) -> list[int]:
     """Every token id that ends an assistant turn: the template's turn-closing token, and EOS.
 
     Found by rendering a probe conversation and taking the first special token after the
-    assistant's text. Generation stops at any of these; training saves them as the
-    generation config's `eos_token_id`.
+    assistant's text (Phi-3.5 `<|end|>`, Gemma `<end_of_turn>`, Llama 3 `<|eot_id|>`), plus
+    Llama 3's `<|eom_id|>` (the end of a message awaiting a tool's result) where the vocabulary has it.
+    Generation stops at any of these; training saves them as the generation config's `eos_token_id`.
     """
     ids: list[int] = []
-    if getattr(tokenizer, "chat_template", None):
-        renderer = Renderer(tokenizer)
-        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "PROBE"}]
-        text = renderer.render(probe)
-        tail = text[text.rfind("PROBE") + len("PROBE"):]
-        specials = {int(i) for i in tokenizer.added_tokens_decoder}
-        first = next((i for i in tokenizer.encode(tail, add_special_tokens=False) if i in specials), None)
+    source = getattr(tokenizer, "chat_template", None)
+    if isinstance(source, str) and source.strip():
+        first = _first_special_after_reply(tokenizer, Renderer(tokenizer))
         if first is not None:
             ids.append(first)
+        for token in EXTRA_END_OF_TURN:
+            token_id = tokenizer.get_vocab().get(token)
+            if token_id is not None and token_id not in ids:
+                ids.append(int(token_id))
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(int(tokenizer.eos_token_id))
     return ids
+
+
+EXTRA_END_OF_TURN = ("<|eom_id|>",)  # ends a message that awaits a tool's result, not the turn's usual token
+
+
+def _first_special_after_reply(tokenizer: Any, renderer: Renderer) -> int | None:
+    """The first special token the template writes after an assistant reply (None if none)."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "PROBE"}]
+    try:
+        text = renderer.render(probe)
+    except UserError:
+        return None
+    tail = text[text.rfind("PROBE") + len("PROBE"):]
+    specials = {int(i) for i in tokenizer.added_tokens_decoder}
+    return next((i for i in tokenizer.encode(tail, add_special_tokens=False) if i in specials), None)
