@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunesmith.config import DataOptions
+from tunesmith.config import DataOptions, DatasetSpec
 from tunesmith.data.cache import cache_key, default_cache_dir, load_entry, save_entry
 from tunesmith.data.conversation import Conversation
-from tunesmith.data.readers import ReadReport, read_conversations
+from tunesmith.data.mix import read_dataset, read_mix
+from tunesmith.data.readers import ReadReport
 from tunesmith.data.split import split_train_eval
 from tunesmith.data.templates import choose_template, end_of_turn_ids
 from tunesmith.data.tokenize import IGNORE_INDEX, TokenizedSample, TokenizeReport, tokenize_all
@@ -38,26 +39,19 @@ class PreparedData:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def data_source(options: DataOptions) -> str:
-    """The data to read: `options.data`, else the bundled example dataset."""
-    if options.data is not None:
-        return options.data
+def data_sources(options: DataOptions) -> list[DatasetSpec]:
+    """The datasets to read: `options.data`, else the bundled example dataset."""
+    if options.data:
+        return list(options.data)
     if not EXAMPLE_DATA.is_file():
         raise UserError(f"the bundled example dataset is missing ({EXAMPLE_DATA}); pass --data FILE")
-    return str(EXAMPLE_DATA)
+    return [DatasetSpec(str(EXAMPLE_DATA))]
 
 
 def read_with_report(source: str, options: DataOptions, log: Callable[[str], None]) -> tuple[
         list[Conversation], ReadReport]:
-    """`read_conversations` with the options applied; skipped rows are logged, never silent."""
-    convs, report = read_conversations(source, options.format, options.columns, options.system,
-                                       options.skip_invalid)
-    if report.rows_invalid:
-        log(f"warning: skipped {report.rows_invalid} invalid rows of {report.rows_read} in {source} "
-            f"(--skip-invalid); the first ones:")
-        for line in report.problems[:5]:
-            log(f"  {line}")
-    return convs, report
+    """One file read with the run's options; skipped rows are logged, never silent."""
+    return read_dataset(DatasetSpec(source), options, log)
 
 
 def prepare_data(options: DataOptions, tokenizer: Any, *, seed: int = 42, cache_dir: Path | None = None,
@@ -67,9 +61,10 @@ def prepare_data(options: DataOptions, tokenizer: Any, *, seed: int = 42, cache_
     Sets the chosen chat template on `tokenizer`, so saving the tokenizer with the model
     makes inference render exactly as training did.
     """
-    source = data_source(options)
+    specs = data_sources(options)
+    source = ", ".join(s.path for s in specs)
     directory = cache_dir if cache_dir is not None else default_cache_dir()
-    key = cache_key(options, tokenizer, source, seed)
+    key = cache_key(options, tokenizer, [s.path for s in specs], seed)
     template = choose_template(tokenizer, options.template)
     eot = end_of_turn_ids(tokenizer)
     cached = load_entry(directory, key)
@@ -77,7 +72,8 @@ def prepare_data(options: DataOptions, tokenizer: Any, *, seed: int = 42, cache_
         train, evals, eval_convs, stats = cached
         log(f"data: {len(train)} train / {len(evals)} eval samples (cached: {directory / key})")
         return PreparedData(train, evals, eval_convs, template, eot, stats)
-    convs, report = read_with_report(source, options, log)
+    convs, mix = read_mix(specs, options, seed, log)
+    report = mix.combined()
     if options.eval_data:
         train_convs, eval_convs = convs, read_with_report(options.eval_data, options, log)[0]
     else:
@@ -87,8 +83,10 @@ def prepare_data(options: DataOptions, tokenizer: Any, *, seed: int = 42, cache_
     has_chat = any(c.kind == "chat" for c in train_convs)
     preflight(train, train_report, eval_report, eot, options, log, has_chat)
     stats = data_stats(report, train_report, eval_report, options.max_length)
-    stats.update(template=template, end_of_turn_ids=eot, source=source)
+    stats.update(template=template, end_of_turn_ids=eot, source=source, datasets=mix.as_stats())
     save_entry(directory, key, train, evals, eval_convs, stats)
+    for line in mix.lines():
+        log(f"data: {line}")
     log(f"data: {len(train)} train / {len(evals)} eval samples from {source} (format {report.format}, "
         f"template {template}); {stats['trained_share']:.0%} of tokens trained")
     if stats["untrained_turns"]:
