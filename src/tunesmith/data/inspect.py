@@ -17,10 +17,10 @@ from rich.text import Text
 from tunesmith.config import DataOptions
 from tunesmith.data.conversation import Conversation
 from tunesmith.data.mix import read_mix
-from tunesmith.data.prepare import data_sources, data_stats, length_stats, preflight
+from tunesmith.data.prepare import data_sources, data_stats, length_stats, preflight, tokenize_fitting
 from tunesmith.data.readers import ReadReport
 from tunesmith.data.templates import choose_template, end_of_turn_ids
-from tunesmith.data.tokenize import IGNORE_INDEX, TokenizedSample, TokenizeReport, tokenize_all
+from tunesmith.data.tokenize import IGNORE_INDEX, TokenizedSample, TokenizeReport
 from tunesmith.errors import UserError
 
 TRAINED_STYLE = "bold black on green"
@@ -45,7 +45,7 @@ def inspect_data(options: DataOptions, model: str | None, samples: int = 3, time
     eot = end_of_turn_ids(tokenizer)
     convs = [_as_chat(c) for c in convs]
     start = time.perf_counter()
-    tokenized, report = tokenize_all(convs, tokenizer, options.max_length, options.train_on_prompt)
+    tokenized, report = tokenize_fitting(convs, tokenizer, options, messages.append)
     seconds = time.perf_counter() - start
     console.print(Text.assemble(("template: ", "bold"), template, ("  end of turn: ", "bold"),
                                 ", ".join(tokenizer.convert_ids_to_tokens(eot)), ("  format: ", "bold"),

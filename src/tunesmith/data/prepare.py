@@ -17,6 +17,7 @@ from tunesmith.config import DataOptions, DatasetSpec
 from tunesmith.data.cache import cache_key, default_cache_dir, load_entry, save_entry
 from tunesmith.data.conversation import Conversation
 from tunesmith.data.mix import read_dataset, read_mix
+from tunesmith.data.precut import char_budget, cut_overlong
 from tunesmith.data.readers import ReadReport
 from tunesmith.data.split import split_train_eval
 from tunesmith.data.templates import choose_template, end_of_turn_ids
@@ -78,8 +79,8 @@ def prepare_data(options: DataOptions, tokenizer: Any, *, seed: int = 42, cache_
         train_convs, eval_convs = convs, read_with_report(options.eval_data, options, log)[0]
     else:
         train_convs, eval_convs = split_train_eval(convs, options.test_split, seed)
-    train, train_report = tokenize_all(train_convs, tokenizer, options.max_length, options.train_on_prompt)
-    evals, eval_report = tokenize_all(eval_convs, tokenizer, options.max_length, options.train_on_prompt)
+    train, train_report = tokenize_fitting(train_convs, tokenizer, options, log)
+    evals, eval_report = tokenize_fitting(eval_convs, tokenizer, options, log)
     has_chat = any(c.kind == "chat" for c in train_convs)
     preflight(train, train_report, eval_report, eot, options, log, has_chat)
     stats = data_stats(report, train_report, eval_report, options.max_length)
@@ -97,6 +98,17 @@ def prepare_data(options: DataOptions, tokenizer: Any, *, seed: int = 42, cache_
         log(f"warning: {train_report.truncated} samples longer than --max-length {options.max_length} "
             "were truncated")
     return PreparedData(train, evals, eval_convs, template, eot, stats)
+
+
+def tokenize_fitting(convs: list[Conversation], tokenizer: Any, options: DataOptions,
+                     log: Callable[[str], None]) -> tuple[list[TokenizedSample], TokenizeReport]:
+    """`tokenize_all`, after cutting samples far over --max-length (`data.precut`), which is logged."""
+    convs, cut = cut_overlong(convs, tokenizer, options.max_length)
+    if cut:
+        log(f"warning: {cut} samples have over {char_budget(tokenizer, options.max_length):,} characters, more "
+            f"than --max-length {options.max_length} tokens can hold: cut to that before tokenizing, then "
+            "truncated (counted below)")
+    return tokenize_all(convs, tokenizer, options.max_length, options.train_on_prompt)
 
 
 def preflight(train: list[TokenizedSample], report: TokenizeReport, eval_report: TokenizeReport,
