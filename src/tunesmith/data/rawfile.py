@@ -166,26 +166,23 @@ def read_chunks(stream: BinaryIO, path: Path) -> Iterator[bytes]:
         yield block
 
 
-def raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+def split_lines(chunks: Iterator[bytes]) -> Iterator[tuple[int, bytes]]:
     """Physical lines as bytes (without the break), numbered from 1: split on b"\\n" only.
 
-    A file with "\\r" but no "\\n" in its first megabyte (old Mac line ends) is split on "\\r";
+    A file with "\\r" but no "\\n" in its first block (old Mac line ends) is split on "\\r";
     a "\\r" before a "\\n" is dropped (CRLF). Any other "\\r" stays in the line.
     """
-    with open_data(path) as stream:
-        chunks = read_chunks(stream, path)
-        first = next(chunks, b"")
-        chunks_all = _prepend(first, chunks)
-        sep = b"\r" if b"\r" in first and b"\n" not in first else b"\n"
-        rest, number = b"", 0
-        for block in chunks_all:
-            pieces = (rest + block).split(sep)
-            rest = pieces.pop()
-            for piece in pieces:
-                number += 1
-                yield number, piece[:-1] if sep == b"\n" and piece.endswith(b"\r") else piece
-        if rest:
-            yield number + 1, rest[:-1] if rest.endswith(b"\r") else rest
+    first = next(chunks, b"")
+    sep = b"\r" if b"\r" in first and b"\n" not in first else b"\n"
+    rest, number = b"", 0
+    for block in _prepend(first, chunks):
+        pieces = (rest + block).split(sep)
+        rest = pieces.pop()
+        for piece in pieces:
+            number += 1
+            yield number, piece[:-1] if sep == b"\n" and piece.endswith(b"\r") else piece
+    if rest:
+        yield number + 1, rest[:-1] if rest.endswith(b"\r") else rest
 
 
 def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
@@ -194,24 +191,25 @@ def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
 
 
 def text_lines(path: Path) -> Iterator[Line]:
-    """Decoded physical lines; a line that is not UTF-8 carries a problem saying how to convert."""
-    encoding = sniff_encoding(path)
-    if encoding not in ("utf-8", None):
-        yield from _decoded_whole(path, encoding)
-        return
-    for number, data in raw_lines(path):
-        if number == 1 and data.startswith(b"\xef\xbb\xbf"):
-            data = data[3:]
-        try:
-            yield Line(number, data.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            yield Line(number, data.decode("utf-8", "replace"), not_utf8(path, data, exc))
-
-
-def sniff_encoding(path: Path) -> str | None:
-    """The encoding a BOM announces (None without one); UTF-16 without a BOM is refused, named."""
+    """Decoded physical lines (the file opened once); a line that is not UTF-8 carries a problem."""
     with open_data(path) as stream:
-        head = next(read_chunks(stream, path), b"")[:4096]
+        chunks = read_chunks(stream, path)
+        first = next(chunks, b"")
+        encoding = sniff_encoding(path, first[:4096])
+        if encoding not in ("utf-8", None):
+            yield from _decoded_whole(path, first + b"".join(chunks), encoding)
+            return
+        for number, data in split_lines(_prepend(first, chunks)):
+            if number == 1 and data.startswith(b"\xef\xbb\xbf"):
+                data = data[3:]
+            try:
+                yield Line(number, data.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                yield Line(number, data.decode("utf-8", "replace"), not_utf8(path, data, exc))
+
+
+def sniff_encoding(path: Path, head: bytes) -> str | None:
+    """The encoding a BOM announces (None without one); UTF-16 without a BOM is refused, named."""
     for bom, name in BOMS:
         if head.startswith(bom):
             return name
@@ -222,16 +220,13 @@ def sniff_encoding(path: Path) -> str | None:
     return None
 
 
-def _decoded_whole(path: Path, encoding: str) -> Iterator[Line]:
+def _decoded_whole(path: Path, data: bytes, encoding: str) -> Iterator[Line]:
     """UTF-16/32 files (rare, small): decode all at once, then split on "\\n" like the rest."""
-    with open_data(path) as stream:
-        data = b"".join(read_chunks(stream, path))
     try:
         text = data.decode("utf-16" if "16" in encoding else "utf-32")  # these codecs read and drop the BOM
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: starts with a {encoding.upper()} byte-order mark but is not valid "
                         f"{encoding.upper()} ({exc.reason} at byte {exc.start}); re-save it as UTF-8") from None
-    text = text.lstrip("\ufeff")
     sep = "\r" if "\r" in text and "\n" not in text else "\n"
     for number, piece in enumerate(text.split(sep), start=1):
         yield Line(number, piece[:-1] if piece.endswith("\r") else piece)
@@ -270,4 +265,4 @@ def nul_problem(text: str) -> str | None:
     return f"a raw NUL byte at column {at + 1} (binary data in a text file? write \\u0000 if you mean it)"
 
 
-__all__ = ["Line", "check_regular_file", "logical_suffix", "open_data", "raw_lines", "read_text", "text_lines"]
+__all__ = ["Line", "check_regular_file", "logical_suffix", "open_data", "read_text", "split_lines", "text_lines"]
