@@ -176,6 +176,8 @@ CASES: list[Case] = [
          .encode(), rows=2, check=lambda c: [x.source.rsplit(":", 1)[1] for x in c] == ["3", "7"]),
     Case("json-wrapper-with-metadata", "d.json", json.dumps({"version": "1.0", "count": 2, "rows": [
         {"question": "a?", "answer": "A"}, {"question": "b?", "answer": "B"}]}).encode(), rows=2),
+    Case("json-wrapper-duplicate-key", "d.json", b'{"data": [{"question": "a", "answer": "b"}],\n'
+         b' "data": [{"question": "c", "answer": "d"}]}', error="{path}:1: duplicate key 'data' in the top-level object"),
     Case("json-columns", "d.json", json.dumps({"question": ["a?", "b?"], "answer": ["A", "B"]}).encode(), rows=2,
          check=lambda c: c[1].source.endswith(":row 2")),
     Case("json-list-of-scalars", "d.json", b'["one", "two", "three"]',
@@ -261,6 +263,8 @@ CASES: list[Case] = [
     Case("csv-instruction-response", "d.csv", b"Instruction,Context,Response\nDo,With this,Done\n", rows=1,
          check=lambda c: prompt()(c) == "Do\n\nWith this"),
     Case("csv-query-response-separators", "d.csv", b"user_query,Bot-Response\nq,a\n", error="cannot tell the data format"),
+    Case("csv-separators-and-case", "d.csv", b"System Prompt,QUESTION,answer\nBe brief.,q,a\n", rows=1,
+         check=lambda c: c[0].turns[0].content == "Be brief."),
     Case("csv-columns-missing", "d.csv", b"Question,Answer\nq,a\n", options={"columns": "prompt=Q"},
          error="{path}: --columns prompt=Q: there is no column 'Q' (columns found: Question, Answer)"),
     Case("csv-columns-case-insensitive", "d.csv", b"Frage,Antwort\nq,a\n",

@@ -166,7 +166,13 @@ def _scan_object(text: str, start: int, whole: dict[str, Any], decoder: Decoder,
     records = [k for k, v in whole.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)]
     lists = {k: v for k, v in whole.items() if isinstance(v, list)}
     if len(records) == 1:
-        yield from _scan_array(text, _value_start(text, start, records[0]), decoder)
+        members = _members(text, start)
+        names = [name for name, _ in members]
+        twice = [name for n, name in enumerate(names) if name in names[:n]]
+        if twice:
+            raise JsonProblem(f"duplicate key {twice[0]!r} in the top-level object (JSON readers disagree on "
+                              "which value wins, so tunesmith picks none: keep one)")
+        yield from _scan_array(text, dict(members)[records[0]], decoder)
         return
     if duplicate:
         raise JsonProblem(duplicate)
@@ -181,17 +187,20 @@ def _scan_object(text: str, start: int, whole: dict[str, Any], decoder: Decoder,
                       f"of equal-length arrays (found an object with keys: {', '.join(map(str, whole)) or 'none'})")
 
 
-def _value_start(text: str, start: int, key: str) -> int:
-    """Where the value of top-level `key` starts in the (already validated) object at text[start]."""
+def _members(text: str, start: int) -> list[tuple[str, int]]:
+    """(key, where its value starts) for each member of the (already validated) object at text[start]."""
     plain = json.JSONDecoder()
+    members = []
     pos = _skip(text, start + 1)
-    while True:
+    while not text.startswith("}", pos):
         name, pos = plain.raw_decode(text, pos)
         pos = _skip(text, _skip(text, pos) + 1)  # past ":"
-        if name == key:
-            return pos
+        members.append((name, pos))
         _, pos = plain.raw_decode(text, pos)
-        pos = _skip(text, _skip(text, pos) + 1)  # past ","
+        pos = _skip(text, pos)
+        if text.startswith(",", pos):
+            pos = _skip(text, pos + 1)
+    return members
 
 
 def describe(value: Any) -> str:
