@@ -77,3 +77,26 @@ def test_columns_flag_with_a_missing_column(tmp_path: Path) -> None:
     path.write_text("Question,Answer\nq,a\n", encoding="utf-8")
     refused(tunesmith("data", "inspect", str(path), "--columns", "prompt=Q"),
             f"{path}: --columns prompt=Q: there is no column 'Q' (columns found: Question, Answer)")
+
+
+def test_train_on_two_datasets_logs_the_mix_and_records_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text("Question,Answer\n" + "".join(f"Why {i}?,BECAUSE {i}.\n" for i in range(12)), encoding="utf-8")
+    chats = jsonl_file(tmp_path / "chats.jsonl", [{"instruction": f"Shout {i}", "output": f"HEY {i}!"} for i in range(8)])
+    out = tmp_path / "out"
+    result = tunesmith("train", "--model", str(tiny_model_dir), "--data", str(sheet), "--data", str(chats),
+                       "--method", "lora", "--max-steps", "1", "--no-report", "--output", str(out), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"data: {sheet}: 12 rows (60% of the mix), format qa; columns: Question → prompt, Answer → response" \
+        in result.stderr
+    assert f"data: {chats}: 8 rows (40% of the mix), format alpaca; columns: instruction → prompt, " \
+        "output → response" in result.stderr
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+    assert saved["data"] == [{"path": str(sheet)}, {"path": str(chats)}]
+
+
+def jsonl_file(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
