@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import gzip
-import io
 import os
 import stat
 import zlib
