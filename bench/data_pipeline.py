@@ -1,11 +1,16 @@
 """CPU benchmark of the data side: read + template + tokenize N synthetic Alpaca samples.
 
-    python bench/data_pipeline.py [--samples 50000] [--model DIR]
+    python bench/data_pipeline.py [--samples 50000] [--model DIR] [--read-rows 1000000]
 
 Target (issue 2): 50,000 Alpaca-sized samples in under 20 s on 2 CPU cores. Uses the
 bundled starter model's tokenizer when present (or --model), else a byte-level BPE
 tokenizer with Llama-3-style specials trained on the fly (like tests/tiny.py, 8k vocab).
 Prints one line per stage and the end-to-end samples/s.
+
+`--read-rows N` (issue 12) then reads an N-row JSONL file (and its .gz) in a fresh
+process and prints rows/s and the peak resident memory, next to the file's size and what
+the conversations themselves hold: the reader streams, so the peak is the kept samples
+plus a bounded buffer, never the file's text, its decoded rows and the samples at once.
 """
 from __future__ import annotations
 
@@ -74,12 +79,56 @@ def bench_tokenizer(model: str | None) -> Any:
                                    chat_template=LLAMA3_STYLE)
 
 
+def _child_read(path: str) -> int:
+    """(In a fresh process) read `path`; print seconds, rows and peak RSS as JSON."""
+    import resource
+
+    from tunesmith.data.readers import read_conversations
+
+    base = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024  # now, KiB
+    start = time.perf_counter()
+    convs, report = read_conversations(path)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"seconds": seconds, "rows": len(convs), "peak_mib": peak / 1024, "base_mib": base / 1024}))
+    return 0
+
+
+def bench_read_rows(rows: int) -> None:
+    """Write an N-row JSONL file (and a gzip of it), read each in a fresh process, print rows/s and peak RSS."""
+    import gzip
+    import shutil
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rows.jsonl"
+        with path.open("w", encoding="utf-8") as out:
+            for start in range(0, rows, 50_000):
+                batch = alpaca_rows(min(50_000, rows - start), seed=start)
+                out.write("".join(json.dumps(r) + "\n" for r in batch))
+        with path.open("rb") as src, gzip.open(f"{path}.gz", "wb", compresslevel=1) as dst:
+            shutil.copyfileobj(src, dst)
+        for name in (path, Path(f"{path}.gz")):
+            size = name.stat().st_size / 2**20
+            done = subprocess.run([sys.executable, __file__, "--child-read", str(name)], capture_output=True,
+                                  text=True, check=True)
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            print(f"read {r['rows']:,} rows of {name.name} ({size:,.0f} MiB): {r['seconds']:6.1f} s "
+                  f"({r['rows'] / r['seconds']:,.0f} rows/s); peak RSS {r['peak_mib']:,.0f} MiB "
+                  f"({r['base_mib']:,.0f} MiB after imports; {(r['peak_mib'] - r['base_mib']) * 2**20 / r['rows']:,.0f} "
+                  "bytes per kept sample)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Time each stage on synthetic data and print samples/s."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=50_000)
     parser.add_argument("--model", default=None, help="tokenizer to use (default: starter, else synthetic)")
+    parser.add_argument("--read-rows", type=int, default=0, help="also stream-read a file of this many rows")
+    parser.add_argument("--child-read", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child_read:
+        return _child_read(args.child_read)
 
     from tunesmith.data.readers import read_conversations
     from tunesmith.data.templates import choose_template
@@ -105,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{tok_cpu:.2f} CPU-s over all threads)")
     print(f"total:             {total:6.2f} s  for {len(samples):,} samples, {tokens / len(samples):.0f} tokens "
           f"each -> {len(samples) / total:,.0f} samples/s (target: 50,000 in < 20 s = 2,500 samples/s)")
+    if args.read_rows:
+        bench_read_rows(args.read_rows)
     return 0
 
 

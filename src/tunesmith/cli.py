@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...
         if opt.type is bool:
             action = "store_false" if opt.default is True else "store_true"
             parser.add_argument(opt.flag, dest=opt.name, action=action, default=None, help=help_text)
+        elif typing.get_origin(opt.type) is list:  # repeatable: --data a.jsonl --data b.csv
+            parser.add_argument(opt.flag, dest=opt.name, action="append", default=None, metavar=opt.name.upper(),
+                                help=help_text)
         else:
             parser.add_argument(opt.flag, dest=opt.name, type=opt.type, default=None, metavar=opt.name.upper(),
                                 help=help_text)
@@ -77,7 +81,7 @@ def add_data(parser: argparse.ArgumentParser) -> None:
     """`tunesmith data inspect FILE`: rendered samples with trained spans, and stats."""
     sub = parser.add_subparsers(dest="data_command", required=True, metavar="inspect")
     inspect_p = sub.add_parser("inspect", help="show rendered samples, trained tokens and stats")
-    inspect_p.add_argument("data", metavar="FILE", help="data file or hub dataset id")
+    inspect_p.add_argument("data", metavar="FILE", nargs="+", help="data file(s) or hub dataset id(s); several: a mix")
     inspect_p.add_argument("--model", default=None, help="tokenizer to use (default: the bundled starter)")
     inspect_p.add_argument("--samples", type=int, default=3, help="how many samples to show (default: 3)")
     inspect_p.add_argument("--stats", action="store_true", help="also time tokenization (samples/s)")

@@ -41,11 +41,55 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 @dataclass
+class DatasetSpec:
+    """One dataset of a mix (a YAML `data:`/`datasets:` entry): where it is and what differs for it."""
+
+    path: str
+    format: str | None = None
+    columns: str | None = None
+    system: str | None = None
+    share: float | None = None  # of the training mix; the datasets without one share the rest by size
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.path, str) and bool(self.path), "data path", self.path, "a file or hub dataset id")
+        check(self.format is None or self.format in FORMATS, "format", self.format, " | ".join(FORMATS))
+        check(self.share is None or (isinstance(self.share, (int, float)) and 0 < self.share <= 1),
+              f"share of {self.path}", self.share, "0 < share <= 1")
+
+
+def dataset_specs(value: Any) -> list[DatasetSpec] | None:
+    """--data / `data:` / `datasets:` -> specs: a path, a list of paths, or a list of mappings."""
+    if value is None:
+        return None
+    items = value if isinstance(value, list) else [value]
+    check(bool(items), "data", value, "a file, or a list of files")
+    known = [f.name for f in dataclasses.fields(DatasetSpec)]
+    specs = []
+    for n, item in enumerate(items, start=1):
+        if isinstance(item, DatasetSpec):
+            specs.append(item)
+        elif isinstance(item, (str, Path)):
+            specs.append(DatasetSpec(str(item)))
+        elif isinstance(item, dict):
+            unknown = sorted(set(item) - set(known))
+            check(not unknown and "path" in item, f"data entry {n}", item, f"a mapping of {', '.join(known)} "
+                  "(path required)")
+            specs.append(DatasetSpec(**item))
+        else:
+            check(False, f"data entry {n}", item, "a file path, or a mapping with path: FILE")
+    shares = [s.share for s in specs if s.share is not None]
+    exact = len(shares) == len(specs)
+    check(abs(sum(shares) - 1) < 1e-6 if exact else sum(shares) < 1, "share", shares,
+          "shares that add up to 1 (to less than 1 when some datasets have none: they share the rest)")
+    return specs
+
+
+@dataclass
 class DataOptions:
     """Where training data comes from and how it becomes tokens."""
 
-    data: str | None = None
-    """Data file (.jsonl .json .csv .tsv .parquet .txt) or hub dataset id; none: the bundled example."""
+    data: list[DatasetSpec] | None = None
+    """Data file (.jsonl .json .csv .tsv .parquet .txt, optionally .gz/.zst) or hub dataset id; repeat --data to mix several; none: the bundled example."""
     format: str = "auto"
     """Sample format: auto | alpaca | sharegpt | messages | qa | prompt-completion | text | preference."""
     columns: str | None = None
@@ -68,6 +112,7 @@ class DataOptions:
     """A separate evaluation file instead of --test-split."""
 
     def __post_init__(self) -> None:
+        self.data = dataset_specs(self.data)
         check_choice("format", self.format, FORMATS)
         check_choice("template", self.template, TEMPLATES)
         check(self.max_length >= 16, "max_length", self.max_length, "an integer >= 16")
@@ -268,6 +313,8 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
     """Convert a YAML value to the option's type, with a clear error when it cannot be."""
     if value is None:
         return None
+    if typing.get_origin(kind) is list:
+        return value  # the option's __post_init__ checks the items
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -296,6 +343,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(loaded, dict):
         raise UserError(f"{p}:1: expected a mapping of option: value")
+    if "datasets" in loaded:  # Axolotl's name for the list of datasets
+        if "data" in loaded:
+            raise UserError(f"{p}: both data and datasets are set; keep one (they are the same option)")
+        loaded["data"] = loaded.pop("datasets")
     return {str(k).replace("-", "_"): v for k, v in loaded.items()}
 
 
@@ -327,6 +378,9 @@ def to_flat_dict(config: Any) -> dict[str, Any]:
         value = getattr(config, f.name)
         if dataclasses.is_dataclass(value):
             out.update(to_flat_dict(value))
+        elif isinstance(value, list):  # the datasets of a mix: one mapping each, unset keys left out
+            out[f.name] = [{k: v for k, v in dataclasses.asdict(item).items() if v is not None}
+                           if dataclasses.is_dataclass(item) else item for item in value]
         else:
             out[f.name] = value
     return out

@@ -57,10 +57,11 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return digest.hexdigest()
 
 
-def cache_key(options: Any, tokenizer: Any, source: str, seed: int) -> str:
-    """The hex key of one prepared dataset (see the module docstring for what goes in)."""
+def cache_key(options: Any, tokenizer: Any, sources: str | list[str], seed: int) -> str:
+    """The hex key of one prepared dataset or mix (see the module docstring for what goes in)."""
     digest = hashlib.sha256(f"v{CACHE_VERSION}".encode())
-    _hash_source(digest, source)
+    for source in [sources] if isinstance(sources, str) else sources:
+        _hash_source(digest, source)
     _hash_source(digest, options.eval_data)
     digest.update(tokenizer_fingerprint(tokenizer).encode())
     digest.update(json.dumps(dataclasses.asdict(options), sort_keys=True, default=str).encode())

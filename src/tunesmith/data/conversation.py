@@ -17,7 +17,7 @@ TOOL_ROLE = "tool"  # a tool's result, answering an assistant turn's tool call
 Kind = Literal["chat", "preference", "text"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million samples in memory cost a third less
 class Turn:
     """One message of a conversation."""
 
@@ -29,7 +29,7 @@ class Turn:
     """On a `tool` turn: the id of the call it answers."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Conversation:
     """A chat, a preference pair or a raw text document, with where it came from."""
 

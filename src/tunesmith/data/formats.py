@@ -1,34 +1,25 @@
 """One raw row (a dict) -> one `Conversation`, per sample format; or a `RowProblem` saying why not.
 
-Formats and the keys that identify them (auto-detection looks at the keys of the rows):
+Formats and the fields they read (which column is which field is decided once per file by
+`tunesmith.data.columns`, case-insensitively and by alias):
 alpaca (instruction, input, output) · sharegpt (conversations: [{from, value}]) ·
 messages (messages: [{role, content}]) · qa (question, answer) ·
 prompt-completion (prompt, completion) · preference (prompt, chosen, rejected) · text (text).
-`--columns prompt=Q,response=A,system=S` renames the user's columns to these names first.
+Message content may also be a list of parts (`[{"type": "text", "text": ...}]`, as the
+OpenAI format writes it): the text parts are joined with newlines; other part types are refused.
 """
 from __future__ import annotations
 
 from typing import Any
 
+from tunesmith.data.columns import COLUMN_NAMES, mapped_row
 from tunesmith.data.conversation import Conversation, Turn
+from tunesmith.data.jsonscan import describe
 from tunesmith.errors import UserError
 
-# Generic names --columns may map, and the format field each one stands for.
-COLUMN_KEYS = ("prompt", "response", "system", "input", "text", "messages", "conversations", "chosen",
-               "rejected", "instruction", "output", "question", "answer", "completion")
+COLUMN_KEYS = tuple(COLUMN_NAMES)  # the names --columns accepts
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant"}
-# (format, keys that must all be present), checked in this order.
-SIGNATURES = (
-    ("messages", ("messages",)),
-    ("sharegpt", ("conversations",)),
-    ("preference", ("chosen", "rejected")),
-    ("alpaca", ("instruction", "output")),
-    ("prompt-completion", ("prompt", "completion")),
-    ("prompt-completion", ("prompt", "response")),
-    ("qa", ("question", "answer")),
-    ("text", ("text",)),
-)
 
 
 class RowProblem(Exception):
@@ -37,21 +28,13 @@ class RowProblem(Exception):
 
 def parse_columns(spec: str | None) -> dict[str, str]:
     """`"prompt=question,response=answer"` -> {"prompt": "question", "response": "answer"}."""
-    if not spec:
-        return {}
-    mapping: dict[str, str] = {}
-    for part in spec.split(","):
-        key, sep, column = (s.strip() for s in part.partition("="))
-        if not sep or not key or not column:
-            raise UserError(f"invalid value for columns: {part!r} (expected NAME=COLUMN, e.g. prompt=question)")
-        if key not in COLUMN_KEYS:
-            raise UserError(f"invalid value for columns: unknown name {key!r} (allowed: {', '.join(COLUMN_KEYS)})")
-        mapping[key] = column
-    return mapping
+    from tunesmith.data.columns import parse_user_columns
+
+    return parse_user_columns(spec)
 
 
 def apply_columns(row: dict[str, Any], mapping: dict[str, str]) -> dict[str, Any]:
-    """The row with the user's column names renamed to the generic ones."""
+    """The row with the user's column names renamed to the names --columns uses (for eval's prompt files)."""
     if not mapping:
         return row
     out = dict(row)
@@ -63,89 +46,108 @@ def apply_columns(row: dict[str, Any], mapping: dict[str, str]) -> dict[str, Any
     return out
 
 
-def detect_format(source: str, rows: list[tuple[str, Any]], mapping: dict[str, str]) -> str:
-    """The format whose keys the first rows have; a `UserError` listing the keys found otherwise."""
-    keys: set[str] = set()
-    for _, row in rows[:50]:
-        if isinstance(row, dict):
-            keys.update(str(k) for k in row)
-    keys.update(mapping)
-    for name, needed in SIGNATURES:
-        if all(k in keys for k in needed):
-            return name
-    expected = "; ".join(f"{n}: {', '.join(k)}" for n, k in SIGNATURES)
-    raise UserError(
-        f"{source}: cannot tell the data format from the keys found: {', '.join(sorted(keys)) or 'none'}",
-        [f"expected one of -- {expected}",
-         "map your own names with --columns prompt=COL,response=COL[,system=COL], or pass --format"],
-    )
+def not_a_record(row: Any) -> str:
+    """Why a row that is not an object cannot be a sample (a list of strings is a common mistake)."""
+    hint = "; for raw text write {\"text\": ...} per row, or use a .txt file" if isinstance(row, str) else ""
+    return f"expected an object with fields (found {describe(row)}){hint}"
 
 
-def row_to_conversation(row: Any, format: str, where: str, mapping: dict[str, str],
+def row_to_conversation(row: Any, format: str, where: str, columns: dict[str, str],
                         system: str | None) -> Conversation:
-    """Parse one row in `format`; raise `RowProblem` naming the field and what was expected."""
+    """Parse one row in `format`, its fields found through `columns` (generic -> column name).
+
+    Raises `RowProblem` naming the user's column and what was expected.
+    """
     if not isinstance(row, dict):
-        raise RowProblem(f"expected an object with fields (found {type(row).__name__})")
-    row = apply_columns(row, mapping)
+        raise RowProblem(not_a_record(row))
+    fields = Fields(mapped_row(row, columns), columns, row)
     if format == "text":
-        return Conversation(text=_text(row, "text", strip=False), source=where)
+        return Conversation(text=fields.text("text", strip=False), source=where)
     if format == "preference":
-        conv = _preference(row)
+        conv = _preference(fields)
     elif format in ("messages", "sharegpt"):
-        conv = Conversation(turns=_message_list(row, format))
+        conv = Conversation(turns=_message_list(fields, format))
     else:
-        conv = Conversation(turns=_single_turn(row, format))
+        conv = Conversation(turns=_single_turn(fields, format))
     _check_order(conv.turns, needs_assistant=format != "preference")
     conv.source = where
-    extra = row.get("system")
-    if extra is not None and not isinstance(extra, str):
-        raise RowProblem(f"field 'system' must be text (found {type(extra).__name__})")
-    prompt = (extra or "").strip() or system
+    prompt = fields.text("system", optional=True) or system
     if prompt and not (conv.turns and conv.turns[0].role == "system"):
         conv.turns.insert(0, Turn("system", prompt))
     return conv
 
 
-def _text(row: dict[str, Any], key: str, *, strip: bool = True, optional: bool = False) -> str:
-    """A required (or optional) non-empty string field."""
-    value = row.get(key)
-    if value is None:
-        if optional:
-            return ""
-        raise RowProblem(f"missing field {key!r} (found: {', '.join(map(str, row)) or 'no fields'})")
-    if not isinstance(value, str):
-        raise RowProblem(f"field {key!r} must be text (found {type(value).__name__})")
-    if not value.strip() and not optional:
-        raise RowProblem(f"field {key!r} is empty (expected text)")
-    return value.strip() if strip else value
+class Fields:
+    """A row's values by generic field, with messages that name the user's own column."""
+
+    def __init__(self, values: dict[str, Any], columns: dict[str, str], row: dict[str, Any]) -> None:
+        self.values, self.columns, self.row = values, columns, row
+
+    def name(self, generic: str) -> str:
+        """The user's name for a generic field."""
+        return self.columns.get(generic, generic)
+
+    def get(self, generic: str) -> Any:
+        """The raw value (None when absent)."""
+        return self.values.get(generic)
+
+    def text(self, generic: str, *, strip: bool = True, optional: bool = False) -> str:
+        """A required (or optional) non-empty string field."""
+        value, name = self.values.get(generic), self.name(generic)
+        if value is None:
+            if optional:
+                return ""
+            if generic in self.values:
+                raise RowProblem(f"field {name!r} is null (expected text)")
+            raise RowProblem(f"missing field {name!r} (found: {', '.join(map(str, self.row)) or 'no fields'})")
+        if not isinstance(value, str):
+            raise RowProblem(wrong_type(name, value))
+        if not value.strip() and not optional:
+            raise RowProblem(f"field {name!r} is {'empty' if not value else 'only whitespace'} (expected text)")
+        return value.strip() if strip else value
 
 
-def _single_turn(row: dict[str, Any], format: str) -> list[Turn]:
-    """alpaca / qa / prompt-completion -> [user, assistant]."""
-    if format == "alpaca":
-        instruction = _text(row, "instruction") if "prompt" not in row else _text(row, "prompt")
-        extra = _text(row, "input", optional=True)
-        prompt = f"{instruction}\n\n{extra}" if extra else instruction
-        answer = _text(row, "response") if "response" in row else _text(row, "output")
-    elif format == "qa":
-        prompt = _text(row, "prompt") if "prompt" in row else _text(row, "question")
-        answer = _text(row, "response") if "response" in row else _text(row, "answer")
-    elif format == "prompt-completion":
-        prompt = _text(row, "prompt")
-        answer = _text(row, "response") if "response" in row else _text(row, "completion")
-    else:
+def wrong_type(name: str, value: Any) -> str:
+    """"field 'answer' must be text (found a number: 4; put it in quotes if it is the reply)"."""
+    shown = f": {value!r}"[:40] if isinstance(value, (int, float, bool)) else ""
+    hint = "; write it as a string (in quotes) if it is the text" if isinstance(value, (int, float)) else ""
+    return f"field {name!r} must be text (found {describe(value)}{shown}){hint}"
+
+
+def _single_turn(fields: Fields, format: str) -> list[Turn]:
+    """alpaca / qa / prompt-completion -> [user, assistant]; alpaca's input follows its instruction."""
+    if format not in ("alpaca", "qa", "prompt-completion"):
         raise UserError(f"invalid value for format: {format!r}")
-    return [Turn("user", prompt), Turn("assistant", answer)]
+    prompt = fields.text("prompt")
+    extra = fields.text("input", optional=True) if format == "alpaca" else ""
+    return [Turn("user", f"{prompt}\n\n{extra}" if extra else prompt), Turn("assistant", fields.text("response"))]
 
 
-def _message_list(row: dict[str, Any], format: str, key: str | None = None) -> list[Turn]:
+def content_text(content: Any, where: str) -> str:
+    """A message's content: a string, or a list of text parts joined by newlines."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for n, part in enumerate(content, start=1):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                found = f"type {kind!r}" if kind else describe(part)
+                raise RowProblem(f"{where}: content part {n} is {found} (only text parts "
+                                 "{\"type\": \"text\", \"text\": ...} can be trained)")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise RowProblem(f"{where} must be text (found {describe(content)})")
+
+
+def _message_list(fields: Fields, format: str, generic: str | None = None) -> list[Turn]:
     """messages ([{role, content}]) or sharegpt ([{from, value}]) -> turns, each checked."""
-    key = key or ("messages" if format == "messages" else "conversations")
-    items = row.get(key)
+    generic = generic or ("messages" if format == "messages" else "conversations")
+    key, items = fields.name(generic), fields.get(generic)
     if items is None:
-        raise RowProblem(f"missing field {key!r} (found: {', '.join(map(str, row)) or 'no fields'})")
+        raise RowProblem(f"missing field {key!r} (found: {', '.join(map(str, fields.row)) or 'no fields'})")
     if not isinstance(items, list) or not items:
-        raise RowProblem(f"field {key!r} must be a non-empty list of messages")
+        raise RowProblem(f"field {key!r} must be a non-empty list of messages (found {describe(items)})")
     role_key, text_key = ("from", "value") if format == "sharegpt" else ("role", "content")
     roles = SHAREGPT_ROLES if format == "sharegpt" else {r: r for r in ("system", "user", "assistant")}
     turns = []
@@ -155,9 +157,8 @@ def _message_list(row: dict[str, Any], format: str, key: str | None = None) -> l
         role = item.get(role_key, item.get("role"))
         if role not in roles:
             raise RowProblem(f"{key}[{n}]: unknown role {role!r} (expected {' | '.join(roles)})")
-        content = item.get(text_key, item.get("content"))
-        if not isinstance(content, str):
-            raise RowProblem(f"{key}[{n}]: {text_key!r} must be text (found {type(content).__name__})")
+        raw = item.get(text_key, item.get("content"))
+        content = content_text(raw, f"{key}[{n}]: {text_key!r}")
         if not content.strip():
             raise RowProblem(f"{key}[{n}]: empty {text_key!r} in a {role} message")
         turns.append(Turn(roles[role], content))
@@ -181,26 +182,24 @@ def _check_order(turns: list[Turn], needs_assistant: bool) -> None:
         raise RowProblem("the conversation ends with a user turn (expected it to end with the assistant reply)")
 
 
-def _preference(row: dict[str, Any]) -> Conversation:
+def _preference(fields: Fields) -> Conversation:
     """prompt (text or messages) + chosen / rejected (text or messages)."""
-    prompt = row.get("prompt")
-    if isinstance(prompt, list):
-        turns = _message_list(row, "messages", "prompt")
+    if isinstance(fields.get("prompt"), list):
+        turns = _message_list(fields, "messages", "prompt")
     else:
-        turns = [Turn("user", _text(row, "prompt"))]
+        turns = [Turn("user", fields.text("prompt"))]
     if not turns or turns[-1].role != "user":
-        raise RowProblem("field 'prompt' must end with a user message")
+        raise RowProblem(f"field {fields.name('prompt')!r} must end with a user message")
     replies = []
-    for key in ("chosen", "rejected"):
-        value = row.get(key)
-        if isinstance(value, list):
-            reply = _message_list(row, "messages", key)
+    for generic in ("chosen", "rejected"):
+        if isinstance(fields.get(generic), list):
+            reply = _message_list(fields, "messages", generic)
             if reply[: len(turns)] == turns:  # HF style: the reply list repeats the prompt
                 reply = reply[len(turns):]
             if not reply or any(t.role != "assistant" for t in reply):
-                raise RowProblem(f"field {key!r} must hold the assistant reply (found roles: "
+                raise RowProblem(f"field {fields.name(generic)!r} must hold the assistant reply (found roles: "
                                  f"{', '.join(t.role for t in reply) or 'none'})")
         else:
-            reply = [Turn("assistant", _text(row, key))]
+            reply = [Turn("assistant", fields.text(generic))]
         replies.append(reply)
     return Conversation(turns=turns, chosen=replies[0], rejected=replies[1])

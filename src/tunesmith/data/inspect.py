@@ -18,10 +18,11 @@ from rich.text import Text
 
 from tunesmith.config import DataOptions
 from tunesmith.data.conversation import Conversation
-from tunesmith.data.prepare import data_source, data_stats, length_stats, preflight, read_with_report
+from tunesmith.data.mix import read_mix
+from tunesmith.data.prepare import data_sources, data_stats, length_stats, preflight, tokenize_fitting
 from tunesmith.data.readers import ReadReport
 from tunesmith.data.templates import choose_template, end_of_turn_ids
-from tunesmith.data.tokenize import IGNORE_INDEX, MAX_LISTED, TokenizedSample, TokenizeReport, tokenize_all
+from tunesmith.data.tokenize import IGNORE_INDEX, MAX_LISTED, TokenizedSample, TokenizeReport
 from tunesmith.errors import UserError
 
 TRAINED_STYLE = "bold black on green"
@@ -37,7 +38,8 @@ def inspect_data(options: DataOptions, model: str | None, samples: int = 3, time
     """
     console = console or Console(highlight=False, soft_wrap=True)
     messages: list[str] = []
-    convs, read_report = read_with_report(data_source(options), options, messages.append)  # before torch loads
+    convs, mix = read_mix(data_sources(options), options, 0, messages.append)  # before torch loads
+    read_report = mix.combined()
     from tunesmith.model.load import load_tokenizer  # imports torch: only once the data is known to be good
 
     tokenizer = load_tokenizer(model)
@@ -45,12 +47,13 @@ def inspect_data(options: DataOptions, model: str | None, samples: int = 3, time
     eot = end_of_turn_ids(tokenizer)
     convs = [_as_chat(c) for c in convs]
     start = time.perf_counter()
-    tokenized, report = tokenize_all(convs, tokenizer, options.max_length, options.train_on_prompt,
-                                     fold_system=options.fold_system, skip_invalid=True)
+    tokenized, report = tokenize_fitting(convs, tokenizer, options, messages.append, skip_invalid=True)
     seconds = time.perf_counter() - start
     console.print(Text.assemble(("template: ", "bold"), template, ("  end of turn: ", "bold"),
                                 ", ".join(tokenizer.convert_ids_to_tokens(eot)), ("  format: ", "bold"),
                                 read_report.format))
+    for line in mix.lines():  # each dataset: rows, format and which column was read as what
+        console.print(Text.assemble(("data: ", "bold"), line))
     if console.is_terminal and not console.no_color:
         console.print(Text.assemble(("trained", TRAINED_STYLE), "  ", ("context only", PROMPT_STYLE), "  ",
                                     ("special token", SPECIAL_STYLE)))
@@ -62,6 +65,7 @@ def inspect_data(options: DataOptions, model: str | None, samples: int = 3, time
         print_sample(console, tokenizer, sample)
     _print_refusals(console, report, options)
     stats = data_stats(read_report, report, TokenizeReport(), options.max_length)
+    stats["datasets"] = mix.as_stats()
     if time_it:
         stats["samples_per_second"] = len(convs) / seconds if seconds > 0 else float("inf")
     console.print(stats_table(stats, read_report, console))

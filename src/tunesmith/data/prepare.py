@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunesmith.config import DataOptions
+from tunesmith.config import DataOptions, DatasetSpec
 from tunesmith.data.cache import cache_key, default_cache_dir, load_entry, save_entry
 from tunesmith.data.conversation import Conversation
-from tunesmith.data.readers import ReadReport, read_conversations
+from tunesmith.data.mix import read_dataset, read_mix
+from tunesmith.data.precut import char_budget, cut_overlong
+from tunesmith.data.readers import ReadReport
 from tunesmith.data.split import split_train_eval
 from tunesmith.data.templates import choose_template, end_of_turn_ids
 from tunesmith.data.tokenize import IGNORE_INDEX, TokenizedSample, TokenizeReport, tokenize_all
@@ -38,26 +40,19 @@ class PreparedData:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def data_source(options: DataOptions) -> str:
-    """The data to read: `options.data`, else the bundled example dataset."""
-    if options.data is not None:
-        return options.data
+def data_sources(options: DataOptions) -> list[DatasetSpec]:
+    """The datasets to read: `options.data`, else the bundled example dataset."""
+    if options.data:
+        return list(options.data)
     if not EXAMPLE_DATA.is_file():
         raise UserError(f"the bundled example dataset is missing ({EXAMPLE_DATA}); pass --data FILE")
-    return str(EXAMPLE_DATA)
+    return [DatasetSpec(str(EXAMPLE_DATA))]
 
 
 def read_with_report(source: str, options: DataOptions, log: Callable[[str], None]) -> tuple[
         list[Conversation], ReadReport]:
-    """`read_conversations` with the options applied; skipped rows are logged, never silent."""
-    convs, report = read_conversations(source, options.format, options.columns, options.system,
-                                       options.skip_invalid)
-    if report.rows_invalid:
-        log(f"warning: skipped {report.rows_invalid} invalid rows of {report.rows_read} in {source} "
-            f"(--skip-invalid); the first ones:")
-        for line in report.problems[:5]:
-            log(f"  {line}")
-    return convs, report
+    """One file read with the run's options; skipped rows are logged, never silent."""
+    return read_dataset(DatasetSpec(source), options, log)
 
 
 def prepare_data(options: DataOptions, tokenizer: Any, *, seed: int = 42, cache_dir: Path | None = None,
@@ -70,9 +65,10 @@ def prepare_data(options: DataOptions, tokenizer: Any, *, seed: int = 42, cache_
     objective's `Recipe.check_data`) refuses data the objective cannot train on, right
     after reading and before anything is tokenized.
     """
-    source = data_source(options)
+    specs = data_sources(options)
+    source = ", ".join(s.path for s in specs)
     directory = cache_dir if cache_dir is not None else default_cache_dir()
-    key = cache_key(options, tokenizer, source, seed)
+    key = cache_key(options, tokenizer, [s.path for s in specs], seed)
     template = choose_template(tokenizer, options.template)
     eot = end_of_turn_ids(tokenizer)
     cached = load_entry(directory, key)
@@ -80,21 +76,23 @@ def prepare_data(options: DataOptions, tokenizer: Any, *, seed: int = 42, cache_
         train, evals, eval_convs, stats = cached
         log(f"data: {len(train)} train / {len(evals)} eval samples (cached: {directory / key})")
         return PreparedData(train, evals, eval_convs, template, eot, stats)
-    convs, report = read_with_report(source, options, log)
+    convs, mix = read_mix(specs, options, seed, log)
+    report = mix.combined()
     if check_kinds is not None:
         check_kinds({c.kind for c in convs}, source)
     if options.eval_data:
         train_convs, eval_convs = convs, read_with_report(options.eval_data, options, log)[0]
     else:
         train_convs, eval_convs = split_train_eval(convs, options.test_split, seed)
-    fit = {"fold_system": options.fold_system, "skip_invalid": options.skip_invalid}
-    train, train_report = tokenize_all(train_convs, tokenizer, options.max_length, options.train_on_prompt, **fit)
-    evals, eval_report = tokenize_all(eval_convs, tokenizer, options.max_length, options.train_on_prompt, **fit)
+    train, train_report = tokenize_fitting(train_convs, tokenizer, options, log)
+    evals, eval_report = tokenize_fitting(eval_convs, tokenizer, options, log)
     has_chat = any(c.kind == "chat" for c in train_convs)
     preflight(train, train_report, eval_report, eot, options, log, has_chat)
     stats = data_stats(report, train_report, eval_report, options.max_length)
-    stats.update(template=template, end_of_turn_ids=eot, source=source)
+    stats.update(template=template, end_of_turn_ids=eot, source=source, datasets=mix.as_stats())
     save_entry(directory, key, train, evals, eval_convs, stats)
+    for line in mix.lines():
+        log(f"data: {line}")
     log(f"data: {len(train)} train / {len(evals)} eval samples from {source} (format {report.format}, "
         f"template {template}); {stats['trained_share']:.0%} of tokens trained")
     for line in train_report.notices():
@@ -103,6 +101,24 @@ def prepare_data(options: DataOptions, tokenizer: Any, *, seed: int = 42, cache_
         log(f"warning: {train_report.truncated} samples longer than --max-length {options.max_length} "
             "were truncated")
     return PreparedData(train, evals, eval_convs, template, eot, stats)
+
+
+def tokenize_fitting(convs: list[Conversation], tokenizer: Any, options: DataOptions,
+                     log: Callable[[str], None], skip_invalid: bool | None = None,
+                     ) -> tuple[list[TokenizedSample], TokenizeReport]:
+    """`tokenize_all`, after cutting samples far over --max-length (`data.precut`), which is logged.
+
+    `skip_invalid` (default: the option) lists samples the template cannot train in the report
+    instead of refusing them (`data inspect` shows them).
+    """
+    convs, cut = cut_overlong(convs, tokenizer, options.max_length)
+    if cut:
+        log(f"warning: {cut} samples have over {char_budget(tokenizer, options.max_length):,} characters, more "
+            f"than --max-length {options.max_length} tokens can hold: cut to that before tokenizing, then "
+            "truncated (counted below)")
+    return tokenize_all(convs, tokenizer, options.max_length, options.train_on_prompt,
+                        fold_system=options.fold_system,
+                        skip_invalid=options.skip_invalid if skip_invalid is None else skip_invalid)
 
 
 def preflight(train: list[TokenizedSample], report: TokenizeReport, eval_report: TokenizeReport,

@@ -1,39 +1,51 @@
 """Files and hub datasets -> raw rows (each with its FILE:LINE) -> `Conversation`s.
 
-Reading is two steps: a file reader yields `(where, row)` pairs, one per record, where
-`where` is "FILE:LINE" (or "FILE:row N" where a format has no lines); then
+Reading is two steps: a file reader streams `(where, row)` pairs, one per record, where
+`where` is "FILE:LINE" (or "FILE:row N" where a format has no lines) and `row` is the
+decoded record or a `BadRow` saying why the record cannot be read; then
 `tunesmith.data.formats` turns each row into a `Conversation` or a problem message.
-Bad rows are never dropped silently: by default reading stops with a `UserError`
-listing up to 20 of them; with `skip_invalid` they are skipped and counted.
+Bad rows of every kind (bytes that are not UTF-8, malformed JSON, a wrong CSV field count,
+a missing field) are never dropped silently: by default reading stops with a `UserError`
+listing up to 20 of them; with `skip_invalid` they are skipped, counted and reported.
+Problems that leave no row to point at (not a file, an unclosed CSV quote, a broken JSON
+document) stop reading whatever the flag says.
 """
 from __future__ import annotations
 
-import csv
-import io
+import errno
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
+from tunesmith.data.columns import resolve_columns
 from tunesmith.data.conversation import Conversation
-from tunesmith.data.formats import RowProblem, detect_format, parse_columns, row_to_conversation
+from tunesmith.data.formats import RowProblem, not_a_record, row_to_conversation
+from tunesmith.data.jsonscan import BadRow, Decoder, JsonProblem, NotOneDocument, scan_document
+from tunesmith.data.rawfile import Line, check_regular_file, logical_suffix, nul_problem, read_text, text_lines
+from tunesmith.data.tabular import read_csv, read_parquet
 from tunesmith.errors import UserError
 
 MAX_LISTED = 20
+HEAD_ROWS = 50  # rows whose keys decide the format and the column mapping
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 
-Row = tuple[str, Any]  # ("FILE:LINE", the decoded record)
+Row = tuple[str, Any]  # ("FILE:LINE", the decoded record or a BadRow)
 
 
 @dataclass
 class ReadReport:
-    """What reading found: counts, the format used, and the first problems (for printing)."""
+    """What reading found: counts, the format and column mapping used, and the first problems."""
 
     rows_read: int = 0
     rows_invalid: int = 0
     problems: list[str] = field(default_factory=list)
     format: str = "auto"
+    columns: str = ""  # "Question → prompt, Answer → response"
+    source: str = ""
 
 
 def read_conversations(
@@ -43,22 +55,24 @@ def read_conversations(
     system: str | None = None,
     skip_invalid: bool = False,
 ) -> tuple[list[Conversation], ReadReport]:
-    """Read a data file or hub dataset into `Conversation`s, validating every row.
+    """Read a data file or hub dataset into `Conversation`s, validating every row (streamed).
 
     Raises `UserError` listing up to 20 bad rows as `FILE:LINE: ...` unless
     `skip_invalid`, in which case the bad rows are counted in the report instead.
     """
-    mapping = parse_columns(columns)
-    rows = list(read_rows(source))
-    if not rows:
-        raise UserError(f"{source}: no samples found (the file is empty)")
-    used = format if format != "auto" else detect_format(source, rows, mapping)
-    report = ReadReport(format=used)
+    rows = iter_rows(source)
+    head = list(islice(rows, HEAD_ROWS))
+    if not head:
+        raise UserError(f"{source}: the file is empty (expected samples)")
+    mapping = resolve_columns(source, _head_keys(source, head), format, columns)
+    report = ReadReport(format=mapping.format, columns=mapping.describe(), source=source)
     conversations: list[Conversation] = []
-    for where, row in rows:
+    for where, row in chain(head, rows):
         report.rows_read += 1
         try:
-            conversations.append(row_to_conversation(row, used, where, mapping, system))
+            if isinstance(row, BadRow):
+                raise RowProblem(row.problem)
+            conversations.append(row_to_conversation(row, mapping.format, where, mapping.columns, system))
         except RowProblem as problem:
             report.rows_invalid += 1
             if len(report.problems) < MAX_LISTED:
@@ -67,7 +81,7 @@ def read_conversations(
         shown = f" (the first {MAX_LISTED} below)" if report.rows_invalid > MAX_LISTED else ""
         raise UserError(
             f"{source}: {report.rows_invalid} of {report.rows_read} rows are invalid for format "
-            f"{used!r}{shown}; fix them, or pass --skip-invalid to skip them",
+            f"{mapping.format!r}{shown}; fix them, or pass --skip-invalid to skip them",
             report.problems,
         )
     if not conversations:
@@ -75,155 +89,156 @@ def read_conversations(
     return conversations, report
 
 
-def read_rows(source: str) -> Iterator[Row]:
-    """Dispatch on the file suffix; anything that is not an existing file is a hub dataset id."""
+def _head_keys(source: str, head: list[Row]) -> list[str]:
+    """The keys of the first records, in first-seen order; a `UserError` when none is a record."""
+    keys: dict[str, None] = {}
+    for _, row in head:
+        if isinstance(row, dict):
+            keys.update((str(k), None) for k in row)
+    if not keys and any(not isinstance(row, dict) for _, row in head):
+        problems = [f"{where}: {row.problem if isinstance(row, BadRow) else not_a_record(row)}"
+                    for where, row in head[:MAX_LISTED] if not isinstance(row, dict)]
+        raise UserError(f"{source}: none of the first {len(head)} rows is a record with fields", problems)
+    return list(keys)
+
+
+def iter_rows(source: str) -> Iterator[Row]:
+    """Stream the rows of a file (dispatching on its suffix) or a hub dataset (anything that is not a path)."""
     path = Path(source).expanduser()
-    if path.is_dir():
-        raise UserError(f"{source}: is a directory (expected a data file: {' '.join(FILE_SUFFIXES)})")
-    if not path.exists():
-        if Path(source).suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~")):
-            raise UserError(f"{source}: no such file")
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        if logical_suffix(path) in FILE_SUFFIXES or source.startswith((".", "/", "~")):
+            raise UserError(f"{source}: no such file") from None
         return _read_hub(source)
-    suffix = path.suffix.lower()
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_csv,
-               ".parquet": _read_parquet, ".txt": _read_txt}
+    except OSError as exc:
+        if exc.errno != errno.ENOTDIR:
+            raise UserError(f"{source}: cannot be read ({exc.strerror or exc})") from None
+        raise UserError(f"{source}: no such file (a part of the path is not a folder)") from None
+    check_regular_file(path)
+    suffix = logical_suffix(path)
+    if suffix in (".csv", ".tsv"):
+        return read_csv(path, suffix)
+    if suffix == ".parquet":
+        return read_parquet(path)
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".txt": _read_txt}
     if suffix not in readers:
         raise UserError(f"{source}: unknown file type {suffix or '(none)'!r} (expected one of: "
-                        f"{' '.join(FILE_SUFFIXES)})")
+                        f"{' '.join(FILE_SUFFIXES)}, optionally compressed: .gz .zst)")
     return readers[suffix](path)
 
 
-def _decode(path: Path) -> str:
-    """The file as text; non-UTF-8 bytes are reported with their line number."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not valid UTF-8 (byte {data[exc.start]:#04x} at offset {exc.start}); "
-                        "save the file as UTF-8") from None
-    if not text.strip():
-        raise UserError(f"{path}: the file is empty (expected samples)")
-    return text
+def read_rows(source: str) -> Iterator[Row]:
+    """All rows of `source`, every one a record: a `UserError` lists the rows that cannot be read."""
+    rows: list[Row] = []
+    problems: list[str] = []
+    for where, row in iter_rows(source):
+        if isinstance(row, BadRow):
+            problems.append(f"{where}: {row.problem}")
+        else:
+            rows.append((where, row))
+    if problems:
+        raise UserError(f"{source}: {len(problems)} rows cannot be read", problems[:MAX_LISTED])
+    return iter(rows)
+
+
+def _jsonl_rows(path: Path, lines: Iterable[Line]) -> Iterator[Row]:
+    """JSON Lines: one value per line (split on \\n only); blank lines are ignored; bad lines are `BadRow`s."""
+    decoder = Decoder()
+    for line in lines:
+        where = f"{path}:{line.number}"
+        if line.problem:
+            yield where, BadRow(line.problem)
+            continue
+        if not line.text.strip():
+            continue
+        try:
+            yield where, decoder.line(line.text)
+        except JsonProblem as problem:
+            yield where, BadRow(_line_problem(problem, line.text))
+
+
+def _line_problem(problem: JsonProblem, text: str) -> str:
+    """The message for a JSON Lines line that is not one JSON value."""
+    nul = nul_problem(text)
+    if nul:
+        return nul
+    if str(problem).startswith("malformed JSON") and "at column" not in str(problem):
+        return f"{problem} at column {problem.column} (expected one JSON object per line)"
+    return str(problem)
 
 
 def _read_jsonl(path: Path) -> Iterator[Row]:
-    """One JSON object per line; blank lines are ignored; bad JSON names its line."""
-    problems: list[str] = []
-    rows: list[Row] = []
-    lines = _decode(path).splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"{path}:{number}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            problems.append(f"{path}:{number}: malformed JSON: {exc.msg} at column {exc.colno} "
-                            "(expected one JSON object per line)")
-    if problems:
-        raise UserError(f"{path}: {len(problems)} of {len(lines)} lines are not valid JSON", problems[:MAX_LISTED])
-    return iter(rows)
+    """JSON Lines; a file that is one JSON document (a pretty-printed array, `{"data": [...]}`) reads as one."""
+    lines = text_lines(path)
+    for line in lines:
+        if line.problem or line.text.strip():
+            break
+    else:
+        return
+    if not line.problem and _starts_document(line.text):
+        pretty = line.text.strip() in ("[", "{")  # cannot be one record: a document, whatever is wrong in it
+        document = _document_rows(path, read_text(path), strict=pretty)
+        if document is not None:
+            lines.close()
+            yield from document
+            return
+    yield from _jsonl_rows(path, chain([line], lines))
+
+
+def _starts_document(first: str) -> bool:
+    """Whether the first line opens a multi-line document (or is a whole array) rather than one record."""
+    stripped = first.strip()
+    if stripped.startswith("["):
+        return True
+    try:
+        json.loads(stripped)
+    except (json.JSONDecodeError, RecursionError):
+        return stripped.startswith("{")
+    return False
+
+
+def _document_rows(path: Path, text: str, strict: bool = True) -> list[Row] | None:
+    """The rows of one JSON document; None if the text is several values (JSON Lines), or, when not
+    `strict`, not valid JSON at all."""
+    try:
+        scanned = list(scan_document(text))
+    except NotOneDocument:
+        return None
+    except JsonProblem as problem:
+        if not strict:
+            return None
+        where = f"{path}:{problem.line}"
+        at = f" at column {problem.column}" if str(problem).startswith("malformed") else ""
+        raise UserError(f"{where}: {problem}{at}") from None
+    return [(f"{path}:{line}" if line else f"{path}:row {n}", record)
+            for n, (line, record) in enumerate(scanned, start=1)]
 
 
 def _read_json(path: Path) -> Iterator[Row]:
-    """A JSON array of records, an object holding one such array, or an object of columns."""
-    text = _decode(path)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg} at column {exc.colno}") from None
-    if isinstance(data, dict):
-        lists = {k: v for k, v in data.items() if isinstance(v, list)}
-        if lists and len(lists) == len(data) and len({len(v) for v in lists.values()}) == 1:
-            if len(lists) == 1 and all(isinstance(r, dict) for r in next(iter(lists.values()))):
-                data = next(iter(lists.values()))  # {"data": [records]}
-            else:  # columns: {"instruction": [...], "output": [...]}
-                n = len(next(iter(lists.values())))
-                return iter([(f"{path}:row {i + 1}", {k: v[i] for k, v in lists.items()}) for i in range(n)])
-        else:
-            raise UserError(f"{path}:1: expected a JSON array of records or an object of equal-length "
-                            f"arrays (found an object with keys: {', '.join(map(str, data)) or 'none'})")
-    if not isinstance(data, list):
-        raise UserError(f"{path}:1: expected a JSON array of records (found {type(data).__name__})")
-    lines = _element_lines(text, len(data))
-    return iter([(f"{path}:{line}", record) for line, record in zip(lines, data)])
-
-
-def _element_lines(text: str, count: int) -> list[int]:
-    """The line on which each element of the top-level JSON array starts (best effort)."""
-    decoder = json.JSONDecoder()
-    pos, lines = text.find("[") + 1, []  # the records' array: the top level, or {"data": [...]}'s
-    while len(lines) < count:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        try:
-            _, end = decoder.raw_decode(text, pos)
-        except (json.JSONDecodeError, ValueError):
-            break
-        lines.append(text.count("\n", 0, pos) + 1)
-        pos = end
-    return lines + [1] * (count - len(lines))
-
-
-def _read_csv(path: Path) -> Iterator[Row]:
-    """CSV/TSV with a header row; each record keeps the line it starts on."""
-    text = _decode(path)
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    try:
-        header = next(reader)
-    except csv.Error as exc:
-        raise UserError(f"{path}:1: malformed header ({exc})") from None
-    header = [h.strip() for h in header]
-    rows: list[Row] = []
-    problems: list[str] = []
-    while True:
-        line = reader.line_num + 1
-        try:
-            cells = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as exc:
-            raise UserError(f"{path}:{line}: malformed CSV ({exc})") from None
-        if not any(c.strip() for c in cells):
-            continue
-        if len(cells) != len(header):
-            problems.append(f"{path}:{line}: {len(cells)} fields (expected {len(header)}, as in the header: "
-                            f"{', '.join(header)})")
-            continue
-        rows.append((f"{path}:{line}", dict(zip(header, cells))))
-    if problems:
-        raise UserError(f"{path}: {len(problems)} of {len(rows) + len(problems)} rows have the wrong number of "
-                        "fields", problems[:MAX_LISTED])
+    """A JSON document of records (see `scan_document`); JSON Lines content in a .json file reads as JSONL."""
+    text = read_text(path)
+    if not text.strip():
+        raise UserError(f"{path}: the file is empty (expected samples)")
+    rows = _document_rows(path, text)
+    if rows is None:  # JSON Lines in a .json file
+        return _jsonl_rows(path, (Line(n, t) for n, t in enumerate(text.split("\n"), start=1)))
     return iter(rows)
-
-
-def _read_parquet(path: Path) -> Iterator[Row]:
-    """A parquet table (read with pyarrow); rows are numbered from 1."""
-    import pyarrow.parquet as pq
-
-    try:
-        records = pq.read_table(path).to_pylist()
-    except Exception as exc:  # pyarrow raises several unrelated types for a broken file
-        raise UserError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from None
-    return iter([(f"{path}:row {i + 1}", r) for i, r in enumerate(records)])
 
 
 def _read_txt(path: Path) -> Iterator[Row]:
-    """Raw text for continued pretraining: documents are separated by blank lines."""
-    text = _decode(path)
-    rows: list[Row] = []
+    """Raw text for continued pretraining: documents are separated by blank lines (\\n only, not U+2028)."""
     block: list[str] = []
-    start = 1
-    for number, line in enumerate(text.splitlines() + [""], start=1):
-        if line.strip():
+    start, problem = 1, None
+    for line in chain(text_lines(path), [Line(-1, "")]):
+        if line.text.strip() and line.number > 0:
             if not block:
-                start = number
-            block.append(line)
+                start, problem = line.number, None
+            problem = problem or line.problem or nul_problem(line.text)
+            block.append(line.text)
         elif block:
-            rows.append((f"{path}:{start}", {"text": "\n".join(block)}))
+            yield f"{path}:{start}", BadRow(problem) if problem else {"text": "\n".join(block)}
             block = []
-    return iter(rows)
 
 
 def _read_hub(name: str) -> Iterator[Row]:
