@@ -82,3 +82,13 @@ def export_model(model: str, source: ExportSource | None = None, **options: Any)
             result.next_step = f"cd {directory} && ollama create {name} -f Modelfile && ollama run {name}"
     result.seconds = time.perf_counter() - started
     return result
+
+
+def export_after_training(output_dir: Path, to: str) -> ExportResult:
+    """`train --export TO`: export the finished run with the default quant, reporting on stderr."""
+    import sys
+
+    result = export_model(str(output_dir), to=to)
+    for line in result.lines():
+        print(line, file=sys.stderr)
+    return result

@@ -35,9 +35,7 @@ class ArchSpec:
 
 
 def _gemma_hparams(writer: Any, config: Any) -> None:
-    """Gemma 2/3: explicit head size (not hidden / heads), sliding window, logit soft-capping."""
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
+    """Gemma 2/3: sliding window, logit soft-capping."""
     if getattr(config, "sliding_window", None):
         writer.add_sliding_window(config.sliding_window)
     if getattr(config, "attn_logit_softcapping", None):
@@ -150,6 +148,9 @@ def write_hparams(writer: Any, spec: ArchSpec, config: Any, vocab_size: int) -> 
     writer.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_dimension_count(head_dim(config))
+    if getattr(config, "head_dim", None):  # Qwen3, Gemma: heads need not be hidden / n_head wide
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
     rope = rope_parameters(config)
     if rope.get("rope_theta") is not None:
         writer.add_rope_freq_base(float(rope["rope_theta"]))
