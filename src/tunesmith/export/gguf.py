@@ -29,7 +29,7 @@ Q8_BLOCK = 32  # Q8_0 quantises rows in blocks of 32 values (one f16 scale each)
 LLAMA_FTYPE_MOSTLY_Q4_K_M = 15  # llama.h's enum value
 
 Q4_HOW_TO = ["q4_k_m needs llama.cpp's quantiser, which is not installed:",
-             "  pip install 'tunesmith[llama]'   (llama-cpp-python; on CPUs with AMX build it with "
+             "pip install 'tunesmith[llama]' (llama-cpp-python; on CPUs with AMX build it with "
              "CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF "
              "-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON\")",
              "or export --quant f16 and run llama.cpp's `llama-quantize MODEL-f16.gguf MODEL-q4_k_m.gguf Q4_K_M`",

@@ -144,12 +144,13 @@ def go_template(p: TurnPieces, bos: str | None = None) -> str:
         top = L(unbos(p.head))
         sys_in_user = ("" if p.sys_sep is None else
                        f"{{{{ if and $first $.System }}}}{{{{ $.System }}}}{L(p.sys_sep)}{{{{ end }}}}")
+    first_decl, first_done = ("{{ $first := true }}", "{{ $first = false }}") if sys_in_user else ("", "")
     return (
-        f"{{{{ $first := true }}}}{top}"
+        f"{first_decl}{top}"
         "{{ range $i, $_ := .Messages }}"
         "{{ $last := eq (len (slice $.Messages $i)) 1 }}"
         f"{{{{ if eq .Role \"user\" }}}}{L(p.user_pre)}{sys_in_user}{{{{ .Content }}}}{L(p.user_suf)}"
-        f"{{{{ if $last }}}}{L(p.generation)}{{{{ end }}}}{{{{ $first = false }}}}"
+        f"{{{{ if $last }}}}{L(p.generation)}{{{{ end }}}}{first_done}"
         f"{{{{ else if eq .Role \"assistant\" }}}}{L(p.asst_pre)}{{{{ .Content }}}}{L(p.asst_suf)}"
         "{{ end }}{{ end }}"
     )
