@@ -192,3 +192,22 @@ def test_llama_cpp_greedy_tokens_match_tunesmith_generate(tiny_model_dir, tmp_pa
         if len(got) == len(want) or token in (llm.token_eos(),):
             break
     assert got[:4] == want.tolist()[:4]
+
+
+def test_llama3_rope_factors_match_transformers_frequencies():
+    """rope_freqs (llama.cpp divides each base frequency by it) against transformers' own llama3 RoPE."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from tunesmith.export.arch import head_dim, llama3_rope_factors
+
+    config = LlamaConfig(hidden_size=2048, num_attention_heads=32, max_position_embeddings=131072, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, torch.device("cpu"))
+    dim = head_dim(config)
+    base = 1.0 / 500000.0 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    factors = torch.from_numpy(llama3_rope_factors(config)).double()
+    assert torch.allclose(base / factors, scaled.double(), rtol=1e-6)
+    assert factors.min() == 1.0 and factors.max() == 32.0
+    assert llama3_rope_factors(LlamaConfig()) is None

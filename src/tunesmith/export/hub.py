@@ -10,6 +10,7 @@ The token comes from the environment (HF_TOKEN) or the HF login and is passed st
 """
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,7 @@ def push_model(model: str, repo: str, private: bool = False, merged: bool = Fals
     token = hub_token()  # before loading anything heavy
     source = source or load_source(model)
     if merged and not source.is_adapter:
-        print("--merged: the model already holds full weights; uploading them as they are")
+        print("--merged: the model already holds full weights; uploading them as they are", file=sys.stderr)
     files = upload_files(source)
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="tunesmith-push-") as tmp:

@@ -48,14 +48,15 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def end_of_turn_ids(path: Path | None, model: Any, tokenizer: Any) -> list[int]:
-    """The ids that end a reply: the output's generation_config.json, else derived from the template."""
+    """The ids that end a reply: a tunesmith output's generation_config.json lists them all;
+    for any other model they are derived from its chat template as training would (else its EOS)."""
     eos = _read_json(path / "generation_config.json").get("eos_token_id") if path else None
+    if eos is None and getattr(tokenizer, "chat_template", None):
+        from tunesmith.data.templates import end_of_turn_ids as derive
+
+        return derive(tokenizer)
     if eos is None:
         eos = getattr(model.generation_config, "eos_token_id", None)
-        if getattr(tokenizer, "chat_template", None):
-            from tunesmith.data.templates import end_of_turn_ids as derive
-
-            return derive(tokenizer)
     ids = [eos] if isinstance(eos, int) else list(eos or [])
     if not ids and tokenizer.eos_token_id is not None:
         ids = [tokenizer.eos_token_id]
