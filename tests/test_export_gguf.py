@@ -211,3 +211,32 @@ def test_llama3_rope_factors_match_transformers_frequencies():
     assert torch.allclose(base / factors, scaled.double(), rtol=1e-6)
     assert factors.min() == 1.0 and factors.max() == 32.0
     assert llama3_rope_factors(LlamaConfig()) is None
+
+
+def test_sentencepiece_style_tokenizer_round_trips(tmp_path):
+    """Llama-2 / Mistral style: BPE with byte fallback and a "\u2581" word prefix becomes llama.cpp's
+    "llama" tokenizer (scores from the merge ranks, byte tokens typed BYTE)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, PreTrainedTokenizerFast
+
+    import tiny
+    from tunesmith.export.gguf import write_gguf
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(tiny.corpus(), trainer=trainers.BpeTrainer(vocab_size=800, special_tokens=specials))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    model = AutoModelForCausalLM.from_config(MistralConfig(
+        vocab_size=len(hf), hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0))
+    path = write_gguf(model, hf, tmp_path / "m.gguf", "f16", [hf.eos_token_id])
+    back = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in [*TEXTS[:3], "\u00e9moji \u2603 and \u00fc"]:
+        assert back(text, add_special_tokens=False).input_ids == hf(text, add_special_tokens=False).input_ids
+    meta = gguf_fields(path)
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_space_prefix"] is True
+    assert meta["tokenizer.ggml.token_type"][hf.convert_tokens_to_ids("<0x41>")] == 6  # BYTE
+    assert meta["tokenizer.ggml.token_type"][hf.unk_token_id] == 2  # UNKNOWN
