@@ -211,6 +211,51 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# export, push
+
+
+def add_export(parser: argparse.ArgumentParser) -> None:
+    """`tunesmith export MODEL [--to merged|gguf|ollama] [--quant ...] [--output DIR]`."""
+    from tunesmith.export.options import ExportOptions
+
+    parser.add_argument("model", metavar="MODEL", help="tunesmith output, local model directory or hub id")
+    add_options(parser, ExportOptions)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Export, then list the files written (with sizes), the time taken and the command to run next."""
+    from tunesmith.export.options import ExportOptions
+
+    options = config_from_args(ExportOptions, args)
+    from tunesmith.export.api import export_model
+
+    _quiet_transformers()
+    for line in export_model(args.model, **vars(options)).lines():
+        print(line)
+    return 0
+
+
+def add_push(parser: argparse.ArgumentParser) -> None:
+    """`tunesmith push MODEL --repo USER/NAME [--private] [--merged]`."""
+    from tunesmith.export.options import PushOptions
+
+    parser.add_argument("model", metavar="MODEL", help="tunesmith output directory")
+    add_options(parser, PushOptions)
+
+
+def run_push(args: argparse.Namespace) -> int:
+    """Upload with a generated model card; print the repository URL."""
+    from tunesmith.export.options import PushOptions
+
+    options = config_from_args(PushOptions, args)
+    from tunesmith.export.hub import push_model
+
+    _quiet_transformers()
+    print(f"pushed: {push_model(args.model, **vars(options))}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
 # The table. Each entry: name -> (help, add_arguments, run).
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -221,6 +266,9 @@ COMMANDS: dict[str, Command] = {
     "generate": ("generate a reply to a prompt (or a file of prompts)", add_generate, run_generate),
     "chat": ("chat with a model in the terminal", add_chat, run_chat),
     "eval": ("measure a model on held-out data, and compare it with its base", add_eval, run_eval),
+    "export": ("export a model: merged weights, GGUF for llama.cpp, or GGUF + Modelfile for Ollama",
+               add_export, run_export),
+    "push": ("upload a model to the Hugging Face Hub with a generated model card", add_push, run_push),
 }
 
 

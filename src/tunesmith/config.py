@@ -215,6 +215,11 @@ class OutputOptions:
     """Output directory (loadable by transformers.pipeline)."""
     report: bool = True
     """Compare base and tuned model on held-out prompts at the end and write report.html."""
+    export: str | None = None
+    """At the end, also export the model: gguf | ollama | merged (as `tunesmith export OUTPUT --to ...`)."""
+
+    def __post_init__(self) -> None:
+        check(self.export in (None, "gguf", "ollama", "merged"), "export", self.export, "gguf | ollama | merged")
 
 
 @dataclass

@@ -190,6 +190,10 @@ def finetune(config: TrainConfig | None = None, **options: Any) -> TrainResult:
         raise
     if config.output.report:
         _final_report(output_dir, metrics, run)
+    if config.output.export:  # --export gguf|ollama|merged: the same as `tunesmith export OUTPUT --to ...`
+        from tunesmith.export.api import export_after_training
+
+        export_after_training(output_dir, config.output.export)
     return TrainResult(output_dir, metrics)
 
 
