@@ -25,16 +25,32 @@ def is_hub_id(name: str | None) -> bool:
         and not name.startswith((".", "/", "~"))
 
 
+def run_datasets(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The datasets of a run's config.yaml, one mapping each (`data` is a path, or a list of mix entries)."""
+    data = run.get("data")
+    if not data:
+        return []
+    entries = data if isinstance(data, list) else [data]
+    return [e if isinstance(e, dict) else {"path": str(e)} for e in entries]
+
+
 def data_facts(run: dict[str, Any], path: Path | None) -> dict[str, Any]:
-    """Where the data came from, its format, and how many samples (read again from the file when it is there)."""
+    """Where the data came from, its format, and how many samples (read again from the files that are there)."""
     from tunesmith.data.readers import read_conversations
 
-    source = run.get("data") or "the bundled example dataset"
+    datasets = run_datasets(run)
+    source = ", ".join(d["path"] for d in datasets) or "the bundled example dataset"
     facts: dict[str, Any] = {"source": source, "format": run.get("format", "auto")}
-    if run.get("data") and Path(run["data"]).expanduser().is_file():
-        convs, report = read_conversations(run["data"], run.get("format", "auto"), run.get("columns"),
-                                           run.get("system"), bool(run.get("skip_invalid")))
-        facts.update(samples=len(convs), format=report.format)
+    local = [d for d in datasets if Path(d["path"]).expanduser().is_file()]
+    if local and len(local) == len(datasets):
+        formats, samples = set(), 0
+        for d in local:
+            convs, report = read_conversations(d["path"], d.get("format") or run.get("format", "auto"),
+                                               d.get("columns") or run.get("columns"),
+                                               d.get("system") or run.get("system"), bool(run.get("skip_invalid")))
+            samples += len(convs)
+            formats.add(report.format)
+        facts.update(samples=samples, format=", ".join(sorted(formats)))
     if path is not None and (path / "eval.jsonl").is_file():
         facts["held_out"] = sum(1 for line in (path / "eval.jsonl").open(encoding="utf-8") if line.strip())
     return facts
@@ -57,9 +73,10 @@ def card_metadata(source: ExportSource, merged: bool, exported: list[str]) -> di
         meta["base_model"] = base
     meta["library_name"] = "peft" if source.is_adapter and not merged else "transformers"
     meta["license"] = run.get("license") or "other"  # a fine-tune inherits its base's license terms
-    if is_hub_id(run.get("data")):
-        meta["datasets"] = [run["data"]]
-    tags = ["tunesmith", run.get("method", "full"), "sft", *exported]
+    hub = [d["path"] for d in run_datasets(run) if is_hub_id(d["path"])]
+    if hub:
+        meta["datasets"] = hub
+    tags = ["tunesmith", run.get("method", "full"), run.get("objective", "sft"), *exported]
     if source.is_adapter and not merged:
         tags.append("lora")
     meta["tags"] = list(dict.fromkeys(tags))
