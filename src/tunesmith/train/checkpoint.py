@@ -96,8 +96,11 @@ def _write_files(tmp: Path, model: Any, optimizer: torch.optim.Optimizer, schedu
     """The checkpoint's files, each flushed to disk; state.json last (it marks the dir complete)."""
     from safetensors.torch import save_file
 
+    from tunesmith.train.output import honour_umask
+
     tensors = {k: v.contiguous() for k, v in trainable_state(model).items()}
     save_file(tensors, str(tmp / "trainable.safetensors"))
+    honour_umask(tmp)  # safetensors writes 0600 (see train.output.honour_umask)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
