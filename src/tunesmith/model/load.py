@@ -7,7 +7,12 @@ weights as safetensors.
 """
 from __future__ import annotations
 
+import functools
 import json
+import os
+import socket
+import threading
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +71,58 @@ def adapter_base(path: str) -> str | None:
     return str(base)
 
 
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.cache
+def hub_reachable(timeout: float = 1.5) -> bool:
+    """Whether a TCP connection to the hub (or the HTTPS proxy) opens within `timeout` seconds.
+
+    Without it, an unreachable hub costs ~48 s of huggingface_hub's retries before any
+    message. The probe runs in a thread so a hanging DNS lookup cannot outlast `timeout`.
+    """
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or os.environ.get("ALL_PROXY")
+    url = urllib.parse.urlsplit(proxy or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.2)
+    return bool(result and result[0])
+
+
+def hub_options(name: str) -> dict[str, Any]:
+    """`from_pretrained` options for a hub id when the hub cannot be used: cache only, or a UserError now.
+
+    Offline (`HF_HUB_OFFLINE` / `TRANSFORMERS_OFFLINE`, or no connection to the hub) a
+    cached model loads from the cache at once; an uncached one fails in about a second.
+    """
+    if Path(name).expanduser().exists():
+        return {}
+    if _env_on("HF_HUB_OFFLINE") or _env_on("TRANSFORMERS_OFFLINE"):
+        why = "offline mode is on (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)"
+    elif hub_reachable():
+        return {}
+    else:
+        why = "the Hugging Face hub cannot be reached (no network?)"
+    from huggingface_hub import try_to_load_from_cache
+
+    if any(isinstance(try_to_load_from_cache(name, f), str) for f in ("config.json", "tokenizer_config.json")):
+        return {"local_files_only": True}
+    raise UserError(f"{name}: not in the local Hugging Face cache, and {why}",
+                    ["check the spelling of the hub id, pass a local model directory, or go online once to "
+                     "download it"])
+
+
 def _hub_error(name: str, exc: Exception) -> UserError:
     """Turn a loading failure into advice (most often: offline, or a typo in the id)."""
     return UserError(
@@ -84,7 +141,7 @@ def load_tokenizer(name: str | None, trust_remote_code: bool = False) -> Any:
     if adapter_base(resolved) is not None and not (Path(resolved) / "tokenizer_config.json").is_file():
         source = adapter_base(resolved)  # type: ignore[assignment]
     try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub_options(source))
     except (OSError, ValueError) as exc:
         raise _hub_error(source, exc) from None
 
@@ -110,12 +167,14 @@ def load_model(
         device, dtype = device or policy_device, dtype or policy_dtype
     resolved = resolve_model_name(name)
     base = adapter_base(resolved)
+    source = resolve_model_name(base) if base else resolved
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            resolve_model_name(base) if base else resolved,
+            source,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
+            **hub_options(source),
             **load_options,
         )
     except (OSError, ValueError) as exc:
