@@ -45,3 +45,34 @@ def test_a_cached_model_loads_from_the_cache_when_offline(monkeypatch: pytest.Mo
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: str(tmp_path / name))
     assert load.hub_options("someorg/cached") == {"local_files_only": True}
     assert load.hub_options(str(tmp_path)) == {}  # a local directory needs no hub
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_chatml_model_dir", "tiny_base_model_dir", "starter"])
+def test_light_tokenizer_loading_matches_autotokenizer(fixture: str, request: pytest.FixtureRequest) -> None:
+    from transformers import AutoTokenizer
+
+    source = str(load.STARTER_DIR) if fixture == "starter" else str(request.getfixturevalue(fixture))
+    assert load.light_tokenizer_class(source) is not None  # these directories take the light path
+    light, auto = load.load_tokenizer(source), AutoTokenizer.from_pretrained(source)
+    assert type(light) is type(auto)
+    text = "Hello <b>world</b>, ünïcode and  spaces\n"
+    assert light(text).input_ids == auto(text).input_ids
+    assert light.all_special_tokens == auto.all_special_tokens
+    assert (light.bos_token_id, light.eos_token_id, light.pad_token_id) == (auto.bos_token_id, auto.eos_token_id,
+                                                                           auto.pad_token_id)
+    assert light.chat_template == auto.chat_template
+    if auto.chat_template:
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+        assert light.apply_chat_template(messages, tokenize=False) == auto.apply_chat_template(messages, tokenize=False)
+
+
+def test_data_inspect_does_not_import_torch(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from tunesmith.cli import main; "
+            "rc = main(['data', 'inspect', sys.argv[1], '--samples', '1']); "
+            "assert rc == 0; assert 'torch' not in sys.modules, 'torch imported'")
+    example = load.STARTER_DIR.parent / "examples" / "chat.jsonl"
+    proc = subprocess.run([sys.executable, "-c", code, str(example)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

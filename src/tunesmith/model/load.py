@@ -14,11 +14,12 @@ import socket
 import threading
 import urllib.parse
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tunesmith.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 STARTER_DIR = Path(__file__).resolve().parent.parent / "assets" / "starter"
 
@@ -29,6 +30,8 @@ def pick_device_dtype(device: str | None = None) -> tuple[torch.device, torch.dt
     Float32 on MPS and CPU because half precision there is slow or numerically fragile,
     and a CUDA card without bf16 gets float32 too (fp16 training needs loss scaling).
     """
+    import torch  # here, not at the top: reading a tokenizer (`data inspect`) needs no torch
+
     if device is None:
         if torch.cuda.is_available():
             device = "cuda"
@@ -132,15 +135,45 @@ def _hub_error(name: str, exc: Exception) -> UserError:
     )
 
 
+LIGHT_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def light_tokenizer_class(source: str) -> Any:
+    """The tokenizer class of a local directory whose tokenizer_config.json names a generic one, or None.
+
+    `AutoTokenizer` always resolves the model's config class first, and in transformers 5
+    that imports torch and torch.distributed (4-5x the time of the tokenizer itself on a
+    laptop CPU). A directory that declares the generic `tokenizers`-backed class (what
+    transformers 5 writes, and tunesmith's outputs) loads with that class directly; any
+    other declaration, remote code (`auto_map`) or a hub id goes through AutoTokenizer.
+    """
+    config_path = Path(source) / "tokenizer_config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        declared = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = declared.get("tokenizer_class") if isinstance(declared, dict) else None
+    if name not in LIGHT_TOKENIZER_CLASSES or "auto_map" in declared:
+        return None
+    import transformers
+
+    return getattr(transformers, name, None)
+
+
 def load_tokenizer(name: str | None, trust_remote_code: bool = False) -> Any:
     """The tokenizer of a model (for an adapter directory: its own copy, else its base's)."""
-    from transformers import AutoTokenizer
-
     resolved = resolve_model_name(name)
     source = resolved
     if adapter_base(resolved) is not None and not (Path(resolved) / "tokenizer_config.json").is_file():
         source = adapter_base(resolved)  # type: ignore[assignment]
+    light = light_tokenizer_class(source)
     try:
+        if light is not None:
+            return light.from_pretrained(source)
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub_options(source))
     except (OSError, ValueError) as exc:
         raise _hub_error(source, exc) from None
