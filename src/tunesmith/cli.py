@@ -80,6 +80,9 @@ def run_train(args: argparse.Namespace) -> int:
     """Fine-tune, print the summary and where the output went."""
     values, sources = gather(TrainConfig, args)
     config = train_config(values, sources)  # validate before the heavy imports
+    from tunesmith.model.load import resolve_model_name
+
+    resolve_model_name(config.model.model)  # a mistyped model path is refused before anything else
     print(describe_settings(config, sources, set(starter_defaults(values))), file=sys.stderr)
     from tunesmith.train.api import finetune
 
