@@ -104,14 +104,15 @@ def test_not_a_mapping_and_not_utf8(tmp_path: Path) -> None:
         read_options_file(path, TrainConfig)
 
 
-def test_train_prints_where_each_setting_came_from(tmp_path: Path) -> None:
+def test_train_prints_where_each_setting_came_from(tmp_path: Path, tiny_model_dir: Path) -> None:
     import subprocess
     import sys
 
     path = write(tmp_path, "lr: 1e-4\n")
     proc = subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", "--config", str(path), "--method",
-                           "lora", "--max-steps", "2", "--model", str(tmp_path / "missing")],
-                          capture_output=True, text=True, timeout=60)
+                           "lora", "--max-steps", "2", "--model", str(tiny_model_dir), "--data",
+                           str(tmp_path / "missing.jsonl")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "missing.jsonl" in proc.stderr.splitlines()[-1]  # stops at the data
     lines = [" ".join(line.split()) for line in proc.stderr.splitlines()]
     assert f"lr 0.0001 (config {path}:1)" in lines
     assert "method lora (flag --method)" in lines and "max_steps 2 (flag --max-steps)" in lines

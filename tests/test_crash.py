@@ -185,3 +185,11 @@ def test_a_stale_lock_of_a_dead_run_is_taken_over_and_said_once(tmp_path, capsys
         assert (out / LOCK_FILE).read_text().split()[0] == str(os.getpid())
     err = capsys.readouterr().err
     assert err.count("taking over the lock") == 1 and f"PID {dead.stdout.strip()}" in err
+
+
+def test_only_rank_0_of_a_torchrun_job_takes_the_lock(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    with output_lock(out):
+        monkeypatch.setenv("RANK", "1")  # another rank of the same job
+        with output_lock(out):
+            pass

@@ -96,6 +96,11 @@ def _quote(text: str | None) -> str:
     return f"{fence}text\n{text}\n{fence}"
 
 
+def md_text(text: Any) -> str:
+    """User text inline as plain Markdown text: one line, every character that could start markup escaped."""
+    return re.sub(r"([\\`*_\[\]<>&!|~])", r"\\\1", " ".join(str(text).split()))
+
+
 def md_code(text: Any, in_table: bool = False) -> str:
     """User text inline as a code span (one line; backticks and, in a table, `|` kept literal)."""
     flat = " ".join(str(text).split())
@@ -123,7 +128,7 @@ def render_markdown(result: dict[str, Any], names: tuple[str, str | None], loss_
     if result.get("data"):
         lines += [f"Data: {md_code(result['data'])} · {result['samples']['loss']} samples for the loss, "
                   f"{result['samples']['prompts']} prompts generated greedily.", ""]
-    head = [h if h in ("metric", "change", "reference") else md_code(h, in_table=True) for h in head]
+    head = [md_text(h) for h in head]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row_cells(result, r)) + " |" for r in metric_rows(result)]
     if result["skipped"]:
@@ -135,6 +140,6 @@ def render_markdown(result: dict[str, Any], names: tuple[str, str | None], loss_
         lines += ["", f"## {n}. {md_code(ex['source'])}", "", "**Prompt**", "", _quote(prompt_text(ex["prompt"])), "",
                   "**Reference**", "", _quote(ex["reference"])]
         if has_base:
-            lines += ["", md_code(base), "", _quote(ex.get("base_reply"))]
-        lines += ["", md_code(tuned), "", _quote(ex["reply"])]
+            lines += ["", f"**{md_text(base)}**", "", _quote(ex.get("base_reply"))]
+        lines += ["", f"**{md_text(tuned)}**", "", _quote(ex["reply"])]
     return "\n".join(lines) + "\n"

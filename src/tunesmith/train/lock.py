@@ -54,7 +54,13 @@ def _locked_fd(path: Path, output_dir: Path) -> int:
 
 @contextlib.contextmanager
 def output_lock(output_dir: Path) -> Iterator[None]:
-    """Hold the lock of `output_dir` for the duration; refuse when another live run holds it."""
+    """Hold the lock of `output_dir` for the duration; refuse when another live run holds it.
+
+    Under torchrun only rank 0 locks: the ranks of one run share its output directory.
+    """
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        yield
+        return
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"{output_dir}: exists and is not a directory (choose another --output)")
     output_dir.mkdir(parents=True, exist_ok=True)
