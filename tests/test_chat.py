@@ -123,8 +123,28 @@ def test_repl_commands_from_a_script(trained: Model, tmp_path: Path) -> None:
     assert chat.messages == [{"role": "user", "content": QUESTIONS[0]},
                              {"role": "assistant", "content": CHATS[QUESTIONS[0]]}]
     saved = json.loads((tmp_path / "c.jsonl").read_text())["messages"]
-    assert [m["role"] for m in saved] == ["system", "user", "assistant"]
+    assert [m["role"] for m in saved] == ["user", "assistant"]  # answered before /system: saved without it
+    assert "a new conversation starts" in text
     assert next(script) == "never read"  # "quit" ended the loop
+
+
+def test_system_change_starts_a_new_conversation_and_save_keeps_each_prompt(trained: Model, tmp_path: Path) -> None:
+    chat = Chat(trained, system="You are terse.", greedy=True, max_new_tokens=24)
+    first = chat.send(QUESTIONS[0])
+    assert chat.set_system("Be kind.") is True  # replies exist: a new conversation
+    assert chat.messages == [] and chat.system == "Be kind."
+    assert chat.set_system("Be very kind.") is False  # nothing answered under "Be kind." yet
+    second = chat.send(QUESTIONS[1])
+    assert chat._visible(chat.sampling)[0] == {"role": "system", "content": "Be very kind."}
+    assert len(chat._visible(chat.sampling)) == 3  # the earlier conversation is not seen
+    chat.save(tmp_path / "s.jsonl")
+    lines = [json.loads(line)["messages"] for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert lines == [
+        [{"role": "system", "content": "You are terse."}, {"role": "user", "content": QUESTIONS[0]},
+         {"role": "assistant", "content": first}],
+        [{"role": "system", "content": "Be very kind."}, {"role": "user", "content": QUESTIONS[1]},
+         {"role": "assistant", "content": second}],
+    ]
 
 
 

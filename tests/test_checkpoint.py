@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
+from tunesmith.errors import UserError
 from tunesmith.train.checkpoint import TrainState, checkpoint_dirs, load_checkpoint, save_checkpoint
 from tunesmith.train.schedule import cosine_schedule
 
@@ -65,14 +69,18 @@ def test_crash_mid_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypa
 
     real_save = torch.save
 
-    def crash_on_scheduler(obj, path, *args, **kwargs):
+    def disk_full_on_scheduler(obj, path, *args, **kwargs):
         if str(path).endswith("scheduler.pt"):
-            raise OSError("disk full (simulated)")
+            Path(path).write_bytes(b"half a fi")  # the disk fills up part way through the file
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(torch, "save", crash_on_scheduler)
-    with pytest.raises(OSError, match="simulated"):
+    monkeypatch.setattr(torch, "save", disk_full_on_scheduler)
+    with pytest.raises(UserError) as err:
         save_checkpoint(tmp_path, model, optimizer, scheduler, TrainState(step=2), keep=1)
+    assert str(err.value) == f"{tmp_path / 'step-000002'}: could not write the checkpoint (No space left on device)"
+    assert err.value.problems == [f"the last complete checkpoint, {good}, is intact: --resume continues from it; "
+                                  "free disk space (or lower --keep-checkpoints)"]
     monkeypatch.setattr(torch, "save", real_save)
     assert [p.name for p in tmp_path.iterdir()] == [good.name]  # no half-written step-2, no temp left
     model2, optimizer2, scheduler2 = tiny_setup(seed=5)

@@ -23,7 +23,9 @@ def test_train_help_lists_every_option_with_default() -> None:
     flat = " ".join(help_text.split())
     for opt in options_of(TrainConfig):
         assert opt.flag in flat, opt.flag
-    assert flat.count("(default:") >= len(options_of(TrainConfig))
+    negated = [o for o in options_of(TrainConfig) if o.negated]
+    assert flat.count("(default:") >= len(options_of(TrainConfig)) - len(negated)
+    assert flat.count("(on by default).") == len(negated)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

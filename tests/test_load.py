@@ -37,7 +37,7 @@ def test_hub_ids_pass_through() -> None:
 
 
 def test_offline_hub_id_gives_advice() -> None:
-    with pytest.raises(UserError, match="could not load"):
+    with pytest.raises(UserError, match="not in the local Hugging Face cache"):
         load_tokenizer("tunesmith-test/definitely-not-cached")
 
 

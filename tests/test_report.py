@@ -80,7 +80,7 @@ def test_write_reports_embeds_the_loss_curve(tmp_path: Path) -> None:
     md = Path(paths["md"]).read_text(encoding="utf-8")
     assert "| loss on reply tokens | 2.000 | 1.250 | -0.750 |  |" in md
     assert "![training loss curve](../loss.png)" in md  # linked relative to report.md
-    assert "> <script>alert(1)</script>" in md and "> (empty reply)" in md
+    assert "```text\n<script>alert(1)</script>\n```" in md and "*(empty reply)*" in md
 
 
 def test_summary_text_is_an_aligned_table() -> None:
@@ -90,3 +90,61 @@ def test_summary_text_is_an_aligned_table() -> None:
     assert len({len(line) for line in lines[:6]}) == 1  # header, rule and rows align
     assert "exact match" in text and "+50.0 pp" in text
     assert lines[-1].startswith("skipped label accuracy:")
+
+
+HOSTILE = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", "**bold** _it_ # head", "a | b | c",
+           "``` fence\n# not a heading\n```", "[click](javascript:alert(1))", "<!-- comment", "&amp; &lt;",
+           "x\n---\ny", "`tick` ``two``"]
+
+
+def hostile_result() -> dict[str, Any]:
+    """Every string that comes from the user's data or names is hostile."""
+    out = result()
+    out["data"] = "data/`evil`|<b>.jsonl"
+    out["examples"] = [{"source": f"{h}:1", "prompt": [{"role": "user", "content": h}], "reference": h,
+                        "reply": h, "base_reply": h} for h in HOSTILE]
+    return out
+
+
+def test_html_escapes_every_hostile_string() -> None:
+    from html.parser import HTMLParser
+
+    names = ("tuned <i>x</i>", "base & <u>y</u>")
+    html = render_html(hostile_result(), names, None)
+    tags: list[str] = []
+
+    class Tags(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            tags.append(tag)
+            assert not any(k.startswith("on") for k, _ in attrs), (tag, attrs)
+
+    Tags().feed(html)
+    assert not {"script", "img", "i", "u", "a"} & set(tags), set(tags)
+    assert tags.count("b") == len(metric_rows(hostile_result()))  # ours: the model's value in each row
+    assert "<!-- comment" not in html and "&lt;!-- comment" in html
+    assert "&amp;amp; &amp;lt;" in html  # entities in the data are shown, not interpreted
+
+
+def unescape_html(text: str) -> str:
+    from html import unescape
+
+    return unescape(text)
+
+
+def test_markdown_renders_hostile_strings_as_literal_text() -> None:
+    from markdown_it import MarkdownIt
+
+    names = ("tuned|<i>x</i>", "base `y`")
+    md = render_markdown(hostile_result(), names, None)
+    rendered = MarkdownIt("commonmark").enable("table").render(md)
+    for tag in ("<script", "<img", "<b>", "<em>", "<a ", "<i>", "<!--", "<hr"):
+        assert tag not in rendered, tag
+    assert rendered.count("<strong>") == 4 * len(HOSTILE)  # ours: Prompt, Reference and the two model names
+    assert rendered.count("<h2>") == len(HOSTILE)  # no heading smuggled in from the data
+    header = rendered.split("<thead>", 1)[1].split("</thead>", 1)[0]
+    assert header.count("<th") == 5  # metric, base, tuned, change, reference: the | in a name split nothing
+    assert "tuned|&lt;i&gt;x&lt;/i&gt;" in header and "base `y`" in unescape_html(rendered)
+    from html import unescape
+
+    for h in HOSTILE:  # each text comes back exactly, as text
+        assert unescape(rendered).count(f'<pre><code class="language-text">{h}\n</code></pre>') == 4, h

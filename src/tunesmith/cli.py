@@ -13,41 +13,61 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-from tunesmith.config import DataOptions, Option, TrainConfig, build_config, load_yaml, options_of, train_config
+from tunesmith import __version__
+from tunesmith.cli_parse import Parser, fix_argv, usage_error
+from tunesmith.config import (DataOptions, Option, TrainConfig, build_config, options_of, read_options_file,
+                              starter_defaults, train_config)
+from tunesmith.config_file import describe_settings
 from tunesmith.errors import UserError
 from tunesmith.train.files import MERGED_DIR
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add one flag per leaf option of the config dataclass `cls`, help and default shown."""
+    """Add one flag per leaf option of the config dataclass `cls`; the help says what the flag does."""
     for opt in options_of(cls):
         if opt.name in skip:
             continue
-        help_text = f"{opt.help} (default: {opt.default})"
         if opt.type is bool:
-            action = "store_false" if opt.default is True else "store_true"
-            parser.add_argument(opt.flag, dest=opt.name, action=action, default=None, help=help_text)
+            action = "store_false" if opt.negated else "store_true"
+            parser.add_argument(opt.flag, dest=opt.name, action=action, default=None, help=opt.flag_help)
         elif typing.get_origin(opt.type) is list:  # repeatable: --data a.jsonl --data b.csv
             parser.add_argument(opt.flag, dest=opt.name, action="append", default=None, metavar=opt.name.upper(),
-                                help=help_text)
+                                help=opt.flag_help)
         else:
             parser.add_argument(opt.flag, dest=opt.name, type=opt.type, default=None, metavar=opt.name.upper(),
-                                help=help_text)
+                                help=opt.flag_help)
 
 
-def values_from_args(cls: type, args: argparse.Namespace) -> dict[str, Any]:
-    """The YAML file of `--config` (if any), overridden by the flags that were given."""
-    values: dict[str, Any] = load_yaml(args.config) if getattr(args, "config", None) else {}
+def gather(cls: type, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+    """The values of the `--config` file (if any) overridden by the flags given, and where each came from.
+
+    Where: `FILE:LINE` for a config key, the flag for a flag. Alias notices of the file
+    (`learning_rate read as lr`) are printed here, once.
+    """
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if getattr(args, "config", None):
+        read = read_options_file(args.config, cls)
+        for line in read.notices:
+            print(f"tunesmith: {line}", file=sys.stderr)
+        values.update(read.values)
+        sources.update({name: read.where(name) for name in read.values})
     for opt in options_of(cls):
         given = getattr(args, opt.name, None)
         if given is not None:
             values[opt.name] = given
-    return values
+            sources[opt.name] = opt.flag
+    return values, sources
+
+
+def values_from_args(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The YAML file of `--config` (if any), overridden by the flags that were given."""
+    return gather(cls, args)[0]
 
 
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     """Defaults, then the YAML file of `--config`, then the flags that were given."""
-    return build_config(cls, values_from_args(cls, args))
+    return build_config(cls, *gather(cls, args))
 
 
 # --------------------------------------------------------------------------------------
@@ -62,7 +82,12 @@ def add_train(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Fine-tune, print the summary and where the output went."""
-    config = train_config(values_from_args(TrainConfig, args))  # validate before the heavy imports
+    values, sources = gather(TrainConfig, args)
+    config = train_config(values, sources)  # validate before the heavy imports
+    from tunesmith.model.load import resolve_model_name
+
+    resolve_model_name(config.model.model)  # a mistyped model path is refused before anything else
+    print(describe_settings(config, sources, set(starter_defaults(values))), file=sys.stderr)
     from tunesmith.train.api import finetune
 
     _quiet_transformers()
@@ -79,8 +104,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 def add_data(parser: argparse.ArgumentParser) -> None:
     """`tunesmith data inspect FILE`: rendered samples with trained spans, and stats."""
-    sub = parser.add_subparsers(dest="data_command", required=True, metavar="inspect")
-    inspect_p = sub.add_parser("inspect", help="show rendered samples, trained tokens and stats")
+    sub = parser.add_subparsers(dest="data_command", required=True, metavar="COMMAND", title="commands")
+    what = "show how a data file is read: rendered samples, the trained tokens marked, and stats"
+    inspect_p = sub.add_parser("inspect", help=what, description=what)
     inspect_p.add_argument("data", metavar="FILE", nargs="+", help="data file(s) or hub dataset id(s); several: a mix")
     inspect_p.add_argument("--model", default=None, help="tokenizer to use (default: the bundled starter)")
     inspect_p.add_argument("--samples", type=int, default=3, help="how many samples to show (default: 3)")
@@ -274,12 +300,9 @@ COMMANDS: dict[str, Command] = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole parser, built from `COMMANDS`."""
-    parser = argparse.ArgumentParser(
-        prog="tunesmith",
-        description="Fine-tune open language models on your own data.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = Parser(prog="tunesmith", description="Fine-tune open language models on your own data.")
+    parser.add_argument("--version", action="version", version=f"tunesmith {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     for name, (help_text, add, _run) in COMMANDS.items():
         add(sub.add_parser(name, help=help_text, description=help_text))
     return parser
@@ -313,7 +336,10 @@ def reference_markdown() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(fix_argv(sys.argv[1:] if argv is None else list(argv), parser))
+    if extras:
+        usage_error(command_parser(parser, args), extras)
     try:
         return COMMANDS[args.command][2](args)
     except UserError as exc:
@@ -323,6 +349,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tunesmith: interrupted", file=sys.stderr)
         return 130
+
+
+def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser of the command that was given (`data inspect` -> its own), for its usage."""
+    for attr in ("command", "data_command"):
+        child = _subparsers(parser).get(getattr(args, attr, None) or "")
+        if child is None:
+            break
+        parser = child
+    return parser
 
 
 if __name__ == "__main__":

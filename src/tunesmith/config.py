@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunesmith.config_file import OptionError, coerce
 from tunesmith.errors import UserError
 from tunesmith.methods import OBJECTIVES, PARAMETER_SETS, Recipe, recipe
 
@@ -30,9 +31,9 @@ TEMPLATES = ("auto", "tokenizer", "llama3", "chatml", "alpaca", "zephyr", "plain
 
 
 def check(ok: bool, name: str, value: Any, allowed: str) -> None:
-    """Raise a `UserError` for option `name` unless `ok`."""
+    """Raise an `OptionError` for option `name` unless `ok`."""
     if not ok:
-        raise UserError(f"invalid value for {name}: {value!r} (allowed: {allowed})")
+        raise OptionError(name, f"invalid value for {name}: {value!r} (allowed: {allowed})")
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -245,19 +246,32 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Option:
-    """One leaf option: its group attribute, flat name, type, default and help."""
+    """One leaf option: its group attribute, flat name, type, default, help, and whether None is allowed."""
 
     group: str | None
     name: str
     type: type
     default: Any
     help: str
+    optional: bool = False
+
+    @property
+    def negated(self) -> bool:
+        """A boolean that is on by default: its flag turns it off."""
+        return self.type is bool and self.default is True
 
     @property
     def flag(self) -> str:
         """The CLI flag; booleans that default to True are spelled `--no-NAME`."""
         base = self.name.replace("_", "-")
-        return f"--no-{base}" if self.type is bool and self.default is True else f"--{base}"
+        return f"--no-{base}" if self.negated else f"--{base}"
+
+    @property
+    def flag_help(self) -> str:
+        """The help line of the flag: what *the flag* does (a `--no-` flag turns the option off)."""
+        if self.negated:
+            return f"Do not {self.help[:1].lower()}{self.help[1:].rstrip('.')} (on by default)."
+        return f"{self.help} (default: {self.default})"
 
 
 @functools.cache
@@ -273,12 +287,12 @@ def attribute_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _leaf_type(annotation: Any) -> type:
-    """`int | None` -> int; `str` -> str."""
+def _leaf_type(annotation: Any) -> tuple[type, bool]:
+    """`int | None` -> (int, True); `str` -> (str, False)."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return args[0]
-    return annotation
+        return args[0], len(args) < len(typing.get_args(annotation))
+    return annotation, False
 
 
 def options_of(cls: type, group: str | None = None) -> list[Option]:
@@ -292,45 +306,45 @@ def options_of(cls: type, group: str | None = None) -> list[Option]:
             out.extend(options_of(hint, f.name))
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        out.append(Option(group, f.name, _leaf_type(hint), default, docs.get(f.name, "")))
+        kind, optional = _leaf_type(hint)
+        out.append(Option(group, f.name, kind, default, docs.get(f.name, ""), optional))
     return out
 
 
-def build_config(cls: type, values: dict[str, Any]) -> Any:
-    """Instantiate `cls` from a flat mapping of option names (unknown keys are refused)."""
-    known = {o.name for o in options_of(cls)}
-    unknown = sorted(set(values) - known)
+def build_config(cls: type, values: dict[str, Any], sources: dict[str, str] | None = None) -> Any:
+    """Instantiate `cls` from a flat mapping of option names (unknown keys are refused).
+
+    `sources` maps an option name to where its value was set (`run.yaml:3`, `--lr`); an
+    invalid value is then reported there, so the user knows which line or flag to fix.
+    """
+    try:
+        return _build(cls, values)
+    except OptionError as exc:
+        where = (sources or {}).get(exc.option)
+        if where is None:
+            raise
+        raise OptionError(exc.option, f"{where}: {exc}", exc.problems) from None
+
+
+def _build(cls: type, values: dict[str, Any]) -> Any:
+    """`build_config` without the error locations."""
+    from tunesmith.config_file import suggest
+
+    options = {o.name: o for o in options_of(cls)}
+    unknown = sorted(set(values) - set(options))
     if unknown:
-        raise UserError(f"unknown option(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        raise UserError(f"unknown option(s): {', '.join(unknown)}",
+                        [f"{name}: unknown{suggest(name, sorted(options))}" for name in unknown])
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         if dataclasses.is_dataclass(hint):
             sub = {o.name: values[o.name] for o in options_of(hint) if o.name in values}
-            kwargs[f.name] = build_config(hint, sub)
+            kwargs[f.name] = _build(hint, sub)
         elif f.name in values:
-            kwargs[f.name] = _coerce(f.name, values[f.name], _leaf_type(hint))
+            kwargs[f.name] = coerce(options[f.name], values[f.name])
     return cls(**kwargs)
-
-
-def _coerce(name: str, value: Any, kind: type) -> Any:
-    """Convert a YAML value to the option's type, with a clear error when it cannot be."""
-    if value is None:
-        return None
-    if typing.get_origin(kind) is list:
-        return value  # the option's __post_init__ checks the items
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"invalid value for {name}: {value!r} (allowed: true | false)")
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if kind is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if kind is str:
-        return str(value)
-    raise UserError(f"invalid value for {name}: {value!r} (expected {kind.__name__})")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -355,25 +369,43 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in loaded.items()}
 
 
+def read_options_file(path: str | Path, cls: type) -> Any:
+    """A `--config` file read against the options of `cls` (a `tunesmith.config_file.ConfigFile`)."""
+    from tunesmith.config_file import read_config_file
+
+    options = {o.name: o for o in options_of(cls)}
+    known = {name: functools.partial(coerce, opt) for name, opt in options.items()}
+    default_length = options["max_length"].default if "max_length" in options else 2048
+    return read_config_file(path, known, max_length=default_length)
+
+
 STARTER_DEFAULTS = Path(__file__).resolve().parent / "assets" / "starter" / "defaults.yaml"
 
 
-def train_config(values: dict[str, Any] | None = None) -> TrainConfig:
+def starter_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    """The starter's defaults that apply beneath `values` (none when a model is named).
+
+    The starter's `defaults.yaml` is tuned so the zero-argument job finishes in minutes on
+    a laptop CPU. Its learning rate belongs to its method and objective, so it is dropped
+    when the user picks another one (else `--method lora` would silently train at the
+    starter's full fine-tuning rate). Keys the user gave are never in the result.
+    """
+    if values.get("model") is not None or not STARTER_DEFAULTS.is_file():
+        return {}
+    starter = load_yaml(STARTER_DEFAULTS)
+    if any(values.get(k, starter.get(k)) != starter.get(k) for k in ("method", "objective")):
+        starter.pop("lr", None)
+    return {k: v for k, v in starter.items() if k not in values}
+
+
+def train_config(values: dict[str, Any] | None = None, sources: dict[str, str] | None = None) -> TrainConfig:
     """A `TrainConfig` from flat option values (YAML and flags already merged, flags winning).
 
-    When no model is named, the run uses the bundled starter model, and the starter's own
-    `defaults.yaml` (tuned so the zero-argument job finishes in minutes on a laptop CPU)
-    goes beneath what the user gave: user values still win. Its learning rate belongs to
-    its method and objective, so it is dropped when the user picks another one (else
-    `--method lora` would silently train at the starter's full fine-tuning rate).
+    With no model named, the bundled starter model is used and `starter_defaults` go
+    beneath what the user gave: user values always win. `sources` locates bad values.
     """
     values = dict(values or {})
-    if values.get("model") is None and STARTER_DEFAULTS.is_file():
-        starter = load_yaml(STARTER_DEFAULTS)
-        if any(values.get(k, starter.get(k)) != starter.get(k) for k in ("method", "objective")):
-            starter.pop("lr", None)
-        values = {**starter, **values}
-    return build_config(TrainConfig, values)
+    return build_config(TrainConfig, {**starter_defaults(values), **values}, sources)
 
 
 def to_flat_dict(config: Any) -> dict[str, Any]:

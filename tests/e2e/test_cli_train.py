@@ -54,7 +54,9 @@ def test_bad_paths_and_values_exit_2_with_a_clear_line(tiny_model_dir, data_file
     proc = train(*[x for kv in base.items() for x in kv], "--max-steps", "1")
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("tunesmith: ")
+    settings = proc.stderr.startswith("settings:\n")  # printed once the options are valid
+    problem = proc.stderr.split("\n", 7)[-1] if settings else proc.stderr
+    assert problem.startswith("tunesmith: "), proc.stderr
 
 
 def test_resume_without_checkpoint_exits_2(tiny_model_dir, data_file, tmp_path):

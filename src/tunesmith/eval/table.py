@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +86,29 @@ def skipped_lines(result: dict[str, Any]) -> list[str]:
 
 
 def _quote(text: str | None) -> str:
-    """Text as a Markdown block quote (empty replies shown as such)."""
+    """User text as a fenced code block: nothing in it is read as Markdown or HTML (empty shown as such)."""
     if text is None:
-        return "> *(none)*"
-    return "\n".join(f"> {line}" for line in (text or "(empty reply)").splitlines() or [""])
+        return "*(none)*"
+    if text == "":
+        return "*(empty reply)*"
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
+
+
+def md_text(text: Any) -> str:
+    """User text inline as plain Markdown text: one line, every character that could start markup escaped."""
+    return re.sub(r"([\\`*_\[\]<>&!|~])", r"\\\1", " ".join(str(text).split()))
+
+
+def md_code(text: Any, in_table: bool = False) -> str:
+    """User text inline as a code span (one line; backticks and, in a table, `|` kept literal)."""
+    flat = " ".join(str(text).split())
+    longest = max((len(m) for m in re.findall(r"`+", flat)), default=0)
+    ticks = "`" * (longest + 1)
+    pad = " " if flat.startswith("`") or flat.endswith("`") else ""
+    span = f"{ticks}{pad}{flat}{pad}{ticks}"
+    return span.replace("|", "\\|") if in_table else span
 
 
 def prompt_text(prompt: list[dict[str, str]]) -> str:
@@ -105,18 +126,20 @@ def render_markdown(result: dict[str, Any], names: tuple[str, str | None], loss_
     head = table_header(result, names)
     lines = ["# tunesmith evaluation report", ""]
     if result.get("data"):
-        lines += [f"Data: `{result['data']}` · {result['samples']['loss']} samples for the loss, "
+        lines += [f"Data: {md_code(result['data'])} · {result['samples']['loss']} samples for the loss, "
                   f"{result['samples']['prompts']} prompts generated greedily.", ""]
+    head = [md_text(h) for h in head]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row_cells(result, r)) + " |" for r in metric_rows(result)]
     if result["skipped"]:
         lines += [""] + [f"- {line}" for line in skipped_lines(result)]
     if loss_curve is not None and md_dir is not None:
-        lines += ["", f"![training loss curve]({Path(os.path.relpath(loss_curve, md_dir)).as_posix()})"]
+        link = urllib.parse.quote(Path(os.path.relpath(loss_curve, md_dir)).as_posix())
+        lines += ["", f"![training loss curve]({link})"]
     for n, ex in enumerate(result["examples"], start=1):
-        lines += ["", f"## {n}. `{ex['source']}`", "", "**Prompt**", "", _quote(prompt_text(ex["prompt"])), "",
+        lines += ["", f"## {n}. {md_code(ex['source'])}", "", "**Prompt**", "", _quote(prompt_text(ex["prompt"])), "",
                   "**Reference**", "", _quote(ex["reference"])]
         if has_base:
-            lines += ["", f"**{base}**", "", _quote(ex.get("base_reply"))]
-        lines += ["", f"**{tuned}**", "", _quote(ex["reply"])]
+            lines += ["", f"**{md_text(base)}**", "", _quote(ex.get("base_reply"))]
+        lines += ["", f"**{md_text(tuned)}**", "", _quote(ex["reply"])]
     return "\n".join(lines) + "\n"

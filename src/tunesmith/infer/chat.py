@@ -38,12 +38,29 @@ class Chat:
         self.system = system
         self.sampling: SamplingOptions = sampling_with(self.model.sampling, sampling)
         self.messages: list[dict[str, str]] = []  # user/assistant turns, oldest first (no system)
+        self.earlier: list[list[dict[str, str]]] = []  # finished conversations (transcripts), before a /system
         self.trimmed = 0  # oldest messages the last reply could not see
 
     def reset(self) -> None:
-        """Forget the conversation (the system prompt stays)."""
+        """Forget the conversation, and any earlier ones (the system prompt stays)."""
         self.messages = []
+        self.earlier = []
         self.trimmed = 0
+
+    def set_system(self, text: str | None) -> bool:
+        """Change the system prompt; True when that started a new conversation.
+
+        Replies already generated stay paired with the system prompt they were generated
+        under: if the conversation has turns, it is closed (kept for `save`) and a new one
+        starts, which the model sees without the earlier turns.
+        """
+        started = bool(self.messages)
+        if started:
+            self.earlier.append(self.transcript())
+            self.messages = []
+            self.trimmed = 0
+        self.system = text or None
+        return started
 
     def transcript(self) -> list[dict[str, str]]:
         """The whole conversation in the messages format, system prompt first."""
@@ -71,20 +88,23 @@ class Chat:
             self._close_turn("".join(pieces))
 
     def save(self, path: str | Path) -> int:
-        """Append the conversation as one JSONL line `{"messages": [...]}` (readable as training data).
+        """Append each conversation (earlier ones first) as a JSONL line `{"messages": [...]}`.
 
-        Returns the number of messages written.
+        Each line carries the system prompt its replies were generated under, so the file
+        reads back as training data that says what happened. Returns the messages written.
         """
-        if not any(m["role"] == "assistant" for m in self.messages):
+        conversations = [t for t in [*self.earlier, self.transcript()] if any(m["role"] == "assistant" for m in t)]
+        if not conversations:
             raise UserError("nothing to save yet (no reply in this conversation)")
         target = Path(path).expanduser()
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             with target.open("a", encoding="utf-8") as out:
-                out.write(json.dumps({"messages": self.transcript()}, ensure_ascii=False) + "\n")
+                for transcript in conversations:
+                    out.write(json.dumps({"messages": transcript}, ensure_ascii=False) + "\n")
         except OSError as exc:
             raise UserError(f"{path}: cannot write ({exc.strerror})") from None
-        return len(self.transcript())
+        return sum(len(t) for t in conversations)
 
     def _open_turn(self, text: str, options: SamplingOptions) -> list[dict[str, str]]:
         """Append the user message; return the messages the model will see (trimmed to fit)."""
@@ -131,8 +151,10 @@ def _command(chat: Chat, line: str, say: Callable[[str], None]) -> None:
         chat.reset()
         say("(history cleared)")
     elif name == "/system":
-        chat.system = arg or None
-        say(f"(system prompt set: {arg})" if arg else "(system prompt cleared)")
+        new = chat.set_system(arg)
+        said = f"system prompt set: {arg}" if arg else "system prompt cleared"
+        say(f"({said}; a new conversation starts: the model no longer sees the earlier turns, and /save keeps "
+            "them with the system prompt they were answered under)" if new else f"({said})")
     elif name == "/save":
         if not arg:
             say("(usage: /save FILE)")

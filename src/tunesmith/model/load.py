@@ -7,13 +7,19 @@ weights as safetensors.
 """
 from __future__ import annotations
 
+import functools
 import json
+import os
+import socket
+import threading
+import urllib.parse
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tunesmith.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 STARTER_DIR = Path(__file__).resolve().parent.parent / "assets" / "starter"
 
@@ -24,6 +30,8 @@ def pick_device_dtype(device: str | None = None) -> tuple[torch.device, torch.dt
     Float32 on MPS and CPU because half precision there is slow or numerically fragile,
     and a CUDA card without bf16 gets float32 too (fp16 training needs loss scaling).
     """
+    import torch  # here, not at the top: reading a tokenizer (`data inspect`) needs no torch
+
     if device is None:
         if torch.cuda.is_available():
             device = "cuda"
@@ -66,6 +74,58 @@ def adapter_base(path: str) -> str | None:
     return str(base)
 
 
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.cache
+def hub_reachable(timeout: float = 1.5) -> bool:
+    """Whether a TCP connection to the hub (or the HTTPS proxy) opens within `timeout` seconds.
+
+    Without it, an unreachable hub costs ~48 s of huggingface_hub's retries before any
+    message. The probe runs in a thread so a hanging DNS lookup cannot outlast `timeout`.
+    """
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or os.environ.get("ALL_PROXY")
+    url = urllib.parse.urlsplit(proxy or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.2)
+    return bool(result and result[0])
+
+
+def hub_options(name: str) -> dict[str, Any]:
+    """`from_pretrained` options for a hub id when the hub cannot be used: cache only, or a UserError now.
+
+    Offline (`HF_HUB_OFFLINE` / `TRANSFORMERS_OFFLINE`, or no connection to the hub) a
+    cached model loads from the cache at once; an uncached one fails in about a second.
+    """
+    if Path(name).expanduser().exists():
+        return {}
+    if _env_on("HF_HUB_OFFLINE") or _env_on("TRANSFORMERS_OFFLINE"):
+        why = "offline mode is on (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)"
+    elif hub_reachable():
+        return {}
+    else:
+        why = "the Hugging Face hub cannot be reached (no network?)"
+    from huggingface_hub import try_to_load_from_cache
+
+    if any(isinstance(try_to_load_from_cache(name, f), str) for f in ("config.json", "tokenizer_config.json")):
+        return {"local_files_only": True}
+    raise UserError(f"{name}: not in the local Hugging Face cache, and {why}",
+                    ["check the spelling of the hub id, pass a local model directory, or go online once to "
+                     "download it"])
+
+
 def _hub_error(name: str, exc: Exception) -> UserError:
     """Turn a loading failure into advice (most often: offline, or a typo in the id)."""
     return UserError(
@@ -75,16 +135,46 @@ def _hub_error(name: str, exc: Exception) -> UserError:
     )
 
 
+LIGHT_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def light_tokenizer_class(source: str) -> Any:
+    """The tokenizer class of a local directory whose tokenizer_config.json names a generic one, or None.
+
+    `AutoTokenizer` always resolves the model's config class first, and in transformers 5
+    that imports torch and torch.distributed (4-5x the time of the tokenizer itself on a
+    laptop CPU). A directory that declares the generic `tokenizers`-backed class (what
+    transformers 5 writes, and tunesmith's outputs) loads with that class directly; any
+    other declaration, remote code (`auto_map`) or a hub id goes through AutoTokenizer.
+    """
+    config_path = Path(source) / "tokenizer_config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        declared = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = declared.get("tokenizer_class") if isinstance(declared, dict) else None
+    if name not in LIGHT_TOKENIZER_CLASSES or "auto_map" in declared:
+        return None
+    import transformers
+
+    return getattr(transformers, name, None)
+
+
 def load_tokenizer(name: str | None, trust_remote_code: bool = False) -> Any:
     """The tokenizer of a model (for an adapter directory: its own copy, else its base's)."""
-    from transformers import AutoTokenizer
-
     resolved = resolve_model_name(name)
     source = resolved
     if adapter_base(resolved) is not None and not (Path(resolved) / "tokenizer_config.json").is_file():
         source = adapter_base(resolved)  # type: ignore[assignment]
+    light = light_tokenizer_class(source)
     try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        if light is not None:
+            return light.from_pretrained(source)
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub_options(source))
     except (OSError, ValueError) as exc:
         raise _hub_error(source, exc) from None
 
@@ -110,12 +200,14 @@ def load_model(
         device, dtype = device or policy_device, dtype or policy_dtype
     resolved = resolve_model_name(name)
     base = adapter_base(resolved)
+    source = resolve_model_name(base) if base else resolved
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            resolve_model_name(base) if base else resolved,
+            source,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
+            **hub_options(source),
             **load_options,
         )
     except (OSError, ValueError) as exc:

@@ -9,6 +9,7 @@ ONE loop; final eval) -> `write_outputs` (model, plot, summary) -> the report.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import random
 import resource
 import shutil
@@ -23,8 +24,9 @@ import torch
 from tunesmith.config import TrainConfig, to_flat_dict, train_config
 from tunesmith.errors import UserError
 from tunesmith.methods import Recipe
-from tunesmith.train.checkpoint import TrainState, checkpoint_dirs, load_checkpoint, save_checkpoint
+from tunesmith.train.checkpoint import TrainState, checkpoint_dirs, load_checkpoint, save_checkpoint, write_failed
 from tunesmith.train.files import CHECKPOINTS_DIR, HELD_OUT_FILE, PLOT_FILE, SUMMARY_FILE, TENSORBOARD_DIR
+from tunesmith.train.lock import output_lock
 from tunesmith.train.losses import LossFn
 from tunesmith.train.progress import RunLog, format_summary, plot_losses
 
@@ -169,6 +171,12 @@ def finetune(config: TrainConfig | None = None, **options: Any) -> TrainResult:
     """
     config = resolve_config(config, options)
     output_dir = Path(config.output.output).expanduser()
+    with output_lock(output_dir):  # one run per output directory
+        return _finetune(config, output_dir)
+
+
+def _finetune(config: TrainConfig, output_dir: Path) -> TrainResult:
+    """`finetune` while holding the output directory's lock."""
     resume_from = find_resume_checkpoint(output_dir, config.loop.resume)
     if resume_from is None:
         clear_previous_run(output_dir)
@@ -183,6 +191,10 @@ def finetune(config: TrainConfig | None = None, **options: Any) -> TrainResult:
         raise UserError("out of GPU memory", [
             f"fix: lower --batch-tokens (now {config.loop.batch_tokens}), add --gradient-checkpointing, "
             "or use --method lora"]) from None
+    except OSError as exc:  # a full disk while writing the model, logs or plot: say what is intact
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise write_failed(output_dir / CHECKPOINTS_DIR, output_dir, exc, "the run's outputs") from None
     except KeyboardInterrupt:
         saved = checkpoint_dirs(output_dir / CHECKPOINTS_DIR)
         if saved:

@@ -8,6 +8,7 @@ only the newest `keep` survive. Only rank 0 writes.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -63,30 +64,91 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(root: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
                     state: TrainState, keep: int) -> Path:
-    """Write a checkpoint for `state.step` atomically, then prune to the newest `keep`."""
-    from safetensors.torch import save_file
+    """Write a checkpoint for `state.step` atomically, then prune to the newest `keep`.
 
+    A full disk (or any failed write) is a `UserError` naming the checkpoint that is still
+    intact; nothing half-written is left behind.
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{state.step:06d}"
+    remove_partial(root)  # temp dirs of a save that was killed (this run holds the output lock)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        tensors = {k: v.contiguous() for k, v in trainable_state(model).items()}
-        save_file(tensors, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(asdict(state)), encoding="utf-8")  # written last
+        _write_files(tmp, model, optimizer, scheduler, state)
         if final.exists():
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(tmp, final)
+        _fsync_dir(root)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failed(root, final, exc, "the checkpoint") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in checkpoint_dirs(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     return final
+
+
+def _write_files(tmp: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 state: TrainState) -> None:
+    """The checkpoint's files, each flushed to disk; state.json last (it marks the dir complete)."""
+    from safetensors.torch import save_file
+
+    from tunesmith.train.output import honour_umask
+
+    tensors = {k: v.contiguous() for k, v in trainable_state(model).items()}
+    save_file(tensors, str(tmp / "trainable.safetensors"))
+    honour_umask(tmp)  # safetensors writes 0600 (see train.output.honour_umask)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(asdict(state)), encoding="utf-8")
+    for name in ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"):
+        with open(tmp / name, "rb") as f:
+            os.fsync(f.fileno())  # on disk before the rename publishes the directory
+    _fsync_dir(tmp)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or new entry in `path` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _discard(path: Path) -> None:
+    """Remove a checkpoint: renamed out of the `step-` namespace first, so a kill mid-delete leaves no
+    half-deleted directory that looks complete."""
+    trash = path.with_name(f".tmp-trash-{path.name}-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_partial(root: Path) -> None:
+    """Delete what interrupted saves and deletes left (`.tmp-*`); only safe while holding the output lock."""
+    if root.is_dir():
+        for leftover in root.glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def write_failed(root: Path, target: Path, exc: OSError, what: str) -> UserError:
+    """The error for a failed write of `what` to `target`: what failed, which checkpoint under `root` is
+    intact, what to do."""
+    existing = checkpoint_dirs(root)
+    kept = (f"the last complete checkpoint, {existing[-1]}, is intact: --resume continues from it"
+            if existing else "no earlier checkpoint exists")
+    fix = ("free disk space (or lower --keep-checkpoints)" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+           else "check that the output directory is writable")
+    return UserError(f"{target}: could not write {what} ({exc.strerror or exc})", [f"{kept}; {fix}"])
 
 
 def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:

@@ -15,6 +15,7 @@ stops where the model learned to end its turn (e.g. <|eot_id|> and <|end_of_text
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ def _save_full(model: Any, tokenizer: Any, directory: Path, gen: Any) -> None:
     model.generation_config = gen
     model.config.use_cache = True  # inference wants the cache back
     model.save_pretrained(directory, safe_serialization=True)
+    honour_umask(directory)
     tokenizer.save_pretrained(directory)
     gen.save_pretrained(directory)
 
@@ -61,6 +63,7 @@ def save_model(model: Any, tokenizer: Any, directory: Path, end_of_turn_ids: lis
         _save_full(model, tokenizer, directory, gen)
         return [directory]
     model.save_pretrained(directory)  # adapter_model.safetensors + adapter_config.json
+    honour_umask(directory)
     tokenizer.save_pretrained(directory)
     gen.save_pretrained(directory)
     if not merge:
@@ -88,6 +91,32 @@ def adapter_stop_notice(model: Any, tokenizer: Any, end_of_turn_ids: list[int], 
     return (f"note: the base model's generation config does not stop at {names}; plain transformers.pipeline("
             f"{directory}) would run past the reply: use {directory / MERGED_DIR} (--merge) or pass "
             f"eos_token_id from {directory / 'generation_config.json'}; tunesmith generate/chat stop correctly")
+
+
+def current_umask() -> int:
+    """The process umask (read from /proc where it can be, else set-and-restore)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(directory: Path) -> None:
+    """Give the `*.safetensors` in `directory` the mode a plain `open()` would (0o666 & ~umask).
+
+    safetensors >= 0.8 writes through a temp file created 0600 and renamed into place
+    (safetensors#764, reported as #782), so the weights would be readable by their owner
+    only while every other file of the directory follows the umask.
+    """
+    mode = 0o666 & ~current_umask()
+    for path in directory.glob("*.safetensors"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
 
 
 def save_config(directory: Path, flat_config: dict[str, Any]) -> None:

@@ -8,11 +8,41 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from tunesmith.train.files import METRICS_FILE, TENSORBOARD_DIR
 
+
+def format_duration(seconds: float) -> str:
+    """`45 s`, `3 min 05 s`, `2 h 07 min`: an ETA a person reads at a glance."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class Pace:
+    """Seconds per step from the wall clock between bar updates: an ETA from the second update on."""
+
+    def __init__(self, total_steps: int) -> None:
+        self.total = total_steps
+        self.first: tuple[float, int] | None = None  # (time, step) of the first update
+        self.announced = False
+
+    def eta(self, step: int, now: float | None = None) -> float | None:
+        """Seconds left, or None until two updates have been seen."""
+        now = time.perf_counter() if now is None else now
+        if self.first is None:
+            self.first = (now, step)
+            return None
+        t0, s0 = self.first
+        if step <= s0:
+            return None
+        return (self.total - step) * (now - t0) / (step - s0)
 
 
 class RunLog:
@@ -26,6 +56,7 @@ class RunLog:
         self._bar: Any = None
         self._task: Any = None
         self._tb: Any = None
+        self._pace = Pace(total_steps)
         if not enabled:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -40,11 +71,11 @@ class RunLog:
 
     def _start_bar(self, total_steps: int, start_step: int) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         self._bar = Progress(
-            TextColumn("[bold]train"), BarColumn(bar_width=16), MofNCompleteColumn(), TextColumn("ETA"),
-            TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=Console(file=sys.stderr), transient=False)
+            TextColumn("[bold]train"), BarColumn(bar_width=16), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            console=Console(file=sys.stderr), transient=False)
         self._task = self._bar.add_task("train", total=total_steps, completed=start_step, info="")
         self._bar.start()
 
@@ -61,10 +92,22 @@ class RunLog:
                                     value, record["step"])
 
     def advance(self, step: int, epoch: float, loss: float, lr: float, tokens_per_s: float) -> None:
-        """Move the bar to `step` and show the latest figures."""
+        """Move the bar to `step` and show the latest figures; once the pace is known, say it in a line.
+
+        The line (speed and ETA after the first steps) also reaches logs where the bar is not
+        redrawn, so a slow machine shows within seconds how long the run will take.
+        """
+        if not self.enabled:
+            return
+        eta = self._pace.eta(step)
+        left = f"ETA {format_duration(eta)}" if eta is not None else "ETA …"
         if self._bar is not None:
-            info = f"epoch {epoch:.2f} loss {loss:.4f} lr {lr:.1e} {tokens_per_s:,.0f} tok/s"
+            info = f"{left}  epoch {epoch:.2f} loss {loss:.4f} lr {lr:.1e} {tokens_per_s:,.0f} tok/s"
             self._bar.update(self._task, completed=step, info=info)
+        if eta is not None and not self._pace.announced:
+            self._pace.announced = True
+            self.message(f"speed: {tokens_per_s:,.0f} tokens/s; about {format_duration(eta)} for the remaining "
+                         f"{self._pace.total - step} steps")
 
     def message(self, text: str) -> None:
         """A line printed above the bar (evaluations, checkpoints)."""
