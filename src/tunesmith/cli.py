@@ -8,6 +8,7 @@ there adds the flag, the YAML key and its `--help` line at once. Exit codes: 0 o
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -59,10 +60,16 @@ def add_train(parser: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """Fine-tune, print the summary and where the output went."""
     config = train_config(values_from_args(TrainConfig, args))  # validate before the heavy imports
+    from tunesmith.train.distributed import launch, under_torchrun
+
+    if config.distributed.gpus > 1 and not under_torchrun():
+        return launch(config.distributed.gpus, args.argv)
     from tunesmith.train.api import finetune
 
     _quiet_transformers()
     result = finetune(config)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 speaks for the run
     print(f"output: {result.output_dir}")
     if config.method.method == "lora" and config.method.merge:
         print(f"merged: {result.output_dir / MERGED_DIR}")
@@ -262,6 +269,7 @@ def reference_markdown() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as given, for a relaunch under torchrun
     try:
         return COMMANDS[args.command][2](args)
     except UserError as exc:

@@ -166,6 +166,21 @@ def start(device_type: str) -> Dist:
     return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, owns_group=owns)
 
 
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run `tunesmith ARGV` again under torchrun with `nproc` processes on this machine; its exit code.
+
+    What `tunesmith train --gpus N` does; the processes see torchrun's environment and so
+    do not launch again. Several machines: run torchrun yourself (see the README).
+    """
+    import subprocess
+
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise UserError(f"--gpus {nproc}: this machine has {torch.cuda.device_count()} GPU(s)")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "tunesmith", *argv]
+    return subprocess.call(command, env={**os.environ, "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE", "0")})
+
+
 def _stop_on_sigterm(signum: int, frame: Any) -> None:
     """torchrun sends SIGTERM to the ranks still running when one fails: stop with a message, not silently."""
     raise RankStopped("stopped by the launcher (another rank failed: torchrun's summary names it)")
