@@ -274,7 +274,14 @@ def full_state_dict(dist: Dist, model: Any, dtype: torch.dtype) -> dict[str, tor
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()} if dist.is_main else None
+    if not dist.is_main:
+        return None
+    first: dict[int, str] = {}
+    tied = set()  # a weight shared by two names (tied embeddings) is saved once, as transformers does
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(param), name) != name:
+            tied.add(name)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items() if k not in tied}
 
 
 def as_placeholder(batch: Any) -> Any:
@@ -325,22 +332,38 @@ def failure_guard(dist: Dist, checkpoints: Path) -> Iterator[None]:
         if dist.is_main:
             raise  # every rank saw the same loss; rank 0 speaks for all
         raise PeerFailed("diverged (rank 0 reports it)") from None
-    except (RankStopped, torch.distributed.DistError) as exc:
+    except BaseException as exc:
+        if not lost_peer(exc):
+            _report_own_failure(dist, exc, checkpoints)
+            raise
         _print_line(f"rank {dist.rank}: stopped: {_what(exc)}; {last_checkpoint_text(checkpoints)}")
         raise PeerFailed("stopped") from None
-    except UserError as exc:
-        raise UserError(f"rank {dist.rank} of {dist.world} failed: {exc}",
-                        [*exc.problems, f"the run stops on all ranks; {last_checkpoint_text(checkpoints)}"]) from None
-    except BaseException as exc:
-        _print_line(f"rank {dist.rank} of {dist.world} failed: {_what(exc)}; the run stops on all ranks; "
-                    f"{last_checkpoint_text(checkpoints)}")
-        raise
+
+
+PEER_LOST = ("connection reset by peer", "connection closed by peer", "broken pipe", "connection refused")
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether `exc` says another rank is gone (SIGTERM from torchrun, a collective that lost its peer)."""
+    if isinstance(exc, (RankStopped, torch.distributed.DistError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(p in str(exc).lower() for p in PEER_LOST)
+
+
+def _report_own_failure(dist: Dist, exc: BaseException, checkpoints: Path) -> None:
+    """This rank's own error: a `UserError` gains the rank and the checkpoint; anything else is printed."""
+    if isinstance(exc, UserError):
+        exc.args = (f"rank {dist.rank} of {dist.world} failed: {exc}",)
+        exc.problems.append(f"the run stops on all ranks; {last_checkpoint_text(checkpoints)}")
+        return
+    _print_line(f"rank {dist.rank} of {dist.world} failed: {_what(exc)}; the run stops on all ranks; "
+                f"{last_checkpoint_text(checkpoints)}")
 
 
 def _what(exc: BaseException) -> str:
     """An exception in one line."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {text[0][:240]}" if text else type(exc).__name__
 
 
 def _print_line(text: str) -> None:
