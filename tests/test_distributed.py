@@ -173,3 +173,32 @@ def test_a_killed_rank_stops_the_run_on_every_rank_with_the_last_checkpoint(tmp_
     assert time.monotonic() - killed < 60
     assert "tunesmith: rank 0: stopped" in stderr, stderr[-3000:]
     assert f"the last good checkpoint is {out / 'checkpoints'}" in stderr
+
+
+def test_failure_messages_name_the_rank_and_the_last_checkpoint(tmp_path, capsys):
+    from tunesmith.errors import UserError
+    from tunesmith.train.distributed import Dist, PeerFailed, choose_wrapper, failure_guard
+    from tunesmith.train.loop import TrainingDiverged
+
+    (tmp_path / "step-000004").mkdir()
+    (tmp_path / "step-000004" / "state.json").write_text("{}")
+    rank1 = Dist(rank=1, world=2)
+    with pytest.raises(UserError) as own:
+        with failure_guard(rank1, tmp_path):
+            raise UserError("out of GPU memory", ["fix: lower --batch-tokens"])
+    assert own.value.lines() == ["rank 1 of 2 failed: out of GPU memory", "fix: lower --batch-tokens",
+                                 f"the run stops on all ranks; the last good checkpoint is {tmp_path / 'step-000004'} "
+                                 "(`--resume` continues from it)"]
+    with pytest.raises(PeerFailed) as peer:  # a collective that lost its peer: stop, say so, exit 1
+        with failure_guard(rank1, tmp_path):
+            raise RuntimeError("[pair.cc:537] Read error [127.0.0.1]:9650: Connection reset by peer")
+    assert peer.value.code == 1 and "tunesmith: rank 1: stopped: RuntimeError" in capsys.readouterr().err
+    with pytest.raises(PeerFailed):  # every rank sees the same diverged loss: rank 0 alone reports it
+        with failure_guard(rank1, tmp_path):
+            raise TrainingDiverged("training diverged at step 5")
+    with pytest.raises(TrainingDiverged):
+        with failure_guard(Dist(rank=0, world=2), tmp_path):
+            raise TrainingDiverged("training diverged at step 5")
+    assert capsys.readouterr().err == ""
+    assert (choose_wrapper("auto", adapter=True), choose_wrapper("auto", adapter=False)) == ("ddp", "fsdp")
+    assert choose_wrapper("ddp", adapter=False) == "ddp"

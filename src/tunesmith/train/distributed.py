@@ -257,7 +257,7 @@ def _fully_shard(module: LossModule, model: Any, device: torch.device, dtype: to
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     precision = (MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32
                  else MixedPrecisionPolicy())
-    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    offload = CPUOffloadPolicy() if cpu_offload and device.type == "cuda" else OffloadPolicy()  # CPU: already there
     for block in decoder_blocks(model):
         fully_shard(block.float(), mesh=mesh, mp_policy=precision, offload_policy=offload)
     return fully_shard(module.float(), mesh=mesh, mp_policy=precision, offload_policy=offload)
