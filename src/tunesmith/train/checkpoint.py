@@ -122,6 +122,10 @@ def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, sc
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     dist = dist or Dist()
+    if not (path / ".metadata").is_file():
+        raise UserError(f"{path}: not a checkpoint this version can read (no .metadata: written before "
+                        "checkpoints became torch.distributed.checkpoint directories)",
+                        ["fix: start the run again without --resume"])
     weights, optim = _state_dicts(model, optimizer)
     saved = {k.removeprefix("model.") for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
              if k.startswith("model.")}

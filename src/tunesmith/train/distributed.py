@@ -160,7 +160,10 @@ def start(device_type: str) -> Dist:
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off (see README)
-        torch.distributed.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=TIMEOUT)
+        if device_type == "cuda":  # device_id: NCCL binds this rank's GPU now (no guessing in barriers)
+            torch.distributed.init_process_group("nccl", timeout=TIMEOUT, device_id=torch.device("cuda", local_rank))
+        else:
+            torch.distributed.init_process_group("gloo", timeout=TIMEOUT)
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
         owns = True
     return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, owns_group=owns)
@@ -252,6 +255,7 @@ def _fully_shard(module: LossModule, model: Any, device: torch.device, dtype: to
     just before it is sharded, so a full fp32 copy never exists at once.
     """
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
@@ -260,7 +264,11 @@ def _fully_shard(module: LossModule, model: Any, device: torch.device, dtype: to
     offload = CPUOffloadPolicy() if cpu_offload and device.type == "cuda" else OffloadPolicy()  # CPU: already there
     for block in decoder_blocks(model):
         fully_shard(block.float(), mesh=mesh, mp_policy=precision, offload_policy=offload)
-    return fully_shard(module.float(), mesh=mesh, mp_policy=precision, offload_policy=offload)
+    with torch.no_grad():
+        for param in module.parameters():  # what the root unit holds: embeddings, final norm, head
+            if param.is_floating_point() and not isinstance(param, DTensor):
+                param.data = param.data.float()
+    return fully_shard(module, mesh=mesh, mp_policy=precision, offload_policy=offload)
 
 
 def full_state_dict(dist: Dist, model: Any, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
