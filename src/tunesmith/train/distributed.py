@@ -340,6 +340,8 @@ def failure_guard(dist: Dist, checkpoints: Path) -> Iterator[None]:
         if dist.is_main:
             raise  # every rank saw the same loss; rank 0 speaks for all
         raise PeerFailed("diverged (rank 0 reports it)") from None
+    except KeyboardInterrupt:
+        raise  # Ctrl-C reaches every rank: nothing failed, `finetune` names the checkpoint to resume from
     except BaseException as exc:
         if not lost_peer(exc):
             _report_own_failure(dist, exc, checkpoints)
