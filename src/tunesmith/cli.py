@@ -8,6 +8,7 @@ there adds the flag, the YAML key and its `--help` line at once. Exit codes: 0 o
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import typing
 from collections.abc import Callable
@@ -88,10 +89,16 @@ def run_train(args: argparse.Namespace) -> int:
 
     resolve_model_name(config.model.model)  # a mistyped model path is refused before anything else
     print(describe_settings(config, sources, set(starter_defaults(values))), file=sys.stderr)
+    from tunesmith.train.distributed import launch, under_torchrun
+
+    if config.distributed.gpus > 1 and not under_torchrun():
+        return launch(config.distributed.gpus, args.argv)
     from tunesmith.train.api import finetune
 
     _quiet_transformers()
     result = finetune(config)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 speaks for the run
     print(f"output: {result.output_dir}")
     if config.method.method == "lora" and config.method.merge:
         print(f"merged: {result.output_dir / MERGED_DIR}")
@@ -340,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extras = parser.parse_known_args(fix_argv(sys.argv[1:] if argv is None else list(argv), parser))
     if extras:
         usage_error(command_parser(parser, args), extras)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as given, for a relaunch under torchrun
     try:
         return COMMANDS[args.command][2](args)
     except UserError as exc:

@@ -209,6 +209,22 @@ class LoopOptions:
 
 
 @dataclass
+class DistributedOptions:
+    """More than one GPU (torchrun): how many, and how the model is spread over them."""
+
+    gpus: int = 1
+    """GPUs (processes) on this machine: N > 1 relaunches under torchrun (ignored under torchrun)."""
+    parallel: str = "auto"
+    """Several GPUs: auto (ddp for adapters, fsdp for full) | ddp (replicate) | fsdp (shard per block)."""
+    cpu_offload: bool = False
+    """FSDP: keep sharded weights, gradients and optimizer state in CPU memory (bigger models, slower)."""
+
+    def __post_init__(self) -> None:
+        check(self.gpus >= 1, "gpus", self.gpus, "an integer >= 1")
+        check_choice("parallel", self.parallel, ("auto", "ddp", "fsdp"))
+
+
+@dataclass
 class OutputOptions:
     """Where results go and what is produced at the end."""
 
@@ -231,6 +247,7 @@ class TrainConfig:
     model: ModelOptions = field(default_factory=ModelOptions)
     method: MethodOptions = field(default_factory=MethodOptions)
     loop: LoopOptions = field(default_factory=LoopOptions)
+    distributed: DistributedOptions = field(default_factory=DistributedOptions)
     output: OutputOptions = field(default_factory=OutputOptions)
 
     def peak_lr(self) -> float:

@@ -143,3 +143,31 @@ def epoch_groups(samples: list[TokenizedSample], batch_tokens: int, seed: int, e
     order = epoch_order(len(samples), seed, epoch)
     groups = group_by_budget([len(samples[i].input_ids) for i in order], batch_tokens)
     return [[order[i] for i in g] for g in groups]
+
+
+def split_step(groups: list[list[int]], lengths: list[int], world: int, batch_tokens: int) -> list[list[list[int]]]:
+    """One optimizer step's micro-batches (sample indices), shared out among `world` ranks by tokens.
+
+    The step holds the same samples for any number of ranks, so the global batch, and so
+    the loss curve, does not depend on it. Samples go longest first to the rank with the
+    fewest tokens so far; each rank packs its share (in the step's order) into micro-batches
+    of `batch_tokens`, and every rank gets as many micro-batches as the busiest one, `[]`
+    standing for a placeholder, so all ranks run the same number of forward/backward passes.
+    One rank gets the step's groups unchanged.
+    """
+    if world == 1:
+        return [groups]
+    order = [i for g in groups for i in g]
+    position = {index: k for k, index in enumerate(order)}
+    load = [0] * world
+    shares: list[list[int]] = [[] for _ in range(world)]
+    for index in sorted(order, key=lambda i: (-lengths[i], position[i])):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        shares[rank].append(index)
+        load[rank] += lengths[index]
+    packed = []
+    for share in shares:
+        share.sort(key=position.__getitem__)
+        packed.append([[share[k] for k in g] for g in group_by_budget([lengths[i] for i in share], batch_tokens)])
+    count = max(len(p) for p in packed)
+    return [p + [[] for _ in range(count - len(p))] for p in packed]

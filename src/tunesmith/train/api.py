@@ -5,6 +5,11 @@ previous run) -> `setup_run` (recipe = parameter set x objective from `tunesmith
 tokenizer + data; model loaded and wrapped by the parameter set, fast path; the
 objective's loss) -> `train_run` (engine: optimizer + schedule; resume; base eval; the
 ONE loop; final eval) -> `write_outputs` (model, plot, summary) -> the report.
+
+Under torchrun every rank runs this (`train.distributed`): rank 0 alone clears and writes
+the output directory and logs; the model is wrapped (DDP or FSDP2) after the parameter set
+and the fast path; checkpoints are written by every rank; the saved model is gathered
+into one normal HF directory; the report runs on rank 0 once the others are done.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from tunesmith.config import TrainConfig, to_flat_dict, train_config
 from tunesmith.errors import UserError
 from tunesmith.methods import Recipe
 from tunesmith.train.checkpoint import TrainState, checkpoint_dirs, load_checkpoint, save_checkpoint, write_failed
+from tunesmith.train.distributed import Dist, choose_wrapper, failure_guard, full_state_dict, share_batches, wrap
 from tunesmith.train.files import CHECKPOINTS_DIR, HELD_OUT_FILE, PLOT_FILE, SUMMARY_FILE, TENSORBOARD_DIR
 from tunesmith.train.lock import output_lock
 from tunesmith.train.losses import LossFn
@@ -60,6 +66,8 @@ class Run:
     loss_fn: LossFn
     padded: bool  # True: the attention cannot keep packed samples apart, so batches are padded
     notices: list[str]
+    dist: Dist = field(default_factory=Dist)  # this process's rank and world (one process: a no-op)
+    dtype: torch.dtype = torch.float32  # the run's dtype (what the saved model is written in)
 
 
 def resolve_config(config: TrainConfig | None, options: dict[str, Any]) -> TrainConfig:
@@ -105,23 +113,38 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def setup_run(config: TrainConfig, output_dir: Path) -> Run:
-    """Tokenizer, data, model with its parameter set and fast path, the objective's loss."""
+def start_output(output_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from; without one, a finished earlier run in `output_dir` is cleared."""
+    resume_from = find_resume_checkpoint(output_dir, resume)
+    if resume_from is None:
+        clear_previous_run(output_dir)
+    return resume_from
+
+
+def setup_run(config: TrainConfig, output_dir: Path, dist: Dist | None = None) -> Run:
+    """Tokenizer, data, model with its parameter set, fast path and data-parallel wrapper, the loss."""
     from tunesmith.data.prepare import prepare_data
     from tunesmith.model.adapters import count_parameters
     from tunesmith.model.fast import prepare_for_training
     from tunesmith.model.load import load_model, load_tokenizer, pick_device_dtype, resolve_model_name
     from tunesmith.train.losses import packing_is_exact
 
+    dist = dist or Dist()
     chosen = config.method.recipe()
     chosen.check_installed()
+    wrapper = choose_wrapper(config.distributed.parallel, chosen.params.adapter)
+    if dist.enabled and wrapper == "fsdp" and config.method.merge:
+        raise UserError("--merge cannot fold an adapter sharded by --parallel fsdp",
+                        ["fix: use --parallel ddp (what auto picks for adapters), or drop --merge"])
     device, dtype = pick_device_dtype()
     name = resolve_model_name(config.model.model)
     tokenizer = load_tokenizer(name, config.model.trust_remote_code)
     data_options = (dataclasses.replace(config.data, train_on_prompt=True) if chosen.objective.train_all_tokens
                     else config.data)
-    prepared = prepare_data(data_options, tokenizer, seed=config.loop.seed, cache_dir=output_dir / ".cache",
-                            log=lambda line: print(line, file=sys.stderr), check_kinds=chosen.check_data)
+    say = (lambda line: print(line, file=sys.stderr)) if dist.is_main else (lambda line: None)
+    prepared = dist.main_first(lambda: prepare_data(  # rank 0 reads, checks and caches; the others then load the cache
+        data_options, tokenizer, seed=config.loop.seed, cache_dir=output_dir / ".cache", log=say,
+        check_kinds=chosen.check_data))
     seed_everything(config.loop.seed)
     model = load_model(name, device=device, dtype=dtype, trust_remote_code=config.model.trust_remote_code,
                        merge_adapter=True,  # training from a tunesmith LoRA output starts from its merged weights
@@ -138,8 +161,11 @@ def setup_run(config: TrainConfig, output_dir: Path) -> Run:
     padded = fast.loss_sum is None and not packing_is_exact(model, device)  # the fast path packs by design
     if padded:
         notices.append("batches: padded (this model's attention does not separate packed samples)")
-    return Run(config, chosen, output_dir, device, tokenizer, prepared, model, chosen.objective.make_loss(fast),
-               padded, notices)
+    loss_fn = wrap(dist, model, chosen.objective.make_loss(fast), wrapper, device, dtype,
+                   cpu_offload=config.distributed.cpu_offload)
+    if dist.enabled:
+        notices.append(f"parallel: {wrapper} on {dist.world} processes")
+    return Run(config, chosen, output_dir, device, tokenizer, prepared, model, loss_fn, padded, notices, dist, dtype)
 
 
 def build_engine(run: Run, steps: int) -> Engine:
@@ -152,7 +178,7 @@ def build_engine(run: Run, steps: int) -> Engine:
     params = [p for p in run.model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, lr=run.config.peak_lr(), weight_decay=loop.weight_decay, seed=loop.seed)
     return Engine(run.model, optimizer, cosine_schedule(optimizer, steps, loop.warmup_ratio), run.loss_fn,
-                  run.device)
+                  run.device, run.dist)
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -169,20 +195,32 @@ def finetune(config: TrainConfig | None = None, **options: Any) -> TrainResult:
     `finetune(model="x", data="y.jsonl", method="lora", max_steps=10)` takes the same
     option names as the CLI flags and YAML keys.
     """
+    from tunesmith.model.load import pick_device_dtype
+    from tunesmith.train.distributed import start
+
     config = resolve_config(config, options)
     output_dir = Path(config.output.output).expanduser()
-    with output_lock(output_dir):  # one run per output directory
-        return _finetune(config, output_dir)
+    dist = start(pick_device_dtype()[0].type)
+    try:
+        with output_lock(output_dir), failure_guard(dist, output_dir / CHECKPOINTS_DIR):  # one run per output dir
+            metrics, run = train_and_save(config, output_dir, dist)
+    finally:
+        dist.close()
+    if config.output.report and dist.is_main:
+        _final_report(output_dir, metrics, run)
+    if config.output.export and dist.is_main:  # --export gguf|ollama|merged: as `tunesmith export OUTPUT --to ...`
+        from tunesmith.export.api import export_after_training
+
+        export_after_training(output_dir, config.output.export)
+    return TrainResult(output_dir, metrics)
 
 
-def _finetune(config: TrainConfig, output_dir: Path) -> TrainResult:
-    """`finetune` while holding the output directory's lock."""
-    resume_from = find_resume_checkpoint(output_dir, config.loop.resume)
-    if resume_from is None:
-        clear_previous_run(output_dir)
+def train_and_save(config: TrainConfig, output_dir: Path, dist: Dist) -> tuple[dict[str, float], Run]:
+    """Set up, train and write the outputs; out-of-memory, a full disk and Ctrl-C become advice."""
+    resume_from = dist.on_main(lambda: start_output(output_dir, config.loop.resume))
     started = time.perf_counter()
     try:
-        run = setup_run(config, output_dir)
+        run = setup_run(config, output_dir, dist)
         if run.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(run.device)  # this run's peak, not an earlier one's in this process
         history, state, final = train_run(run, resume_from)
@@ -200,13 +238,7 @@ def _finetune(config: TrainConfig, output_dir: Path) -> TrainResult:
         if saved:
             print(f"stopped; `--resume` continues from {saved[-1]}", file=sys.stderr)
         raise
-    if config.output.report:
-        _final_report(output_dir, metrics, run)
-    if config.output.export:  # --export gguf|ollama|merged: the same as `tunesmith export OUTPUT --to ...`
-        from tunesmith.export.api import export_after_training
-
-        export_after_training(output_dir, config.output.export)
-    return TrainResult(output_dir, metrics)
+    return metrics, run
 
 
 def data_plan(run: Run) -> tuple[DataPlan, list[Batch]]:
@@ -216,8 +248,10 @@ def data_plan(run: Run) -> tuple[DataPlan, list[Batch]]:
 
     loop = run.config.loop
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
-    plan = DataPlan(run.prepared.train, loop.batch_tokens, loop.seed, padded=run.padded, pad_id=pad_id)
-    return plan, pack(run.prepared.eval, loop.batch_tokens, padded=run.padded, pad_id=pad_id)
+    plan = DataPlan(run.prepared.train, loop.batch_tokens, loop.seed, padded=run.padded, pad_id=pad_id,
+                    rank=run.dist.rank, world=run.dist.world)
+    eval_batches = pack(run.prepared.eval, loop.batch_tokens, padded=run.padded, pad_id=pad_id)
+    return plan, share_batches(run.dist, eval_batches)
 
 
 def train_run(run: Run, resume_from: Path | None) -> tuple[list[dict[str, Any]], TrainState, dict[str, float]]:
@@ -232,17 +266,18 @@ def train_run(run: Run, resume_from: Path | None) -> tuple[list[dict[str, Any]],
     engine = build_engine(run, steps)
     state = TrainState()
     if resume_from is not None:
-        state = load_checkpoint(resume_from, run.model, engine.optimizer, engine.scheduler)
-    save_config(out, to_flat_dict(config))
-    write_jsonl(run.prepared.eval_conversations, out / HELD_OUT_FILE)
-    log = RunLog(out, steps, start_step=state.step, history=state.history)
+        state = load_checkpoint(resume_from, run.model, engine.optimizer, engine.scheduler, run.dist)
+    if run.dist.is_main:
+        save_config(out, to_flat_dict(config))
+        write_jsonl(run.prepared.eval_conversations, out / HELD_OUT_FILE)
+    log = RunLog(out, steps, start_step=state.step, history=state.history, enabled=run.dist.is_main)
     for line in run.notices + [f"training: {steps} steps, peak lr {config.peak_lr():g}"
                                + (f", resumed at step {state.step} from {resume_from}" if resume_from else "")]:
         log.message(line)
 
     def save(s: TrainState) -> Path:
         return save_checkpoint(out / CHECKPOINTS_DIR, run.model, engine.optimizer, engine.scheduler, s,
-                               loop.keep_checkpoints)
+                               loop.keep_checkpoints, run.dist)
 
     try:
         if state.step == 0 and eval_batches:
@@ -261,9 +296,13 @@ def write_outputs(run: Run, history: list[dict[str, Any]], state: TrainState, fi
     from tunesmith.train.output import adapter_stop_notice, save_model, save_summary
 
     out = run.output_dir
-    notice = adapter_stop_notice(run.model, run.tokenizer, run.prepared.end_of_turn_ids, out)
-    save_model(run.model, run.tokenizer, out, run.prepared.end_of_turn_ids, merge=run.config.method.merge)
+    weights = full_state_dict(run.dist, run.model, run.dtype)  # sharded weights gathered on rank 0 (all ranks call)
     metrics = run_metrics(history, state, final, run.device, seconds)
+    if not run.dist.is_main:
+        return metrics
+    notice = adapter_stop_notice(run.model, run.tokenizer, run.prepared.end_of_turn_ids, out)
+    save_model(run.model, run.tokenizer, out, run.prepared.end_of_turn_ids, merge=run.config.method.merge,
+               state_dict=weights)
     plot_losses(history, out / PLOT_FILE)
     save_summary(out, metrics)
     print(format_summary(metrics), file=sys.stderr)

@@ -1,10 +1,14 @@
 """Resumable checkpoints, written atomically: a crash mid-save never leaves a half checkpoint.
 
-Layout: `OUTPUT/checkpoints/step-000120/` holding `trainable.safetensors` (all weights for
-full fine-tuning, the adapter for LoRA), `optimizer.pt`, `scheduler.pt`, `rng.pt` and
-`state.json` (step, data position, metrics so far). It is written to a hidden temp dir
-that is renamed into place only when complete (rename is atomic on one filesystem), and
-only the newest `keep` survive. Only rank 0 writes.
+Layout: `OUTPUT/checkpoints/step-000120/` holding a `torch.distributed.checkpoint` (DCP)
+of the trainable weights (all of them for full fine-tuning, the adapter for LoRA) and the
+optimizer state (`.metadata` + one `__R_0.distcp` file per rank: every rank writes its own
+shard), `scheduler.pt`, `rng-R.pt` (each rank's RNG) and `state.json` (step, data position,
+metrics so far). DCP stores each tensor as a whole with the place of every shard, so a
+checkpoint loads into any number of processes (2 ranks -> 1, FSDP2 -> one process or DDP).
+It is written to a hidden temp dir that rank 0 renames into place once every rank has
+finished (rename is atomic on one filesystem; several machines need a shared one), with
+`state.json` last; only the newest `keep` survive.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from typing import Any
 import torch
 
 from tunesmith.errors import UserError
-from tunesmith.model.adapters import trainable_state
+from tunesmith.train.distributed import Dist
 
 PREFIX = "step-"
 
@@ -62,53 +66,75 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    state: TrainState, keep: int) -> Path:
-    """Write a checkpoint for `state.step` atomically, then prune to the newest `keep`.
+def _state_dicts(model: Any, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The trainable weights and the optimizer state, keyed by parameter name (sharded where the model is).
 
-    A full disk (or any failed write) is a `UserError` naming the checkpoint that is still
-    intact; nothing half-written is left behind.
+    Frozen weights are left out: they come from the base model, as the run loads it.
     """
-    root.mkdir(parents=True, exist_ok=True)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+
+
+def save_checkpoint(root: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    state: TrainState, keep: int, dist: Dist | None = None) -> Path:
+    """Write a checkpoint for `state.step` atomically (every rank its shard), then prune to the newest `keep`.
+
+    Every file is flushed to disk before rank 0's rename publishes the directory, so a kill
+    or power loss never leaves a directory that looks complete. A full disk (or any failed
+    write) is a `UserError` naming the checkpoint that is still intact.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    dist = dist or Dist()
     final = root / f"{PREFIX}{state.step:06d}"
-    remove_partial(root)  # temp dirs of a save that was killed (this run holds the output lock)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    tmp.mkdir()
+    tmp = root / f".tmp-{final.name}"
     try:
-        _write_files(tmp, model, optimizer, scheduler, state)
-        if final.exists():
-            _discard(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        if dist.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            remove_partial(root)  # temp dirs of a save that was killed (this run holds the output lock)
+            tmp.mkdir()
+        dist.barrier()
+        weights, optim = _state_dicts(model, optimizer)
+        dcp.save({"model": weights, "optimizer": optim}, checkpoint_id=str(tmp), no_dist=not dist.enabled)
+        torch.save(rng_state(), tmp / f"rng-{dist.rank}.pt")
+        if dist.is_main:
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        _fsync_files(tmp, dist.rank)
+        dist.barrier()  # every shard is on disk
+        if dist.is_main:
+            (tmp / "state.json").write_text(json.dumps(asdict(state)), encoding="utf-8")  # written last
+            _fsync_files(tmp, None, names=("state.json",))
+            if final.exists():
+                _discard(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise write_failed(root, final, exc, "the checkpoint") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in checkpoint_dirs(root)[:-keep]:
-        _discard(old)
+    if dist.is_main:
+        for old in checkpoint_dirs(root)[:-keep]:
+            _discard(old)
+    dist.barrier()  # nobody reads or resumes before the checkpoint is in place
     return final
 
 
-def _write_files(tmp: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
-                 state: TrainState) -> None:
-    """The checkpoint's files, each flushed to disk; state.json last (it marks the dir complete)."""
-    from safetensors.torch import save_file
-
-    from tunesmith.train.output import honour_umask
-
-    tensors = {k: v.contiguous() for k, v in trainable_state(model).items()}
-    save_file(tensors, str(tmp / "trainable.safetensors"))
-    honour_umask(tmp)  # safetensors writes 0600 (see train.output.honour_umask)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(asdict(state)), encoding="utf-8")
-    for name in ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "state.json"):
-        with open(tmp / name, "rb") as f:
-            os.fsync(f.fileno())  # on disk before the rename publishes the directory
-    _fsync_dir(tmp)
+def _fsync_files(directory: Path, rank: int | None, names: tuple[str, ...] = ()) -> None:
+    """Flush this rank's files in `directory` (all of them for rank 0, or just `names`) to disk."""
+    if names:
+        paths = [directory / n for n in names]
+    else:
+        paths = [f for f in directory.iterdir() if f.is_file()
+                 and (rank in (None, 0) or f.name.startswith((f"__{rank}_", f"rng-{rank}.")))]
+    for path in paths:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(directory)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -151,23 +177,33 @@ def write_failed(root: Path, target: Path, exc: OSError, what: str) -> UserError
     return UserError(f"{target}: could not write {what} ({exc.strerror or exc})", [f"{kept}; {fix}"])
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
-    """Restore model (trainable part), optimizer, scheduler and RNG from `path`; return its state."""
-    from safetensors.torch import load_file
+def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    dist: Dist | None = None) -> TrainState:
+    """Restore model (trainable part), optimizer, scheduler and RNG from `path`; return its state.
 
-    device = next(model.parameters()).device
-    tensors = load_file(str(path / "trainable.safetensors"), device=str(device))
-    expected = set(trainable_state(model))
-    if set(tensors) != expected:
+    Works whatever number of processes wrote it: each rank reads the parts of every tensor
+    that its own shards need.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    dist = dist or Dist()
+    if not (path / ".metadata").is_file():
+        raise UserError(f"{path}: not a checkpoint this version can read (no .metadata: written before "
+                        "checkpoints became torch.distributed.checkpoint directories)",
+                        ["fix: start the run again without --resume"])
+    weights, optim = _state_dicts(model, optimizer)
+    saved = {k.removeprefix("model.") for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+             if k.startswith("model.")}
+    if saved != set(weights):
         raise UserError(f"{path}: checkpoint does not match this run's trainable parameters "
-                        f"({len(tensors)} saved, {len(expected)} expected); same --model and --method?")
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for name, value in tensors.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+                        f"({len(saved)} saved, {len(weights)} expected); same --model and --method?")
+    dcp.load({"model": weights, "optimizer": optim}, checkpoint_id=str(path), no_dist=not dist.enabled)
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim,
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    rng = path / f"rng-{dist.rank}.pt"
+    set_rng_state(torch.load(rng if rng.is_file() else path / "rng-0.pt", weights_only=True))
     state = TrainState(**json.loads((path / "state.json").read_text(encoding="utf-8")))
     state.checkpoint = str(path)
     return state

@@ -7,26 +7,31 @@ padded or split), check the loss is finite, clip, step, schedule. Evaluation and
 checkpoints happen between steps. Data position is (epoch, micro-batch index), and
 batches are a pure function of (seed, epoch), so a resumed run sees the same batches.
 
-Distributed later: each rank packs its own share; the trained unit count must then be
-all-reduced before dividing; only rank 0 logs and saves.
+More than one process (`train.distributed`): each step's samples are shared out among the
+ranks by tokens (`DataPlan.share`), so a step holds the same samples for any world size; the
+unit count is summed over ranks before dividing (token-weighted, not a mean of per-rank
+means), and so are the reported loss and metrics; only rank 0 logs. `Engine.dist` defaults
+to one process, where all of that is a no-op.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tunesmith.config import LoopOptions
-from tunesmith.data.packing import Batch, collate, epoch_groups
+from tunesmith.data.packing import Batch, collate, epoch_groups, split_step
 from tunesmith.data.tokenize import TokenizedSample
 from tunesmith.errors import UserError
 from tunesmith.train.checkpoint import TrainState
+from tunesmith.train.distributed import Dist, as_placeholder
 from tunesmith.train.losses import LossFn
 from tunesmith.train.progress import RunLog
 
@@ -46,13 +51,27 @@ class DataPlan:
     seed: int
     padded: bool = False
     pad_id: int = 0
+    rank: int = 0
+    world: int = 1
 
     def groups(self, epoch: int) -> list[list[int]]:
-        """Sample indices of each micro-batch of `epoch`."""
+        """Sample indices of each micro-batch of `epoch` (of the whole run, whatever the world size)."""
         return epoch_groups(self.samples, self.batch_tokens, self.seed, epoch)
 
+    @functools.cached_property
+    def lengths(self) -> list[int]:
+        """Tokens of each sample."""
+        return [len(s.input_ids) for s in self.samples]
+
+    def share(self, step: list[list[int]]) -> list[list[int]]:
+        """This rank's micro-batches of one step's groups (all of them in a single process)."""
+        return split_step(step, self.lengths, self.world, self.batch_tokens)[self.rank] if self.world > 1 else step
+
     def collate(self, group: list[int]) -> Batch:
-        """The micro-batch of these sample indices."""
+        """The micro-batch of these sample indices; `[]` is a placeholder (runs, counts nothing)."""
+        if not group:
+            shortest = min(range(len(self.samples)), key=self.lengths.__getitem__)
+            return as_placeholder(self.collate([shortest]))
         return collate([self.samples[i] for i in group], padded=self.padded, pad_id=self.pad_id)
 
 
@@ -65,6 +84,7 @@ class Engine:
     scheduler: Any
     loss_fn: LossFn
     device: torch.device
+    dist: Dist = field(default_factory=Dist)  # one process unless `train.distributed` says otherwise
 
 
 def total_steps(plan: DataPlan, grad_accum: int, epochs: float, max_steps: int | None) -> int:
@@ -75,50 +95,77 @@ def total_steps(plan: DataPlan, grad_accum: int, epochs: float, max_steps: int |
     return max(1, math.ceil(epochs * per_epoch))
 
 
-def step_groups(plan: DataPlan, grad_accum: int, state: TrainState) -> Iterator[tuple[int, int, float, list[Batch]]]:
-    """(epoch, next batch index, epoch progress, micro-batches) per optimizer step, from `state` on, forever."""
+def step_groups(plan: DataPlan, grad_accum: int,
+                state: TrainState) -> Iterator[tuple[int, int, float, list[Batch], int]]:
+    """(epoch, next batch index, epoch progress, this rank's micro-batches, the step's tokens on all ranks)
+    per optimizer step, from `state` on, forever."""
     epoch, start = state.epoch, state.batch_in_epoch
     while True:
         groups = plan.groups(epoch)
         for i in range(start, len(groups), grad_accum):
             end = min(i + grad_accum, len(groups))
-            yield epoch, end, epoch + end / len(groups), [plan.collate(g) for g in groups[i:end]]
+            tokens = sum(plan.lengths[k] for g in groups[i:end] for k in g)
+            yield epoch, end, epoch + end / len(groups), [plan.collate(g) for g in plan.share(groups[i:end])], tokens
         epoch, start = epoch + 1, 0
 
 
-def accumulate(model: Any, micro_batches: list[Batch], loss_fn: LossFn,
-               device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+def accumulate(model: Any, micro_batches: list[Batch], loss_fn: LossFn, device: torch.device,
+               dist: Dist | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """Forward/backward every micro-batch; gradients = those of the mean loss over all their units.
 
     Returns the step's mean loss and mean metrics as 0-dim tensors on `device` (read them
-    later: reading now would make the host wait for the GPU) and the step's unit count.
+    later: reading now would make the host wait for the GPU) and this rank's unit count.
+    With several ranks, the units (and the loss and metric sums) are summed over ranks: every
+    unit of the global step weighs the same. A placeholder (`num_targets == 0`) runs with
+    weight 0, so ranks with fewer micro-batches still take part in every collective.
     """
+    dist = dist or Dist()
     total = sum(b.num_targets for b in micro_batches)
-    denominator = max(total, 1)
+    denominator: Any = max(total, 1)
+    if dist.enabled:
+        denominator = dist.sum(torch.tensor(float(total), device=device)).clamp(min=1.0)  # () all ranks' units
     loss_total = torch.zeros((), device=device)
     metric_totals: dict[str, torch.Tensor] = {}
-    for batch in micro_batches:
-        result = loss_fn(model, batch.to(device))
-        (result.total / denominator).backward()
-        loss_total += result.total.detach().float()
+    for index, batch in enumerate(micro_batches):
+        with dist.grad_sync(last=index == len(micro_batches) - 1):
+            result = loss_fn(model, batch.to(device))
+            weight = 1.0 if batch.num_targets else 0.0
+            (result.total * (weight * dist.grad_scale) / denominator).backward()
+        loss_total += weight * result.total.detach().float()
         for name, value in result.metrics.items():
-            metric_totals[name] = metric_totals.get(name, 0) + value.detach().float()
+            metric_totals[name] = metric_totals.get(name, 0) + weight * value.detach().float()
+    if dist.enabled:
+        names = sorted(metric_totals)
+        summed = dist.sum(torch.stack([loss_total, *(metric_totals[n] for n in names)]))
+        loss_total, metric_totals = summed[0], dict(zip(names, summed[1:]))
     return loss_total / denominator, {k: v / denominator for k, v in metric_totals.items()}, total
 
 
 @torch.no_grad()
-def evaluate(model: Any, batches: list[Batch], loss_fn: LossFn, device: torch.device) -> dict[str, float]:
-    """Mean held-out loss over every unit (and its perplexity), and the loss's metrics, as `eval_*`."""
+def evaluate(model: Any, batches: list[Batch], loss_fn: LossFn, device: torch.device,
+             dist: Dist | None = None) -> dict[str, float]:
+    """Mean held-out loss over every unit (and its perplexity), and the loss's metrics, as `eval_*`.
+
+    With several ranks, each evaluates its share (`distributed.share_batches`) and the sums
+    are added up over ranks; placeholders run but count nothing.
+    """
+    dist = dist or Dist()
     was_training = model.training
     model.eval()
     loss_sum, count = 0.0, 0
     metric_sums: dict[str, float] = {}
     for batch in batches:
         result = loss_fn(model, batch.to(device))
-        loss_sum, count = loss_sum + float(result.total), count + result.count
+        weight = 1.0 if batch.num_targets else 0.0
+        loss_sum, count = loss_sum + weight * float(result.total), count + int(weight) * result.count
         for name, value in result.metrics.items():
-            metric_sums[name] = metric_sums.get(name, 0.0) + float(value)
+            metric_sums[name] = metric_sums.get(name, 0.0) + weight * float(value)
     model.train(was_training)
+    if dist.enabled:
+        names = sorted(metric_sums)
+        summed = dist.sum(torch.tensor([loss_sum, count, *(metric_sums[n] for n in names)], dtype=torch.float64,
+                                       device=device)).tolist()
+        loss_sum, count, metric_sums = summed[0], int(summed[1]), dict(zip(names, summed[2:]))
     loss = loss_sum / max(count, 1)
     metrics = {f"eval_{name}": value / max(count, 1) for name, value in metric_sums.items()}
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), **metrics}
@@ -169,6 +216,8 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scheduler: Any, grad_clip: 
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    if hasattr(norm, "full_tensor"):  # sharded (FSDP2) gradients give a DTensor norm
+        norm = norm.full_tensor()
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -190,11 +239,10 @@ def train(engine: Engine, plan: DataPlan, eval_batches: list[Batch], opts: LoopO
     pending: StepResult | None = None
     last_checkpoint = state.checkpoint
     while state.step < steps:
-        epoch, next_index, progress, micro = next(groups)
+        epoch, next_index, progress, micro, tokens = next(groups)
         lr = engine.optimizer.param_groups[0]["lr"]
-        loss, metrics, _units = accumulate(engine.model, micro, engine.loss_fn, engine.device)
+        loss, metrics, _units = accumulate(engine.model, micro, engine.loss_fn, engine.device, engine.dist)
         norm = optimizer_step(engine.optimizer, engine.scheduler, opts.grad_clip)
-        tokens = sum(b.num_tokens for b in micro)
         state.step, state.epoch, state.batch_in_epoch = state.step + 1, epoch, next_index
         state.tokens += tokens
         record = {"step": state.step, "epoch": round(progress, 4), "lr": lr, "tokens": state.tokens}
@@ -255,7 +303,7 @@ def report(result: StepResult, log: RunLog, clock: Clock) -> None:
 
 def record_eval(engine: Engine, eval_batches: list[Batch], state: TrainState, log: RunLog) -> dict[str, float]:
     """Evaluate, log, and keep the best eval loss in `state`."""
-    result = evaluate(engine.model, eval_batches, engine.loss_fn, engine.device)
+    result = evaluate(engine.model, eval_batches, engine.loss_fn, engine.device, engine.dist)
     if state.best_eval_loss is None or result["eval_loss"] < state.best_eval_loss:
         state.best_eval_loss = result["eval_loss"]
     log.log({"step": state.step, **result})

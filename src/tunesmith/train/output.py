@@ -44,25 +44,29 @@ def generation_config(model: Any, tokenizer: Any, end_of_turn_ids: list[int]) ->
     return config
 
 
-def _save_full(model: Any, tokenizer: Any, directory: Path, gen: Any) -> None:
-    """Full weights as safetensors, tokenizer and generation config."""
+def _save_full(model: Any, tokenizer: Any, directory: Path, gen: Any, state_dict: dict[str, Any] | None = None) -> None:
+    """Full weights as safetensors (`state_dict`: gathered from shards), tokenizer and generation config."""
     model.generation_config = gen
     model.config.use_cache = True  # inference wants the cache back
-    model.save_pretrained(directory, safe_serialization=True)
+    model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
     honour_umask(directory)
     tokenizer.save_pretrained(directory)
     gen.save_pretrained(directory)
 
 
-def save_model(model: Any, tokenizer: Any, directory: Path, end_of_turn_ids: list[int], merge: bool = False) -> list[Path]:
-    """Write the trained model (or adapter) so the HF ecosystem loads it; return the dirs written."""
+def save_model(model: Any, tokenizer: Any, directory: Path, end_of_turn_ids: list[int], merge: bool = False,
+               state_dict: dict[str, Any] | None = None) -> list[Path]:
+    """Write the trained model (or adapter) so the HF ecosystem loads it; return the dirs written.
+
+    `state_dict`: the whole model's weights when `model` itself holds only shards (FSDP2).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     base = model.get_base_model() if is_peft(model) else model
     gen = generation_config(base, tokenizer, end_of_turn_ids)
     if not is_peft(model):
-        _save_full(model, tokenizer, directory, gen)
+        _save_full(model, tokenizer, directory, gen, state_dict)
         return [directory]
-    model.save_pretrained(directory)  # adapter_model.safetensors + adapter_config.json
+    model.save_pretrained(directory, state_dict=state_dict)  # adapter_model.safetensors + adapter_config.json
     honour_umask(directory)
     tokenizer.save_pretrained(directory)
     gen.save_pretrained(directory)
