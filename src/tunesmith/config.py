@@ -89,7 +89,7 @@ class MethodOptions:
     method: str = "lora"
     """What trains: full (every weight) | lora (an adapter; the base stays frozen)."""
     objective: str = "sft"
-    """The loss: sft (the replies and their end-of-turn token) | pretrain (every token: continued pretraining)."""
+    """The loss: sft (the replies and their end-of-turn token) | pretrain (every token: continued pretraining) | dpo (preference pairs, reference = the base) | orpo (preference pairs, no reference)."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32
@@ -98,6 +98,10 @@ class MethodOptions:
     """Modules that get adapters: all-linear, or a comma list such as q_proj,v_proj."""
     merge: bool = False
     """Also write merged full weights after a LoRA run."""
+    beta: float = 0.1
+    """DPO: how far the tuned model may move from the reference (higher: stays closer); sigmoid loss."""
+    orpo_lambda: float = 0.1
+    """ORPO: weight of the odds-ratio term beside the NLL of the chosen reply."""
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, tuple(PARAMETER_SETS))
@@ -105,6 +109,8 @@ class MethodOptions:
         self.recipe()  # refuses impossible combinations now, before anything loads
         check(self.lora_r >= 1, "lora_r", self.lora_r, "an integer >= 1")
         check(self.lora_alpha >= 1, "lora_alpha", self.lora_alpha, "an integer >= 1")
+        check(self.beta > 0, "beta", self.beta, "> 0")
+        check(self.orpo_lambda >= 0, "orpo_lambda", self.orpo_lambda, ">= 0")
 
     def recipe(self) -> Recipe:
         """The parameter set x objective this run trains with."""
@@ -120,7 +126,7 @@ class LoopOptions:
     max_steps: int | None = None
     """Stop after this many optimizer steps."""
     lr: float | None = None
-    """Peak learning rate; default by objective and method (sft and pretrain: 1e-5 full, 2e-4 LoRA)."""
+    """Peak learning rate; default by objective and method (sft, pretrain: 1e-5 full, 2e-4 LoRA; dpo: 5e-7 full, 5e-6 LoRA; orpo: 1e-6 full, 1e-5 LoRA)."""
     warmup_ratio: float = 0.0
     """Share of steps spent warming the learning rate up from 0."""
     weight_decay: float = 0.0

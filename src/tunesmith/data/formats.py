@@ -182,8 +182,14 @@ def _check_order(turns: list[Turn], needs_assistant: bool) -> None:
 
 
 def _preference(row: dict[str, Any]) -> Conversation:
-    """prompt (text or messages) + chosen / rejected (text or messages)."""
+    """prompt (text or messages) + chosen / rejected (text or messages).
+
+    Without a prompt, chosen and rejected as whole conversations (the UltraFeedback /
+    Anthropic-HH shape): their shared messages up to the last shared user turn are the prompt.
+    """
     prompt = row.get("prompt")
+    if prompt is None and isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list):
+        return _shared_prefix_pair(_message_list(row, "messages", "chosen"), _message_list(row, "messages", "rejected"))
     if isinstance(prompt, list):
         turns = _message_list(row, "messages", "prompt")
     else:
@@ -204,3 +210,21 @@ def _preference(row: dict[str, Any]) -> Conversation:
             reply = [Turn("assistant", _text(row, key))]
         replies.append(reply)
     return Conversation(turns=turns, chosen=replies[0], rejected=replies[1])
+
+
+def _shared_prefix_pair(chosen: list[Turn], rejected: list[Turn]) -> Conversation:
+    """Split two whole conversations into their shared prompt (ending on a user turn) and the two replies."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    while shared and chosen[shared - 1].role != "user":
+        shared -= 1
+    if not shared:
+        raise RowProblem("fields 'chosen' and 'rejected' share no prompt ending with a user message "
+                         "(give a 'prompt' field, or start both conversations with the same messages)")
+    for key, turns in (("chosen", chosen), ("rejected", rejected)):
+        reply = turns[shared:]
+        if not reply or any(t.role != "assistant" for t in reply):
+            raise RowProblem(f"field {key!r} must continue the shared prompt with the assistant reply "
+                             f"(found roles: {', '.join(t.role for t in reply) or 'none'})")
+    return Conversation(turns=chosen[:shared], chosen=chosen[shared:], rejected=rejected[shared:])

@@ -46,6 +46,7 @@ class DataPlan:
     seed: int
     padded: bool = False
     pad_id: int = 0
+    collate_fn: Callable[..., Batch] | None = None  # the objective's collator; None: one sequence per sample
 
     def groups(self, epoch: int) -> list[list[int]]:
         """Sample indices of each micro-batch of `epoch`."""
@@ -53,7 +54,7 @@ class DataPlan:
 
     def collate(self, group: list[int]) -> Batch:
         """The micro-batch of these sample indices."""
-        return collate([self.samples[i] for i in group], padded=self.padded, pad_id=self.pad_id)
+        return (self.collate_fn or collate)([self.samples[i] for i in group], padded=self.padded, pad_id=self.pad_id)
 
 
 @dataclass
@@ -250,7 +251,7 @@ def report(result: StepResult, log: RunLog, clock: Clock) -> None:
               "lr": result.record["lr"], "grad_norm": norm, "tokens": result.record["tokens"],
               "tokens_per_s": clock.speed(), **metrics}
     log.log(record)
-    log.advance(record["step"], record["epoch"], loss, record["lr"], record["tokens_per_s"])
+    log.advance(record["step"], record["epoch"], loss, record["lr"], record["tokens_per_s"], metrics)
 
 
 def record_eval(engine: Engine, eval_batches: list[Batch], state: TrainState, log: RunLog) -> dict[str, float]:

@@ -19,8 +19,10 @@ class RunLog:
     """The progress bar plus the metric sinks of one run."""
 
     def __init__(self, output_dir: Path, total_steps: int, *, start_step: int = 0,
-                 history: list[dict[str, Any]] | None = None, enabled: bool = True, show_bar: bool = True) -> None:
+                 history: list[dict[str, Any]] | None = None, enabled: bool = True, show_bar: bool = True,
+                 bar_metrics: tuple[str, ...] = ()) -> None:
         self.output_dir = output_dir
+        self.bar_metrics = bar_metrics  # the objective's metrics worth a place on the bar (beside the loss)
         self.enabled = enabled
         self.history: list[dict[str, Any]] = list(history or [])
         self._bar: Any = None
@@ -60,10 +62,13 @@ class RunLog:
                 self._tb.add_scalar(key.replace("_", "/", 1) if key.startswith(("train_", "eval_")) else key,
                                     value, record["step"])
 
-    def advance(self, step: int, epoch: float, loss: float, lr: float, tokens_per_s: float) -> None:
-        """Move the bar to `step` and show the latest figures."""
+    def advance(self, step: int, epoch: float, loss: float, lr: float, tokens_per_s: float,
+                metrics: dict[str, float] | None = None) -> None:
+        """Move the bar to `step` and show the latest figures (and the `bar_metrics` among `metrics`)."""
         if self._bar is not None:
-            info = f"epoch {epoch:.2f} loss {loss:.4f} lr {lr:.1e} {tokens_per_s:,.0f} tok/s"
+            shown = "".join(f" {k.replace('_', ' ')} {(metrics or {})[k]:.3g}" for k in self.bar_metrics
+                            if k in (metrics or {}))
+            info = f"epoch {epoch:.2f} loss {loss:.4f}{shown} lr {lr:.1e} {tokens_per_s:,.0f} tok/s"
             self._bar.update(self._task, completed=step, info=info)
 
     def message(self, text: str) -> None:
