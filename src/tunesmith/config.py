@@ -313,13 +313,19 @@ def train_config(values: dict[str, Any] | None = None) -> TrainConfig:
     `defaults.yaml` (tuned so the zero-argument job finishes in minutes on a laptop CPU)
     goes beneath what the user gave: user values still win. Its learning rate belongs to
     its method and objective, so it is dropped when the user picks another one (else
-    `--method lora` would silently train at the starter's full fine-tuning rate).
+    `--method lora` would silently train at the starter's full fine-tuning rate); its
+    `recipes:` mapping ("OBJECTIVE/METHOD": {option: value}) holds the starter's values for
+    other pairs (e.g. a DPO rate that moves a 14M model within a minute), again beneath
+    what the user gave.
     """
     values = dict(values or {})
     if values.get("model") is None and STARTER_DEFAULTS.is_file():
         starter = load_yaml(STARTER_DEFAULTS)
-        if any(values.get(k, starter.get(k)) != starter.get(k) for k in ("method", "objective")):
+        recipes = starter.pop("recipes", None) or {}
+        chosen = {k: values.get(k, starter.get(k)) for k in ("method", "objective")}
+        if any(chosen[k] != starter.get(k) for k in chosen):
             starter.pop("lr", None)
+        starter.update(recipes.get(f"{chosen['objective']}/{chosen['method']}", {}))
         values = {**starter, **values}
     return build_config(TrainConfig, values)
 
