@@ -189,3 +189,21 @@ def test_lora_reference_is_the_base_with_the_adapter_off(models, llama3_tokenize
     rewards = make_dpo_loss(0.1)(lora, batch).metrics
     assert set(rewards) == {"reward_accuracy", "chosen_reward", "rejected_reward", "margin", "chosen_logp",
                             "rejected_logp"}
+
+
+def test_fused_log_probs_equal_the_plain_ones_with_gradients(models, llama3_tokenizer):
+    from tunesmith.train.preference import fused_sequence_logps, sequence_logps
+
+    policy = models[0]
+    pairs, _ = tokenize_pairs(convs(), llama3_tokenizer, DataOptions())
+    batch = collate_pairs(pairs)
+    results = []
+    for fn in (sequence_logps, fused_sequence_logps):
+        policy.zero_grad(set_to_none=True)
+        logps, counts = fn(policy, batch)
+        logps.sum().backward()
+        results.append((logps.detach(), counts, grads(policy)))
+    (a, ca, ga), (b, cb, gb) = results
+    assert torch.equal(ca, cb) and torch.allclose(a, b, atol=1e-4, rtol=1e-5)
+    for x, y in zip(ga, gb):
+        assert torch.allclose(x, y, atol=1e-5, rtol=1e-4)

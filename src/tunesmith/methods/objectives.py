@@ -60,16 +60,16 @@ def next_token_loss(fast: Any, options: Any = None) -> Any:
 
 def dpo_loss(fast: Any, options: Any) -> Any:
     """DPO's sigmoid loss at `--beta` (the reference: cached log-probs, or the adapter switched off)."""
-    from tunesmith.train.preference import make_dpo_loss
+    from tunesmith.train.preference import logps_for, make_dpo_loss
 
-    return make_dpo_loss(options.beta)
+    return make_dpo_loss(options.beta, logps_for(fast))
 
 
 def orpo_loss(fast: Any, options: Any) -> Any:
     """ORPO: NLL of the chosen reply + `--orpo-lambda` x the odds-ratio term (no reference model)."""
-    from tunesmith.train.preference import make_orpo_loss
+    from tunesmith.train.preference import logps_for, make_orpo_loss
 
-    return make_orpo_loss(options.orpo_lambda)
+    return make_orpo_loss(options.orpo_lambda, logps_for(fast))
 
 
 def tokenize_pairs(convs: Any, tokenizer: Any, options: Any) -> Any:

@@ -13,6 +13,7 @@ Rewards reported for ORPO are lambda * a (what TRL logs), so both objectives log
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,15 +37,64 @@ def sequence_logps(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor
     return sums.view(-1, 2), counts.view(-1, 2)
 
 
+LOGP_CHUNK = 2048  # tokens per (chunk, V) fp32 logits block on the fast path: 1 GiB at a 128k vocabulary
+
+
+def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                 softcap: float | None) -> torch.Tensor:
+    """Token log-probs of one chunk `(C,)`; its (C, V) logits live only inside this call."""
+    logits = (hidden @ weight.t()).float()  # (C, V)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return -F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
+
+
+def fused_sequence_logps(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logps` for the fast path: decoder only, the row padded to a fixed multiple
+    (few shapes for flex attention), token log-probs chunked and recomputed in backward
+    (the full (T, V) logits are never built). Padded batches take the plain path."""
+    from torch.utils.checkpoint import checkpoint
+
+    from tunesmith.model.fast import causal_lm, pad_packed, padded_length
+
+    if batch.input_ids.shape[0] != 1:
+        return sequence_logps(model, batch)
+    lm = causal_lm(model)
+    length = padded_length(batch.input_ids.shape[1], 0)
+    ids, pos, tgt = pad_packed(batch.input_ids, batch.position_ids, batch.targets, length)  # (1, L)
+    hidden = lm.get_decoder()(input_ids=ids, position_ids=pos, attention_mask=None, use_cache=False).last_hidden_state
+    hidden, tgt = hidden.reshape(-1, hidden.shape[-1]), tgt.reshape(-1)  # (L, H), (L,)
+    weight, softcap = lm.get_output_embeddings().weight, getattr(lm.config, "final_logit_softcapping", None)
+    parts = []
+    for start in range(0, hidden.shape[0], LOGP_CHUNK):
+        args = (hidden[start:start + LOGP_CHUNK], weight, tgt[start:start + LOGP_CHUNK], softcap)
+        parts.append(checkpoint(_chunk_logps, *args, use_reentrant=False) if torch.is_grad_enabled()
+                     else _chunk_logps(*args))
+    token_logps = torch.cat(parts)[: batch.input_ids.shape[1]]  # (T,) the padding tail dropped
+    targets, seq = batch.targets.flatten(), batch.sequence_ids.flatten()  # type: ignore[union-attr]
+    n = 2 * batch.num_targets
+    sums = torch.zeros(n, device=hidden.device).index_add(0, seq, token_logps)
+    counts = torch.zeros(n, device=hidden.device).index_add(0, seq, (targets != IGNORE_INDEX).float())
+    return sums.view(-1, 2), counts.view(-1, 2)
+
+
+LogpsFn = Callable[[Any, Batch], tuple[torch.Tensor, torch.Tensor]]
+
+
+def logps_for(fast: Any) -> LogpsFn:
+    """The fused log-probs when the fast path built a fused loss (CUDA), else the plain ones."""
+    return fused_sequence_logps if getattr(fast, "loss_sum", None) is not None else sequence_logps
+
+
 @torch.no_grad()
-def reference_logps(model: Any, batch: Batch) -> torch.Tensor:
+def reference_logps(model: Any, batch: Batch, logps: LogpsFn = sequence_logps) -> torch.Tensor:
     """The reference's summed log-probs `(P, 2)`: cached on the batch, else this model with its adapter off."""
     if batch.reference_logps is not None:
         return batch.reference_logps
     if not hasattr(model, "disable_adapter"):
         raise RuntimeError("DPO without an adapter needs reference log-probs from the reference pass")
     with model.disable_adapter():
-        return sequence_logps(model, batch)[0]
+        return logps(model, batch)[0]
 
 
 def pair_metrics(chosen_reward: torch.Tensor, rejected_reward: torch.Tensor,
@@ -56,15 +106,16 @@ def pair_metrics(chosen_reward: torch.Tensor, rejected_reward: torch.Tensor,
             "chosen_logp": logps[:, 0].detach().sum(), "rejected_logp": logps[:, 1].detach().sum()}
 
 
-def make_dpo_loss(beta: float) -> LossFn:
+def make_dpo_loss(beta: float, logps_fn: LogpsFn = sequence_logps) -> LossFn:
     """The DPO sigmoid loss at `beta`, summed over the batch's pairs."""
     def dpo_loss_sum(model: Any, batch: Batch) -> LossSum:
-        logps, _counts = sequence_logps(model, batch)  # (P, 2)
-        ref = reference_logps(model, batch).to(logps.device)  # (P, 2)
+        logps, _counts = logps_fn(model, batch)  # (P, 2)
+        ref = reference_logps(model, batch, logps_fn).to(logps.device)  # (P, 2)
         rewards = beta * (logps - ref)  # (P, 2)
         losses = -F.logsigmoid(rewards[:, 0] - rewards[:, 1])  # (P,)
         return LossSum(losses.sum(), batch.num_targets, pair_metrics(rewards[:, 0], rewards[:, 1], logps))
 
+    dpo_loss_sum.logps = logps_fn  # type: ignore[attr-defined]  # the reference pass scores the same way
     return dpo_loss_sum
 
 
@@ -74,10 +125,10 @@ def log_odds(mean_logp: torch.Tensor) -> torch.Tensor:
     return mean_logp - torch.log(-torch.expm1(mean_logp))
 
 
-def make_orpo_loss(lam: float) -> LossFn:
+def make_orpo_loss(lam: float, logps_fn: LogpsFn = sequence_logps) -> LossFn:
     """ORPO at `lam`: per pair, the chosen reply's mean NLL plus lam x the odds-ratio loss, summed over pairs."""
     def orpo_loss_sum(model: Any, batch: Batch) -> LossSum:
-        logps, counts = sequence_logps(model, batch)  # (P, 2)
+        logps, counts = logps_fn(model, batch)  # (P, 2)
         mean = logps / counts.clamp(min=1)  # (P, 2) mean token log-prob of each reply
         ratio = log_odds(mean[:, 0]) - log_odds(mean[:, 1])  # (P,)
         nll = -mean[:, 0]

@@ -42,16 +42,21 @@ def model_fingerprint(model: Any) -> str:
 
 @torch.no_grad()
 def score_pairs(model: Any, pairs: list[Any], batch_tokens: int, device: torch.device,
-                padded: bool = False, pad_id: int = 0) -> np.ndarray:
-    """Summed log-probs `(N, 2)` of each pair's (chosen, rejected) reply under `model` as it is now."""
+                padded: bool = False, pad_id: int = 0, logps: Any = None) -> np.ndarray:
+    """Summed log-probs `(N, 2)` of each pair's (chosen, rejected) reply under `model` as it is now.
+
+    `logps` is the loss's own log-prob function (fused on the fast path), so the cached
+    reference and the policy are computed by the same kernels and rewards start at 0.
+    """
     from tunesmith.train.preference import sequence_logps
 
+    logps = logps or sequence_logps
     was_training = model.training
     model.eval()
     out = np.zeros((len(pairs), 2), dtype=np.float64)
     for group in group_by_budget([len(p.input_ids) for p in pairs], batch_tokens):
         batch = collate_pairs([pairs[i] for i in group], padded=padded, pad_id=pad_id).to(device)
-        out[group] = sequence_logps(model, batch)[0].double().cpu().numpy()
+        out[group] = logps(model, batch)[0].double().cpu().numpy()
     model.train(was_training)
     return out
 
@@ -95,7 +100,8 @@ def prepare_reference(run: Any) -> None:
     else:
         pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
         tokens = run.config.loop.batch_tokens
-        cached = tuple(score_pairs(run.model, pairs, tokens, run.device, run.padded, pad_id)
+        logps = getattr(run.loss_fn, "logps", None)
+        cached = tuple(score_pairs(run.model, pairs, tokens, run.device, run.padded, pad_id, logps)
                        for pairs in (prepared.train, prepared.eval))
         if path is not None:
             _save(path, *cached)
