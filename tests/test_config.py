@@ -85,4 +85,4 @@ def test_starter_recipes_apply_only_to_their_pair_and_never_over_user_values(tmp
     assert dpo.peak_lr() == 5e-5 and dpo.data.test_split == 0.2
     assert train_config({"objective": "dpo", "lr": 1e-6}).peak_lr() == 1e-6  # the user wins
     assert train_config({"objective": "dpo", "method": "lora"}).peak_lr() == 5e-6  # no starter value: the objective's
-    assert train_config({}).peak_lr() == 1e-3 and train_config({"model": "m", "objective": "dpo"}).peak_lr() == 5e-7
+    assert train_config({}).peak_lr() == 1e-3 and train_config({"model": "m", "objective": "dpo", "method": "full"}).peak_lr() == 5e-7
