@@ -7,7 +7,8 @@ exactly the ids tunesmith trains on. tunesmith runs its real loop (`train.loop.t
 the DPO objective of the registry: LoRA uses the adapter switched off as the reference; full
 runs the reference pass first (timed apart, as TRL's `precompute_ref_log_probs`). TRL:
 DPOTrainer, bf16, batch 8 pairs, LoRA through peft (reference = adapter off, as ours) and full
-with a reference model copy (its default). Pairs/s after warm-up steps and peak memory.
+with a reference model copy in memory (its default without precompute_ref_log_probs).
+Pairs/s after warm-up steps and peak memory.
 """
 from __future__ import annotations
 
@@ -76,11 +77,11 @@ def run_tunesmith_dpo(bench: Any, config: Any, pairs: list[Any], method: str, ra
     setup = prepare_for_training(model, device=device, batch_tokens=BATCH_TOKENS)
     samples = as_tokenized(pairs)
     notes = list(setup.notices)
-    if not PARAMETER_SETS[method].adapter:
-        start = time.perf_counter()
-        attach(samples, score_pairs(model, samples, BATCH_TOKENS, device))
-        notes.append(f"reference pass: {len(samples) / (time.perf_counter() - start):,.0f} pairs/s")
     loss_fn = OBJECTIVES["dpo"].make_loss(setup, options)
+    if not PARAMETER_SETS[method].adapter:  # what `tunesmith train` does before training (train/reference.py)
+        start = time.perf_counter()
+        attach(samples, score_pairs(model, samples, BATCH_TOKENS, device, logps=loss_fn.logps))
+        notes.append(f"reference pass: {len(samples) / (time.perf_counter() - start):,.0f} pairs/s")
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad],
                                lr=OBJECTIVES["dpo"].default_lr(PARAMETER_SETS[method].adapter), weight_decay=0.0, seed=0)
     plan = DataPlan(samples, BATCH_TOKENS, seed=0, collate_fn=collate_pairs)
@@ -150,8 +151,10 @@ def run_trl_dpo(bench: Any, config: Any, pairs: list[tuple[list[int], list[int],
                          num_train_epochs=1, learning_rate=5e-6 if lora else 5e-7, beta=0.1, max_length=2048,
                          logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
                          dataloader_num_workers=0)
-        trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=words_tokenizer(config.vocab_size),
-                             peft_config=peft_config, callbacks=[Clock()])
+        reference = None if lora else bench.build_model(config, torch.bfloat16)  # same seed: the same weights
+        trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=data,
+                             processing_class=words_tokenizer(config.vocab_size), peft_config=peft_config,
+                             callbacks=[Clock()])
         trainer.train()
     steps = max(marks)
     seconds = marks[steps] - marks[bench.WARMUP_STEPS]
@@ -160,7 +163,7 @@ def run_trl_dpo(bench: Any, config: Any, pairs: list[tuple[list[int], list[int],
     result = bench.Result(name, tokens / seconds, torch.cuda.max_memory_allocated() / 2**30, 0.0, steps, tokens,
                           seconds, notes=[f"pairs/s {timed / seconds:,.1f}"])
     result.pairs_per_s = timed / seconds  # type: ignore[attr-defined]
-    del trainer, model
+    del trainer, model, reference
     return result
 
 
