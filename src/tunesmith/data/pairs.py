@@ -115,8 +115,11 @@ def tokenize_pairs(convs: list[Conversation], tokenizer: Any, options: DataOptio
         list[TokenizedPair], TokenizeReport]:
     """Tokenize preference conversations; refuse (or with --skip-invalid, skip and count) pairs that cannot train.
 
-    The objectives' `tokenize` hook. The prompt is never trained (--train-on-prompt does not apply).
+    The objectives' `tokenize` hook. The prompt is never trained (--train-on-prompt is refused).
     """
+    if options.train_on_prompt:
+        raise UserError("--train-on-prompt does not apply to preference objectives (the prompt is the same "
+                        "in both sequences of a pair, so it carries no preference)", ["fix: drop --train-on-prompt"])
     wrong = sorted({c.kind for c in convs} - {"preference"})
     if wrong:
         raise UserError(f"{', '.join(wrong)} samples mixed into preference data (every row needs chosen and rejected)")

@@ -125,5 +125,15 @@ def format_summary(metrics: dict[str, Any]) -> str:
         f"({fmt('tokens_per_s', ',.0f')} tokens/s)",
         f"eval loss: base {fmt('base_eval_loss')}  final {fmt('final_eval_loss')}  best {fmt('best_eval_loss')}"
         f"  (perplexity {fmt('final_eval_perplexity', '.2f')})",
+        *objective_line(metrics),
         f"peak memory {fmt('peak_memory_gib', '.2f')} GiB",
     ])
+
+
+def objective_line(metrics: dict[str, Any]) -> list[str]:
+    """The objective's own held-out metrics, base -> final, in one line (none for SFT)."""
+    names = [k.removeprefix("final_eval_") for k in metrics if k.startswith("final_eval_")
+             and k not in ("final_eval_loss", "final_eval_perplexity")]
+    parts = [f"{n.replace('_', ' ')} {metrics.get('base_eval_' + n, float('nan')):.3g} -> "
+             f"{metrics['final_eval_' + n]:.3g}" for n in names]
+    return [f"eval (base -> final): {', '.join(parts)}"] if parts else []
