@@ -90,6 +90,17 @@ def test_preflight_refuses_identical_pairs_and_prompts_without_room(llama3_token
     assert "p.jsonl:2: the prompt alone has" in problems and "--max-length 64" in problems
     pairs, report = tokenize_pairs(bad, llama3_tokenizer, DataOptions(max_length=64, skip_invalid=True))
     assert [p.source for p in pairs] == ["p.jsonl:3"] and len(report.dropped) == 2
+    with pytest.raises(UserError, match="--train-on-prompt does not apply to preference objectives"):
+        tokenize_pairs(convs(), llama3_tokenizer, DataOptions(train_on_prompt=True))
+
+
+def test_a_reply_that_does_not_fit_is_truncated_never_the_prompt(llama3_tokenizer):
+    long = convs([("Say hello", "hello " * 60, "no " * 60)])
+    full, _ = tokenize_pairs(long, llama3_tokenizer, DataOptions(max_length=2048))
+    cut, report = tokenize_pairs(long, llama3_tokenizer, DataOptions(max_length=48))
+    (c_full, r_full), (c_cut, r_cut) = full[0].sequences(), cut[0].sequences()
+    assert report.truncated == 1 and len(c_cut.input_ids) == len(r_cut.input_ids) == 48
+    assert c_cut.input_ids == c_full.input_ids[:48] and r_cut.input_ids == r_full.input_ids[:48]
 
 
 def seq_logp(model, ids: list[int], labels: list[int]) -> torch.Tensor:
