@@ -39,7 +39,8 @@ def test_lora_dpo_on_the_bundled_pairs_beats_the_base(tiny_model_dir, tmp_path, 
     m = result.metrics
     assert m["base_eval_margin"] == pytest.approx(0.0, abs=1e-6)  # the reference IS the base: rewards start at 0
     assert m["final_eval_reward_accuracy"] >= 0.8 and m["final_eval_loss"] < m["base_eval_loss"] - 0.05
-    scored = evaluate(str(out), compare="base", max_new_tokens=4, max_prompts=2)  # held-out pairs, reloaded
+    scored = evaluate(str(out), compare="base", max_new_tokens=4, max_prompts=2,  # held-out pairs, reloaded
+                      report=str(tmp_path / "report.html"))
     tuned, base = scored["model"], scored["base"]
     assert tuned["preference_accuracy"] > base["preference_accuracy"]
     assert tuned["preference_margin"] > base["preference_margin"] + 1.0
@@ -47,6 +48,7 @@ def test_lora_dpo_on_the_bundled_pairs_beats_the_base(tiny_model_dir, tmp_path, 
     assert tuned["reward_margin"] == pytest.approx(m["final_eval_margin"] / 0.1, rel=1e-3)
     assert tuned["reward_accuracy"] == pytest.approx(m["final_eval_reward_accuracy"])
     assert scored["examples"][0]["reference"] and "base_reply" in scored["examples"][0]
+    assert "pairs where chosen is likelier" in (tmp_path / "report.md").read_text(encoding="utf-8")
 
 
 def test_full_dpo_reference_pass_is_cached_reused_and_invalidated(tiny_model_dir, tmp_path, monkeypatch, one_thread):
