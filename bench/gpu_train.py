@@ -4,6 +4,7 @@ One command, one run, on one CUDA GPU, no network (random weights, synthetic tok
 
     python bench/gpu_train.py            # Llama-3.2-1B shape, short samples: the table of issue 7
     python bench/gpu_train.py --sweep    # instead: 1B/3B/Qwen-0.5B shapes x full/LoRA x short/long samples
+    python bench/gpu_train.py --dpo      # instead: DPO LoRA/full vs TRL's DPOTrainer (bench/dpo_rows.py)
 
 Measures the GPU's bf16 matmul rate (8192^3), then on the same synthetic samples (Alpaca-like
 lengths: log-normal, median ~200, clipped to 32..1024) runs: Trainer full (fp32 weights + bf16
@@ -536,12 +537,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true",
                         help="instead: 1B/3B/Qwen-0.5B x full/LoRA x short/long (all but the default 1B short)")
+    parser.add_argument("--dpo", action="store_true",
+                        help="instead: DPO rows (tunesmith LoRA/full vs TRL's DPOTrainer), bench/dpo_rows.py")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_train.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/gpu_train.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = True
     report: dict[str, Any] = {"env": environment()}
+    if args.dpo:
+        from dpo_rows import dpo_rows, dpo_table
+
+        report["dpo"] = dpo_rows(sys.modules[__name__])
+        write_json(report, args.out)
+        print("\n".join(dpo_table(report["dpo"])))
+        for r in report["dpo"]["runs"].values():
+            for note in r["notes"]:
+                print(f"[{r['name']}] {note}")
+        return
     rate = report["matmul_tflops"] = matmul_tflops()
     print(f"{report['env']}\nbf16 matmul 8192^3: {rate:.0f} TFLOP/s (MFU denominator)", flush=True)
     if args.sweep:  # the other shapes and regimes; the headline (1B, short) is the plain run

@@ -73,3 +73,16 @@ def test_starter_preset_only_without_model(tmp_path, monkeypatch) -> None:
     assert train_config({}).loop.epochs == 7.0
     assert train_config({"epochs": 1}).loop.epochs == 1.0  # the user wins over the preset
     assert train_config({"model": "x"}).loop.epochs == LoopOptions().epochs  # preset is for the starter only
+
+
+def test_starter_recipes_apply_only_to_their_pair_and_never_over_user_values(tmp_path, monkeypatch) -> None:
+    import tunesmith.config as config_mod
+
+    preset = tmp_path / "defaults.yaml"
+    preset.write_text("method: full\nobjective: sft\nlr: 0.001\nrecipes:\n  dpo/full: {lr: 5.0e-5, test_split: 0.2}\n")
+    monkeypatch.setattr(config_mod, "STARTER_DEFAULTS", preset)
+    dpo = train_config({"objective": "dpo"})
+    assert dpo.peak_lr() == 5e-5 and dpo.data.test_split == 0.2
+    assert train_config({"objective": "dpo", "lr": 1e-6}).peak_lr() == 1e-6  # the user wins
+    assert train_config({"objective": "dpo", "method": "lora"}).peak_lr() == 5e-6  # no starter value: the objective's
+    assert train_config({}).peak_lr() == 1e-3 and train_config({"model": "m", "objective": "dpo", "method": "full"}).peak_lr() == 5e-7

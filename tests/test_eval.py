@@ -20,7 +20,7 @@ import torch
 import tunesmith
 from tunesmith.data.conversation import Conversation, Turn
 from tunesmith.errors import UserError
-from tunesmith.eval.data import default_data, read_eval_data
+from tunesmith.eval.data import default_data, eval_cases, read_eval_data
 from tunesmith.eval.report import base_model_name, compare_models, evaluate, report_after_training
 
 FILLER = "the a sun moon tree river stone red blue green small big quick slow".split()
@@ -187,11 +187,13 @@ def test_text_documents_get_loss_only(tiny_model_dir: Path, tmp_path: Path) -> N
     assert set(result["model"]) == {"loss", "perplexity"} and "generation" in result["skipped"]
 
 
-def test_preference_data_is_refused_clearly(tmp_path: Path) -> None:
+def test_preference_data_is_read_as_pairs_with_the_chosen_reply_as_reference(tmp_path: Path) -> None:
     data = tmp_path / "prefs.jsonl"
     data.write_text('{"prompt": "hi", "chosen": "hello", "rejected": "go away"}\n', encoding="utf-8")
-    with pytest.raises(UserError, match="preference pairs"):
-        read_eval_data(str(data))
+    convs = read_eval_data(str(data))
+    assert [c.kind for c in convs] == ["preference"]
+    case = eval_cases(convs, 5)[0]
+    assert case.prompt == [{"role": "user", "content": "hi"}] and case.reference == "hello"
 
 
 def test_missing_default_data_names_the_fix(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -137,7 +137,7 @@ class MethodOptions:
     method: str = "lora"
     """What trains: full (every weight) | lora (an adapter; the base stays frozen)."""
     objective: str = "sft"
-    """The loss: sft (the replies and their end-of-turn token) | pretrain (every token: continued pretraining)."""
+    """The loss: sft (the replies and their end-of-turn token) | pretrain (every token: continued pretraining) | dpo (preference pairs, reference = the base) | orpo (preference pairs, no reference)."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32
@@ -146,6 +146,10 @@ class MethodOptions:
     """Modules that get adapters: all-linear, or a comma list such as q_proj,v_proj."""
     merge: bool = False
     """Also write merged full weights after a LoRA run."""
+    beta: float = 0.1
+    """DPO: how far the tuned model may move from the reference (higher: stays closer); sigmoid loss."""
+    orpo_lambda: float = 0.1
+    """ORPO: weight of the odds-ratio term beside the NLL of the chosen reply."""
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, tuple(PARAMETER_SETS))
@@ -153,6 +157,8 @@ class MethodOptions:
         self.recipe()  # refuses impossible combinations now, before anything loads
         check(self.lora_r >= 1, "lora_r", self.lora_r, "an integer >= 1")
         check(self.lora_alpha >= 1, "lora_alpha", self.lora_alpha, "an integer >= 1")
+        check(self.beta > 0, "beta", self.beta, "> 0")
+        check(self.orpo_lambda >= 0, "orpo_lambda", self.orpo_lambda, ">= 0")
 
     def recipe(self) -> Recipe:
         """The parameter set x objective this run trains with."""
@@ -168,7 +174,7 @@ class LoopOptions:
     max_steps: int | None = None
     """Stop after this many optimizer steps."""
     lr: float | None = None
-    """Peak learning rate; default by objective and method (sft and pretrain: 1e-5 full, 2e-4 LoRA)."""
+    """Peak learning rate; default by objective and method (sft, pretrain: 1e-5 full, 2e-4 LoRA; dpo: 5e-7 full, 5e-6 LoRA; orpo: 1e-6 full, 1e-5 LoRA)."""
     warmup_ratio: float = 0.0
     """Share of steps spent warming the learning rate up from 0."""
     weight_decay: float = 0.0
@@ -405,13 +411,18 @@ def starter_defaults(values: dict[str, Any]) -> dict[str, Any]:
     The starter's `defaults.yaml` is tuned so the zero-argument job finishes in minutes on
     a laptop CPU. Its learning rate belongs to its method and objective, so it is dropped
     when the user picks another one (else `--method lora` would silently train at the
-    starter's full fine-tuning rate). Keys the user gave are never in the result.
+    starter's full fine-tuning rate); its `recipes:` mapping ("OBJECTIVE/METHOD": {option:
+    value}) holds the starter's values for other pairs (e.g. a DPO rate that moves a 14M
+    model within a minute). Keys the user gave are never in the result.
     """
     if values.get("model") is not None or not STARTER_DEFAULTS.is_file():
         return {}
     starter = load_yaml(STARTER_DEFAULTS)
-    if any(values.get(k, starter.get(k)) != starter.get(k) for k in ("method", "objective")):
+    recipes = starter.pop("recipes", None) or {}
+    chosen = {k: values.get(k, starter.get(k)) for k in ("method", "objective")}
+    if any(chosen[k] != starter.get(k) for k in chosen):
         starter.pop("lr", None)
+    starter.update(recipes.get(f"{chosen['objective']}/{chosen['method']}", {}))
     return {k: v for k, v in starter.items() if k not in values}
 
 

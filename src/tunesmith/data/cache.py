@@ -57,9 +57,12 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return digest.hexdigest()
 
 
-def cache_key(options: Any, tokenizer: Any, sources: str | list[str], seed: int) -> str:
-    """The hex key of one prepared dataset or mix (see the module docstring for what goes in)."""
-    digest = hashlib.sha256(f"v{CACHE_VERSION}".encode())
+def cache_key(options: Any, tokenizer: Any, sources: str | list[str], seed: int, kind: str = "") -> str:
+    """The hex key of one prepared dataset or mix (see the module docstring for what goes in).
+
+    `kind` names a non-default tokenization (the objective's `tokenize` hook, e.g. pairs).
+    """
+    digest = hashlib.sha256(f"v{CACHE_VERSION}{kind}".encode())
     for source in [sources] if isinstance(sources, str) else sources:
         _hash_source(digest, source)
     _hash_source(digest, options.eval_data)
@@ -77,13 +80,21 @@ def _pack(samples: list[TokenizedSample]) -> dict[str, np.ndarray]:
         labels.extend(s.labels)
     lengths = np.array([len(s.input_ids) for s in samples], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    return {"ids": np.frombuffer(ids, dtype=np.int32), "labels": np.frombuffer(labels, dtype=np.int32),
-            "offsets": offsets}
+    packed = {"ids": np.frombuffer(ids, dtype=np.int32), "labels": np.frombuffer(labels, dtype=np.int32),
+              "offsets": offsets}
+    if samples and hasattr(samples[0], "chosen_length"):  # preference pairs (data.pairs.TokenizedPair)
+        packed["chosen_length"] = np.array([s.chosen_length for s in samples], dtype=np.int64)  # type: ignore[attr-defined]
+    return packed
 
 
-def _unpack(arrays: Any, sources: list[str]) -> list[TokenizedSample]:
+def _unpack(arrays: Any, sources: list[str]) -> list[Any]:
     """The inverse of `_pack`."""
     ids, labels, offsets = arrays["ids"].tolist(), arrays["labels"].tolist(), arrays["offsets"].tolist()
+    if "chosen_length" in arrays:
+        from tunesmith.data.pairs import TokenizedPair
+
+        return [TokenizedPair(ids[a:b], labels[a:b], n, src)
+                for a, b, n, src in zip(offsets, offsets[1:], arrays["chosen_length"].tolist(), sources)]
     return [TokenizedSample(ids[a:b], labels[a:b], src) for a, b, src in zip(offsets, offsets[1:], sources)]
 
 

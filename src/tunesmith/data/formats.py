@@ -183,8 +183,16 @@ def _check_order(turns: list[Turn], needs_assistant: bool) -> None:
 
 
 def _preference(fields: Fields) -> Conversation:
-    """prompt (text or messages) + chosen / rejected (text or messages)."""
-    if isinstance(fields.get("prompt"), list):
+    """prompt (text or messages) + chosen / rejected (text or messages).
+
+    Without a prompt, chosen and rejected as whole conversations (the UltraFeedback /
+    Anthropic-HH shape): their shared messages up to the last shared user turn are the prompt.
+    """
+    prompt = fields.get("prompt")
+    if prompt is None and isinstance(fields.get("chosen"), list) and isinstance(fields.get("rejected"), list):
+        return _shared_prefix_pair(_message_list(fields, "messages", "chosen"),
+                                   _message_list(fields, "messages", "rejected"))
+    if isinstance(prompt, list):
         turns = _message_list(fields, "messages", "prompt")
     else:
         turns = [Turn("user", fields.text("prompt"))]
@@ -203,3 +211,21 @@ def _preference(fields: Fields) -> Conversation:
             reply = [Turn("assistant", fields.text(generic))]
         replies.append(reply)
     return Conversation(turns=turns, chosen=replies[0], rejected=replies[1])
+
+
+def _shared_prefix_pair(chosen: list[Turn], rejected: list[Turn]) -> Conversation:
+    """Split two whole conversations into their shared prompt (ending on a user turn) and the two replies."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    while shared and chosen[shared - 1].role != "user":
+        shared -= 1
+    if not shared:
+        raise RowProblem("fields 'chosen' and 'rejected' share no prompt ending with a user message "
+                         "(give a 'prompt' field, or start both conversations with the same messages)")
+    for key, turns in (("chosen", chosen), ("rejected", rejected)):
+        reply = turns[shared:]
+        if not reply or any(t.role != "assistant" for t in reply):
+            raise RowProblem(f"field {key!r} must continue the shared prompt with the assistant reply "
+                             f"(found roles: {', '.join(t.role for t in reply) or 'none'})")
+    return Conversation(turns=chosen[:shared], chosen=chosen[shared:], rejected=rejected[shared:])

@@ -14,7 +14,9 @@ a seed), so the same seed always gives the same batches: resume relies on it.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -31,6 +33,8 @@ class Batch:
     num_targets: int  # how many targets are not IGNORE_INDEX
     attention_mask: torch.Tensor | None = None  # (B, T) only for padded batches; packed rely on positions
     num_tokens: int = 0  # real (non-padding) tokens, for throughput
+    sequence_ids: torch.Tensor | None = None  # (B, T) pair batches: token -> sequence 2*pair (+1 if rejected)
+    reference_logps: torch.Tensor | None = None  # (P, 2) pair batches: cached reference log-probs, if any
 
     def to(self, device: torch.device) -> Batch:
         """The same batch on `device`; on CUDA copied from pinned memory without blocking the host.
@@ -49,7 +53,8 @@ class Batch:
             return t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
 
         return Batch(move(self.input_ids), move(self.targets), move(self.position_ids),  # type: ignore[arg-type]
-                     self.num_targets, move(self.attention_mask), self.num_tokens)
+                     self.num_targets, move(self.attention_mask), self.num_tokens, move(self.sequence_ids),
+                     move(self.reference_logps))
 
 
 def shifted_targets(labels: list[int]) -> list[int]:
@@ -117,15 +122,39 @@ def collate(samples: list[TokenizedSample], *, padded: bool = False, pad_id: int
     return collate_padded(samples, pad_id) if padded else collate_packed(samples)
 
 
-def pack(samples: list[TokenizedSample], batch_tokens: int, *, padded: bool = False,
-         pad_id: int = 0) -> list[Batch]:
+def collate_pairs(pairs: list[Any], *, padded: bool = False, pad_id: int = 0) -> Batch:
+    """Preference pairs (`data.pairs.TokenizedPair`) as ONE batch: chosen and rejected are two documents each.
+
+    Packed, the 2P sequences sit end to end in one row with restarting positions (the
+    per-document mask SFT packing uses); padded, one sequence per row. `sequence_ids` maps
+    every token to its sequence (2*pair for chosen, 2*pair + 1 for rejected), and
+    `num_targets` counts PAIRS: the unit a preference loss sums over.
+    """
+    docs = [s for pair in pairs for s in pair.sequences()]
+    batch = collate(docs, padded=padded, pad_id=pad_id)
+    if padded:
+        seq = torch.arange(len(docs)).unsqueeze(1).expand_as(batch.input_ids).clone()  # (2P, T)
+    else:
+        seq = torch.repeat_interleave(torch.arange(len(docs)), torch.tensor([len(d.input_ids) for d in docs]))
+        seq = seq.unsqueeze(0)  # (1, T)
+    refs = [pair.reference for pair in pairs]
+    batch.reference_logps = (torch.tensor(refs, dtype=torch.float32)  # (P, 2)
+                             if all(r is not None for r in refs) else None)
+    batch.sequence_ids, batch.num_targets = seq, len(pairs)
+    return batch
+
+
+def pack(samples: list[Any], batch_tokens: int, *, padded: bool = False, pad_id: int = 0,
+         collate_fn: Callable[..., Batch] | None = None) -> list[Batch]:
     """Micro-batches of up to `batch_tokens` real tokens, in the order given.
 
     `padded=True` is the fallback for attention backends without per-document masks:
-    the same groups of samples, one per row, padded to the longest.
+    the same groups of samples, one per row, padded to the longest. `collate_fn` is the
+    objective's collator (default: `collate`, one sequence per sample).
     """
     groups = group_by_budget([len(s.input_ids) for s in samples], batch_tokens)
-    return [collate([samples[i] for i in g], padded=padded, pad_id=pad_id) for g in groups]
+    make = collate_fn or collate
+    return [make([samples[i] for i in g], padded=padded, pad_id=pad_id) for g in groups]
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:

@@ -38,6 +38,7 @@ class PreparedData:
     template: str
     end_of_turn_ids: list[int]
     stats: dict[str, Any] = field(default_factory=dict)
+    cache_entry: Path | None = None  # where these samples are cached (an objective may keep more beside them)
 
 
 def data_sources(options: DataOptions) -> list[DatasetSpec]:
@@ -57,25 +58,31 @@ def read_with_report(source: str, options: DataOptions, log: Callable[[str], Non
 
 def prepare_data(options: DataOptions, tokenizer: Any, *, seed: int = 42, cache_dir: Path | None = None,
                  log: Callable[[str], None] = print,
-                 check_kinds: Callable[[set[str], str], None] | None = None) -> PreparedData:
+                 check_kinds: Callable[[set[str], str], None] | None = None,
+                 tokenize: Callable[[list[Conversation], Any, DataOptions], Any] | None = None) -> PreparedData:
     """Turn the configured data into checked, tokenized train/eval samples (cached on disk).
 
     Sets the chosen chat template on `tokenizer`, so saving the tokenizer with the model
     makes inference render exactly as training did. `check_kinds(kinds, source)` (the
     objective's `Recipe.check_data`) refuses data the objective cannot train on, right
-    after reading and before anything is tokenized.
+    after reading and before anything is tokenized. `tokenize(convs, tokenizer, options)`
+    (the objective's hook, e.g. preference pairs) replaces the one-sequence-per-sample tokenizer.
     """
     specs = data_sources(options)
     source = ", ".join(s.path for s in specs)
     directory = cache_dir if cache_dir is not None else default_cache_dir()
-    key = cache_key(options, tokenizer, [s.path for s in specs], seed)
+    kind = f"{tokenize.__module__}.{tokenize.__qualname__}" if tokenize is not None else ""
+    key = cache_key(options, tokenizer, [s.path for s in specs], seed, kind)
+    if tokenize is None:
+        def tokenize(convs: list[Conversation], tok: Any, opts: DataOptions) -> Any:
+            return tokenize_fitting(convs, tok, opts, log)  # one sequence per sample (chat or text)
     template = choose_template(tokenizer, options.template)
     eot = end_of_turn_ids(tokenizer)
     cached = load_entry(directory, key)
     if cached is not None:
         train, evals, eval_convs, stats = cached
         log(f"data: {len(train)} train / {len(evals)} eval samples (cached: {directory / key})")
-        return PreparedData(train, evals, eval_convs, template, eot, stats)
+        return PreparedData(train, evals, eval_convs, template, eot, stats, directory / key)
     convs, mix = read_mix(specs, options, seed, log)
     report = mix.combined()
     if check_kinds is not None:
@@ -84,9 +91,9 @@ def prepare_data(options: DataOptions, tokenizer: Any, *, seed: int = 42, cache_
         train_convs, eval_convs = convs, read_with_report(options.eval_data, options, log)[0]
     else:
         train_convs, eval_convs = split_train_eval(convs, options.test_split, seed)
-    train, train_report = tokenize_fitting(train_convs, tokenizer, options, log)
-    evals, eval_report = tokenize_fitting(eval_convs, tokenizer, options, log)
-    has_chat = any(c.kind == "chat" for c in train_convs)
+    train, train_report = tokenize(train_convs, tokenizer, options)
+    evals, eval_report = tokenize(eval_convs, tokenizer, options)
+    has_chat = any(c.kind in ("chat", "preference") for c in train_convs)
     preflight(train, train_report, eval_report, eot, options, log, has_chat)
     stats = data_stats(report, train_report, eval_report, options.max_length)
     stats.update(template=template, end_of_turn_ids=eot, source=source, datasets=mix.as_stats())
@@ -100,7 +107,7 @@ def prepare_data(options: DataOptions, tokenizer: Any, *, seed: int = 42, cache_
     if train_report.truncated:
         log(f"warning: {train_report.truncated} samples longer than --max-length {options.max_length} "
             "were truncated")
-    return PreparedData(train, evals, eval_convs, template, eot, stats)
+    return PreparedData(train, evals, eval_convs, template, eot, stats, directory / key)
 
 
 def tokenize_fitting(convs: list[Conversation], tokenizer: Any, options: DataOptions,

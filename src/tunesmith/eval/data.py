@@ -43,18 +43,12 @@ def default_data(model: str | None) -> str:
 
 
 def read_eval_data(source: str, format: str = "auto", columns: str | None = None) -> list[Conversation]:
-    """Conversations to evaluate on; prompt-only files are accepted, preference data is refused."""
+    """Conversations to evaluate on: prompt-only files too, and preference pairs (scored as pairs)."""
     if format not in ("text", "preference"):
         prompts = _prompts_only(source, list(read_rows(source)), parse_columns(columns))
         if prompts is not None:
             return prompts
     convs, _report = read_conversations(source, format, columns)
-    if any(c.kind == "preference" for c in convs):
-        raise UserError(
-            f"{source}: holds preference pairs (prompt, chosen, rejected); eval measures replies against "
-            "one reference reply",
-            ["pass chat or instruction data (e.g. messages, or prompt + completion), "
-             "or use the 'chosen' replies as a prompt/completion file"])
     return convs
 
 
@@ -107,11 +101,17 @@ def _messages_prompt(row: dict[str, Any]) -> list[Turn]:
 
 
 def eval_cases(convs: list[Conversation], limit: int) -> list[EvalCase]:
-    """Up to `limit` cases: the prompt is every turn before the last assistant turn, which is the reference."""
+    """Up to `limit` cases: the prompt is every turn before the last assistant turn, which is the reference.
+
+    A preference pair's case is its prompt, with the chosen reply as the reference.
+    """
     cases: list[EvalCase] = []
     for conv in convs:
         if len(cases) >= limit:
             break
+        if conv.kind == "preference" and conv.chosen:
+            cases.append(EvalCase(conv.messages(), conv.chosen[-1].content, conv.source))
+            continue
         if conv.kind != "chat":
             continue
         messages = conv.messages()

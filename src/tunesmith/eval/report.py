@@ -64,14 +64,16 @@ def compare_models(base_model: Any, tuned_model: Any, tokenizer: Any, conversati
     LoRA run pass the same PEFT model twice: the base is then scored with the adapter
     switched off, so no second copy of the weights is loaded.
     """
+    from tunesmith.eval.preference import preference_pairs
     from tunesmith.eval.run import loss_samples, score_model
 
     samples = loss_samples(conversations, tokenizer)
+    pairs = preference_pairs(conversations, tokenizer)
     cases = eval_cases(conversations, max_prompts)
     same_peft = base_model is tuned_model and hasattr(tuned_model, "disable_adapter")
     with tuned_model.disable_adapter() if same_peft else contextlib.nullcontext():
-        base = score_model(base_model, tokenizer, samples, cases, TRAIN_MAX_NEW_TOKENS)
-    tuned = score_model(tuned_model, tokenizer, samples, cases, TRAIN_MAX_NEW_TOKENS)
+        base = score_model(base_model, tokenizer, samples, cases, TRAIN_MAX_NEW_TOKENS, pairs)
+    tuned = score_model(tuned_model, tokenizer, samples, cases, TRAIN_MAX_NEW_TOKENS, pairs)
     result = assemble(tuned, base, cases, tokenizer)
     result["report"] = write_reports(result, Path(out_dir) / "report.html", loss_curve, ("tuned", "base"))
     return result
@@ -106,6 +108,10 @@ def assemble(tuned: Any, base: Any | None, cases: list[EvalCase], tokenizer: Any
                               "samples": {"loss": tuned.loss_samples, "prompts": len(cases)}}
     examples = [{"source": c.source, "prompt": c.prompt, "reference": c.reference, "reply": reply}
                 for c, reply in zip(cases, tuned.replies)]
+    if base is not None and tuned.pair_logps is not None and base.pair_logps is not None:
+        from tunesmith.eval.preference import reward_metrics
+
+        result["model"].update(reward_metrics(tuned.pair_logps, base.pair_logps))
     if base is not None:
         result["base"] = dict(base.metrics)
         result["difference"] = {k: v - base.metrics[k] for k, v in tuned.metrics.items() if k in base.metrics}
@@ -166,7 +172,7 @@ def _chat_tokenizer(tokenizer: Any, convs: list[Conversation]) -> Any:
     """`tokenizer` with a chat template installed the way training chooses it (chat data only)."""
     from tunesmith.data.templates import choose_template
 
-    if any(c.kind == "chat" for c in convs):
+    if any(c.kind in ("chat", "preference") for c in convs):
         choose_template(tokenizer, "auto")
     return tokenizer
 
@@ -174,13 +180,16 @@ def _chat_tokenizer(tokenizer: Any, convs: list[Conversation]) -> Any:
 def _score_by_name(name: str | None, tokenizer: Any, convs: list[Conversation], cases: list[EvalCase],
                    max_new_tokens: int) -> Any:
     """Load a model, score it, and free it before the next one loads."""
+    from tunesmith.eval.preference import preference_pairs
     from tunesmith.eval.run import loss_samples, score_model
     from tunesmith.model.load import load_model
 
     samples = loss_samples(convs, tokenizer)
-    print(f"eval {short_name(name)}: loss on {len(samples)} samples, {len(cases)} greedy replies", file=sys.stderr)
+    pairs = preference_pairs(convs, tokenizer)
+    scored = f"{len(pairs)} preference pairs" if pairs else f"loss on {len(samples)} samples"
+    print(f"eval {short_name(name)}: {scored}, {len(cases)} greedy replies", file=sys.stderr)
     model = load_model(name)
-    result = score_model(model, tokenizer, samples, cases, max_new_tokens)
+    result = score_model(model, tokenizer, samples, cases, max_new_tokens, pairs)
     del model
     gc.collect()
     return result

@@ -30,6 +30,7 @@ class ModelResult:
     replies: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     loss_samples: int = 0
+    pair_logps: Any = None  # (N, 2) summed log-probs of each held-out pair's (chosen, rejected), if any
 
 
 def loss_samples(convs: list[Conversation], tokenizer: Any) -> list[TokenizedSample]:
@@ -97,15 +98,20 @@ def reference_metrics(replies: Sequence[str], references: Sequence[str | None]) 
 
 
 def score_model(model: Any, tokenizer: Any, samples: list[TokenizedSample], cases: list[EvalCase],
-                max_new_tokens: int) -> ModelResult:
-    """Loss on `samples` and greedy replies to `cases`, with every metric the data allows."""
+                max_new_tokens: int, pairs: list[Any] | None = None) -> ModelResult:
+    """Loss on `samples`, preference on `pairs` and greedy replies to `cases`, with every metric the data allows."""
+    from tunesmith.eval.preference import pair_logps, preference_metrics
+
     result = ModelResult()
     model.eval()
+    if pairs:
+        result.pair_logps = pair_logps(model, pairs)
+        result.metrics.update(preference_metrics(result.pair_logps))
     if samples:
         loss, _tokens = heldout_loss(model, samples)
         result.metrics.update(loss=loss, perplexity=m.perplexity(loss))
         result.loss_samples = len(samples)
-    else:
+    elif not pairs:
         result.skipped.update(dict.fromkeys(("loss", "perplexity"), "the evaluation data has no reference replies"))
     if not cases:
         result.skipped["generation"] = "the evaluation data has no chat prompts (text documents: loss only)"

@@ -10,6 +10,10 @@ from typing import Any
 
 # (key, label, better: "higher" | "lower" | None when it depends on the task, unit)
 METRICS: tuple[tuple[str, str, str | None, str], ...] = (
+    ("preference_accuracy", "pairs where chosen is likelier", "higher", "share"),
+    ("preference_margin", "mean log-prob margin chosen - rejected", "higher", "num"),
+    ("reward_accuracy", "pairs the implicit reward (vs base) prefers chosen", "higher", "share"),
+    ("reward_margin", "mean implicit reward margin (nats, beta = 1)", "higher", "num"),
     ("loss", "loss on reply tokens", "lower", "num"),
     ("perplexity", "perplexity", "lower", "num"),
     ("exact_match", "exact match", "higher", "share"),

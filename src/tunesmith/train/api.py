@@ -144,7 +144,7 @@ def setup_run(config: TrainConfig, output_dir: Path, dist: Dist | None = None) -
     say = (lambda line: print(line, file=sys.stderr)) if dist.is_main else (lambda line: None)
     prepared = dist.main_first(lambda: prepare_data(  # rank 0 reads, checks and caches; the others then load the cache
         data_options, tokenizer, seed=config.loop.seed, cache_dir=output_dir / ".cache", log=say,
-        check_kinds=chosen.check_data))
+        check_kinds=chosen.check_data, tokenize=chosen.objective.tokenize))
     seed_everything(config.loop.seed)
     model = load_model(name, device=device, dtype=dtype, trust_remote_code=config.model.trust_remote_code,
                        merge_adapter=True,  # training from a tunesmith LoRA output starts from its merged weights
@@ -161,11 +161,14 @@ def setup_run(config: TrainConfig, output_dir: Path, dist: Dist | None = None) -
     padded = fast.loss_sum is None and not packing_is_exact(model, device)  # the fast path packs by design
     if padded:
         notices.append("batches: padded (this model's attention does not separate packed samples)")
-    loss_fn = wrap(dist, model, chosen.objective.make_loss(fast), wrapper, device, dtype,
-                   cpu_offload=config.distributed.cpu_offload)
+    run = Run(config, chosen, output_dir, device, tokenizer, prepared, model,
+              chosen.objective.make_loss(fast, config.method), padded, notices, dist, dtype)
+    if chosen.objective.before_training is not None:
+        chosen.objective.before_training(run)  # e.g. DPO's reference pass, while the weights are still the base
+    run.loss_fn = wrap(dist, model, run.loss_fn, wrapper, device, dtype, cpu_offload=config.distributed.cpu_offload)
     if dist.enabled:
         notices.append(f"parallel: {wrapper} on {dist.world} processes")
-    return Run(config, chosen, output_dir, device, tokenizer, prepared, model, loss_fn, padded, notices, dist, dtype)
+    return run
 
 
 def build_engine(run: Run, steps: int) -> Engine:
@@ -248,9 +251,10 @@ def data_plan(run: Run) -> tuple[DataPlan, list[Batch]]:
 
     loop = run.config.loop
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
+    collate_fn = run.recipe.objective.collate
     plan = DataPlan(run.prepared.train, loop.batch_tokens, loop.seed, padded=run.padded, pad_id=pad_id,
-                    rank=run.dist.rank, world=run.dist.world)
-    eval_batches = pack(run.prepared.eval, loop.batch_tokens, padded=run.padded, pad_id=pad_id)
+                    rank=run.dist.rank, world=run.dist.world, collate_fn=collate_fn)
+    eval_batches = pack(run.prepared.eval, loop.batch_tokens, padded=run.padded, pad_id=pad_id, collate_fn=collate_fn)
     return plan, share_batches(run.dist, eval_batches)
 
 
@@ -270,7 +274,8 @@ def train_run(run: Run, resume_from: Path | None) -> tuple[list[dict[str, Any]],
     if run.dist.is_main:
         save_config(out, to_flat_dict(config))
         write_jsonl(run.prepared.eval_conversations, out / HELD_OUT_FILE)
-    log = RunLog(out, steps, start_step=state.step, history=state.history, enabled=run.dist.is_main)
+    log = RunLog(out, steps, start_step=state.step, history=state.history, enabled=run.dist.is_main,
+                 bar_metrics=run.recipe.objective.bar_metrics)
     for line in run.notices + [f"training: {steps} steps, peak lr {config.peak_lr():g}"
                                + (f", resumed at step {state.step} from {resume_from}" if resume_from else "")]:
         log.message(line)
@@ -325,6 +330,9 @@ def run_metrics(history: list[dict[str, Any]], state: TrainState, final: dict[st
         "final_eval_perplexity": final.get("eval_perplexity"), "best_eval_loss": state.best_eval_loss,
         "peak_memory_gib": peak_memory_gib(device),
     }
+    base_record = next((r for r in evals if r["step"] == 0), {})
+    for key in (k for k in final if k not in ("eval_loss", "eval_perplexity")):  # the objective's own metrics
+        metrics[f"base_{key}"], metrics[f"final_{key}"] = base_record.get(key), final[key]
     return {k: v for k, v in metrics.items() if v is not None}
 
 
@@ -340,9 +348,10 @@ def _final_report(output_dir: Path, metrics: dict[str, float], run: Run) -> None
     if "base_eval_loss" in metrics and "final_eval_loss" in metrics:
         print(f"held-out loss: base {metrics['base_eval_loss']:.4f} -> tuned {metrics['final_eval_loss']:.4f}",
               file=sys.stderr)
-    conversations = [c for c in run.prepared.eval_conversations if c.kind == "chat"]
+    conversations = [c for c in run.prepared.eval_conversations if c.kind in ("chat", "preference")]
     if not conversations:
-        print("report: skipped (no held-out chat samples; set --test-split or --eval-data)", file=sys.stderr)
+        print("report: skipped (no held-out chat or preference samples; set --test-split or --eval-data)",
+              file=sys.stderr)
         return
     run.model = None  # free the training copy before loading the saved one
     tuned = load_model(str(output_dir), device=run.device)

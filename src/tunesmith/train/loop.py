@@ -53,6 +53,7 @@ class DataPlan:
     pad_id: int = 0
     rank: int = 0
     world: int = 1
+    collate_fn: Callable[..., Batch] | None = None  # the objective's collator; None: one sequence per sample
 
     def groups(self, epoch: int) -> list[list[int]]:
         """Sample indices of each micro-batch of `epoch` (of the whole run, whatever the world size)."""
@@ -72,7 +73,7 @@ class DataPlan:
         if not group:
             shortest = min(range(len(self.samples)), key=self.lengths.__getitem__)
             return as_placeholder(self.collate([shortest]))
-        return collate([self.samples[i] for i in group], padded=self.padded, pad_id=self.pad_id)
+        return (self.collate_fn or collate)([self.samples[i] for i in group], padded=self.padded, pad_id=self.pad_id)
 
 
 @dataclass
@@ -298,7 +299,7 @@ def report(result: StepResult, log: RunLog, clock: Clock) -> None:
               "lr": result.record["lr"], "grad_norm": norm, "tokens": result.record["tokens"],
               "tokens_per_s": clock.speed(), **metrics}
     log.log(record)
-    log.advance(record["step"], record["epoch"], loss, record["lr"], record["tokens_per_s"])
+    log.advance(record["step"], record["epoch"], loss, record["lr"], record["tokens_per_s"], metrics)
 
 
 def record_eval(engine: Engine, eval_batches: list[Batch], state: TrainState, log: RunLog) -> dict[str, float]:

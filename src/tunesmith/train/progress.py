@@ -49,8 +49,10 @@ class RunLog:
     """The progress bar plus the metric sinks of one run."""
 
     def __init__(self, output_dir: Path, total_steps: int, *, start_step: int = 0,
-                 history: list[dict[str, Any]] | None = None, enabled: bool = True, show_bar: bool = True) -> None:
+                 history: list[dict[str, Any]] | None = None, enabled: bool = True, show_bar: bool = True,
+                 bar_metrics: tuple[str, ...] = ()) -> None:
         self.output_dir = output_dir
+        self.bar_metrics = bar_metrics  # the objective's metrics worth a place on the bar (beside the loss)
         self.enabled = enabled
         self.history: list[dict[str, Any]] = list(history or [])
         self._bar: Any = None
@@ -91,8 +93,10 @@ class RunLog:
                 self._tb.add_scalar(key.replace("_", "/", 1) if key.startswith(("train_", "eval_")) else key,
                                     value, record["step"])
 
-    def advance(self, step: int, epoch: float, loss: float, lr: float, tokens_per_s: float) -> None:
-        """Move the bar to `step` and show the latest figures; once the pace is known, say it in a line.
+    def advance(self, step: int, epoch: float, loss: float, lr: float, tokens_per_s: float,
+                metrics: dict[str, float] | None = None) -> None:
+        """Move the bar to `step` and show the latest figures (and the `bar_metrics` among `metrics`);
+        once the pace is known, say it in a line.
 
         The line (speed and ETA after the first steps) also reaches logs where the bar is not
         redrawn, so a slow machine shows within seconds how long the run will take.
@@ -102,7 +106,9 @@ class RunLog:
         eta = self._pace.eta(step)
         left = f"ETA {format_duration(eta)}" if eta is not None else "ETA …"
         if self._bar is not None:
-            info = f"{left}  epoch {epoch:.2f} loss {loss:.4f} lr {lr:.1e} {tokens_per_s:,.0f} tok/s"
+            shown = "".join(f" {k.replace('_', ' ')} {(metrics or {})[k]:.3g}" for k in self.bar_metrics
+                            if k in (metrics or {}))
+            info = f"{left}  epoch {epoch:.2f} loss {loss:.4f}{shown} lr {lr:.1e} {tokens_per_s:,.0f} tok/s"
             self._bar.update(self._task, completed=step, info=info)
         if eta is not None and not self._pace.announced:
             self._pace.announced = True
@@ -163,5 +169,15 @@ def format_summary(metrics: dict[str, Any]) -> str:
         f"({fmt('tokens_per_s', ',.0f')} tokens/s)",
         f"eval loss: base {fmt('base_eval_loss')}  final {fmt('final_eval_loss')}  best {fmt('best_eval_loss')}"
         f"  (perplexity {fmt('final_eval_perplexity', '.2f')})",
+        *objective_line(metrics),
         f"peak memory {fmt('peak_memory_gib', '.2f')} GiB",
     ])
+
+
+def objective_line(metrics: dict[str, Any]) -> list[str]:
+    """The objective's own held-out metrics, base -> final, in one line (none for SFT)."""
+    names = [k.removeprefix("final_eval_") for k in metrics if k.startswith("final_eval_")
+             and k not in ("final_eval_loss", "final_eval_perplexity")]
+    parts = [f"{n.replace('_', ' ')} {metrics.get('base_eval_' + n, float('nan')):.3g} -> "
+             f"{metrics['final_eval_' + n]:.3g}" for n in names]
+    return [f"eval (base -> final): {', '.join(parts)}"] if parts else []

@@ -1,0 +1,111 @@
+"""DPO's reference log-probs for full fine-tuning: one pass before training, cached with the tokenized data.
+
+With an adapter, the reference is the same weights with the adapter switched off (computed
+live in the loss, no second copy). Training every weight would need a frozen second copy
+to compare against; instead, before the first step (while the weights still ARE the
+reference), one no-grad pass scores every train and held-out pair, and the loss reads
+those numbers from the batch. They are written beside the tokenized data
+(`<cache entry>/reference-<fingerprint>.npz`): a rerun or a resume reuses them; other
+weights (or dtype or device kind) give another fingerprint, other data another cache entry.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tunesmith.data.packing import collate_pairs, group_by_budget
+
+REFERENCE_PREFIX = "reference-"
+
+
+@torch.no_grad()
+def model_fingerprint(model: Any) -> str:
+    """A hash of the weights' values (two moments of every parameter, in fp64), dtype and device kind.
+
+    Reads every weight once on its own device (milliseconds on a GPU); any change to a
+    weight, its dtype or the device kind (whose kernels round differently) changes it.
+    """
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        flat = p.detach().flatten().double()
+        moments = torch.stack([flat.sum(), (flat * flat).sum(), flat[: 1 + flat.numel() // 2].sum()])
+        digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{p.device.type}:".encode())
+        digest.update(np.asarray(moments.cpu(), dtype=np.float64).tobytes())
+    return digest.hexdigest()[:20]
+
+
+@torch.no_grad()
+def score_pairs(model: Any, pairs: list[Any], batch_tokens: int, device: torch.device,
+                padded: bool = False, pad_id: int = 0, logps: Any = None) -> np.ndarray:
+    """Summed log-probs `(N, 2)` of each pair's (chosen, rejected) reply under `model` as it is now.
+
+    `logps` is the loss's own log-prob function (fused on the fast path), so the cached
+    reference and the policy are computed by the same kernels and rewards start at 0.
+    """
+    from tunesmith.train.preference import sequence_logps
+
+    logps = logps or sequence_logps
+    was_training = model.training
+    model.eval()
+    out = np.zeros((len(pairs), 2), dtype=np.float64)
+    for group in group_by_budget([len(p.input_ids) for p in pairs], batch_tokens):
+        batch = collate_pairs([pairs[i] for i in group], padded=padded, pad_id=pad_id).to(device)
+        out[group] = logps(model, batch)[0].double().cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+def _load(path: Path, sizes: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Cached (train, eval) reference arrays of the expected sizes, or None."""
+    try:
+        with np.load(path) as arrays:
+            train, evals = arrays["train"], arrays["eval"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return (train, evals) if (len(train), len(evals)) == sizes else None
+
+
+def _save(path: Path, train: np.ndarray, evals: np.ndarray) -> None:
+    """Write atomically: a crashed pass never leaves half an entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".ref-", suffix=".npz", dir=path.parent)
+    os.close(fd)
+    np.savez(tmp, train=train, eval=evals)
+    os.replace(tmp, path)
+
+
+def attach(pairs: list[Any], values: np.ndarray) -> None:
+    """Store each pair's reference log-probs on it (collate_pairs puts them in the batch)."""
+    for pair, (chosen, rejected) in zip(pairs, values.tolist()):
+        pair.reference = (chosen, rejected)
+
+
+def prepare_reference(run: Any) -> None:
+    """The `before_training` hook of DPO: nothing with an adapter; else load or compute the reference pass."""
+    if run.recipe.params.adapter:
+        return
+    prepared, say = run.prepared, run.notices.append
+    fingerprint = model_fingerprint(run.model)
+    entry = prepared.cache_entry
+    path = Path(entry) / f"{REFERENCE_PREFIX}{fingerprint}.npz" if entry is not None else None
+    cached = _load(path, (len(prepared.train), len(prepared.eval))) if path is not None and path.is_file() else None
+    if cached is not None:
+        say(f"reference log-probs: cached ({path})")
+    else:
+        pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
+        tokens = run.config.loop.batch_tokens
+        logps = getattr(run.loss_fn, "logps", None)
+        cached = tuple(score_pairs(run.model, pairs, tokens, run.device, run.padded, pad_id, logps)
+                       for pairs in (prepared.train, prepared.eval))
+        if path is not None:
+            _save(path, *cached)
+        say(f"reference log-probs: computed for {len(prepared.train) + len(prepared.eval)} pairs "
+            "before training (the reference model is not kept in memory)")
+    attach(prepared.train, cached[0])
+    attach(prepared.eval, cached[1])
