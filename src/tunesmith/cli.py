@@ -64,7 +64,7 @@ def run_train(args: argparse.Namespace) -> int:
     _quiet_transformers()
     result = finetune(config)
     print(f"output: {result.output_dir}")
-    if config.method.method == "lora" and config.method.merge:
+    if config.method.merge:  # the recipe refuses --merge without an adapter
         print(f"merged: {result.output_dir / MERGED_DIR}")
     return 0
 

@@ -246,7 +246,8 @@ def write_outputs(run: Run, history: list[dict[str, Any]], state: TrainState, fi
 
     out = run.output_dir
     notice = adapter_stop_notice(run.model, run.tokenizer, run.prepared.end_of_turn_ids, out)
-    save_model(run.model, run.tokenizer, out, run.prepared.end_of_turn_ids, merge=run.config.method.merge)
+    save_model(run.model, run.tokenizer, out, run.prepared.end_of_turn_ids,
+               merge=run.recipe.params.merge if run.config.method.merge else None)
     metrics = run_metrics(history, state, final, run.device, seconds)
     plot_losses(history, out / PLOT_FILE)
     save_summary(out, metrics)

@@ -15,6 +15,7 @@ stops where the model learned to end its turn (e.g. <|eot_id|> and <|end_of_text
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,6 @@ import yaml
 
 from tunesmith.model.adapters import is_peft
 from tunesmith.train.files import CONFIG_FILE, MERGED_DIR, SUMMARY_FILE
-
 
 
 def generation_config(model: Any, tokenizer: Any, end_of_turn_ids: list[int]) -> Any:
@@ -52,8 +52,13 @@ def _save_full(model: Any, tokenizer: Any, directory: Path, gen: Any) -> None:
     gen.save_pretrained(directory)
 
 
-def save_model(model: Any, tokenizer: Any, directory: Path, end_of_turn_ids: list[int], merge: bool = False) -> list[Path]:
-    """Write the trained model (or adapter) so the HF ecosystem loads it; return the dirs written."""
+def save_model(model: Any, tokenizer: Any, directory: Path, end_of_turn_ids: list[int],
+               merge: Callable[[Any, Path], Any] | None = None) -> list[Path]:
+    """Write the trained model (or adapter) so the HF ecosystem loads it; return the dirs written.
+
+    `merge` is the parameter set's merge (`ParameterSet.merge`: in place for LoRA, a 16-bit
+    reload for QLoRA); given, the adapter is also written merged into full weights.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     base = model.get_base_model() if is_peft(model) else model
     gen = generation_config(base, tokenizer, end_of_turn_ids)
@@ -63,9 +68,9 @@ def save_model(model: Any, tokenizer: Any, directory: Path, end_of_turn_ids: lis
     model.save_pretrained(directory)  # adapter_model.safetensors + adapter_config.json
     tokenizer.save_pretrained(directory)
     gen.save_pretrained(directory)
-    if not merge:
+    if merge is None:
         return [directory]
-    merged = model.merge_and_unload()  # in place (no second copy of the weights): the adapter is saved already
+    merged = merge(model, directory)  # after the adapter is saved: a merge may consume it (or reload it)
     _save_full(merged, tokenizer, directory / MERGED_DIR, gen)
     return [directory, directory / MERGED_DIR]
 
