@@ -26,6 +26,7 @@ from tunesmith.errors import UserError
 from tunesmith.methods import OBJECTIVES, PARAMETER_SETS, Recipe, recipe
 
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "qa", "prompt-completion", "text", "preference")
+OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit", "paged-adamw-32bit")  # = train.optim.BNB_OPTIMIZERS + adamw
 TEMPLATES = ("auto", "tokenizer", "llama3", "chatml", "alpaca", "zephyr", "plain")  # = data.templates.TEMPLATE_NAMES
 
 
@@ -87,7 +88,7 @@ class MethodOptions:
     """What trains (`method`) and what the loss is (`objective`): one entry of each registry."""
 
     method: str = "lora"
-    """What trains: full (every weight) | lora (an adapter; the base stays frozen)."""
+    """What trains: full (every weight) | lora (an adapter; the base stays frozen) | qlora (an adapter on 4-bit NF4 base weights)."""
     objective: str = "sft"
     """The loss: sft (the replies and their end-of-turn token) | pretrain (every token: continued pretraining)."""
     lora_r: int = 16
@@ -125,6 +126,8 @@ class LoopOptions:
     """Share of steps spent warming the learning rate up from 0."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    optim: str = "adamw"
+    """adamw (fused; bf16 weights with stochastic rounding) | adamw-8bit | paged-adamw-8bit | paged-adamw-32bit (bitsandbytes: 8-bit states, paged to CPU under memory pressure)."""
     batch_tokens: int = 8192
     """Real tokens per micro-batch; samples are packed end to end up to this budget."""
     grad_accum: int = 1
@@ -152,6 +155,7 @@ class LoopOptions:
         check(self.lr is None or 0 < self.lr < 1, "lr", self.lr, "0 < lr < 1")
         check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", self.warmup_ratio, "0 <= x < 1")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        check_choice("optim", self.optim, OPTIMIZERS)
         check(self.batch_tokens >= 16, "batch_tokens", self.batch_tokens, "an integer >= 16")
         check(self.grad_accum >= 1, "grad_accum", self.grad_accum, "an integer >= 1")
         check(self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0")

@@ -111,8 +111,11 @@ def setup_run(config: TrainConfig, output_dir: Path) -> Run:
     from tunesmith.model.load import load_model, load_tokenizer, pick_device_dtype, resolve_model_name
     from tunesmith.train.losses import packing_is_exact
 
+    from tunesmith.train.optim import check_optimizer_installed
+
     chosen = config.method.recipe()
     chosen.check_installed()
+    check_optimizer_installed(config.loop.optim)
     device, dtype = pick_device_dtype()
     name = resolve_model_name(config.model.model)
     tokenizer = load_tokenizer(name, config.model.trust_remote_code)
@@ -148,7 +151,8 @@ def build_engine(run: Run, steps: int) -> Engine:
 
     loop = run.config.loop
     params = [p for p in run.model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, lr=run.config.peak_lr(), weight_decay=loop.weight_decay, seed=loop.seed)
+    optimizer = make_optimizer(params, lr=run.config.peak_lr(), weight_decay=loop.weight_decay, seed=loop.seed,
+                               optim=loop.optim)
     return Engine(run.model, optimizer, cosine_schedule(optimizer, steps, loop.warmup_ratio), run.loss_fn,
                   run.device)
 
