@@ -207,6 +207,27 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# plan
+
+
+def add_plan(parser: argparse.ArgumentParser) -> None:
+    """`tunesmith plan --model M [--gpu-memory 24GB] [--data FILE]`."""
+    from tunesmith.train.plan_report import PlanOptions
+
+    add_options(parser, PlanOptions)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Print the memory plan: per method, what fits and the largest token budget; then a command line."""
+    from tunesmith.train.plan_report import PlanOptions, run_plan as plan_lines
+
+    options = config_from_args(PlanOptions, args)
+    for line in plan_lines(options):
+        print(line)
+    return 0
+
+
+# --------------------------------------------------------------------------------------
 # The table. Each entry: name -> (help, add_arguments, run).
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -217,6 +238,7 @@ COMMANDS: dict[str, Command] = {
     "generate": ("generate a reply to a prompt (or a file of prompts)", add_generate, run_generate),
     "chat": ("chat with a model in the terminal", add_chat, run_chat),
     "eval": ("measure a model on held-out data, and compare it with its base", add_eval, run_eval),
+    "plan": ("what fits in GPU memory, per method, from the model's config alone (no weights)", add_plan, run_plan),
 }
 
 

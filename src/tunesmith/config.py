@@ -128,14 +128,14 @@ class LoopOptions:
     """AdamW weight decay."""
     optim: str = "adamw"
     """adamw (fused; bf16 weights with stochastic rounding) | adamw-8bit | paged-adamw-8bit | paged-adamw-32bit (bitsandbytes: 8-bit states, paged to CPU under memory pressure)."""
-    batch_tokens: int = 8192
-    """Real tokens per micro-batch; samples are packed end to end up to this budget."""
+    batch_tokens: int | None = None
+    """Real tokens per micro-batch; samples are packed end to end up to this budget. Default: on CUDA the largest that fits (up to 16384, `tunesmith plan`), else 8192."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     grad_clip: float = 1.0
     """Clip the gradient norm to this (0 disables)."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
+    """Recompute activations in the backward pass to save memory (on CUDA also on by itself when the memory plan needs it)."""
     fast_kernels: bool = True
     """Use fused kernels and flex attention on CUDA where they apply."""
     eval_every: int = 0
@@ -156,7 +156,7 @@ class LoopOptions:
         check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", self.warmup_ratio, "0 <= x < 1")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
         check_choice("optim", self.optim, OPTIMIZERS)
-        check(self.batch_tokens >= 16, "batch_tokens", self.batch_tokens, "an integer >= 16")
+        check(self.batch_tokens is None or self.batch_tokens >= 16, "batch_tokens", self.batch_tokens, "an integer >= 16")
         check(self.grad_accum >= 1, "grad_accum", self.grad_accum, "an integer >= 1")
         check(self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0")
         check(self.eval_every >= 0, "eval_every", self.eval_every, ">= 0")

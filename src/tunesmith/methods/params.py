@@ -44,6 +44,8 @@ class ParameterSet:
     """(importable module, pip extra that provides it) pairs checked before any weights load."""
     merge: Callable[[Any, Any], Any] = merge_in_place
     """`(trained model, dir its adapter was saved to) -> a plain model with the adapter merged in`."""
+    base_bits: int = 16
+    """Bits per base linear weight as loaded (16, or 4 for NF4): what the memory plan counts."""
 
 
 def wrap_full(model: Any, options: Any) -> Any:
@@ -116,6 +118,6 @@ LORA = ParameterSet("lora", "a LoRA adapter on the linear layers (peft); the bas
 
 QLORA = ParameterSet("qlora", "a LoRA adapter on 4-bit NF4 base weights (bitsandbytes): 7-8B models on one 24 GB GPU",
                      adapter=True, wrap=wrap_qlora, load_options=qlora_load_options,
-                     requires=(("bitsandbytes", "qlora"),), merge=merge_dequantised)
+                     requires=(("bitsandbytes", "qlora"),), merge=merge_dequantised, base_bits=4)
 
 PARAMETER_SETS: dict[str, ParameterSet] = {p.name: p for p in (FULL, LORA, QLORA)}

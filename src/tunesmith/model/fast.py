@@ -11,7 +11,8 @@ What it changes, and why each piece pays on a packed batch of T tokens:
   computes it chunk by chunk and keeps only the loss and the gradients; without liger, a
   chunked, recomputing torch version keeps the same memory bound.
 - packed rows are padded to a fixed length so the compiled flex kernels see one shape.
-- gradient checkpointing switches itself on when the estimate says activations will not fit.
+- gradient checkpointing switches itself on when the memory plan (`train.plan`) says activations
+  will not fit, and the plan picks the token budget when none is given.
 - LoRA layers run as one fused autograd node in bf16 (adapter weights stay fp32 for the
   optimizer), instead of peft's fp32 copies of every activation and ~6 nodes per layer.
 Not compiled with torch.compile: liger's kernels fail under it (issue 7) and the matmuls
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import math
 from types import MethodType
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -55,6 +56,8 @@ class TrainSetup:
     liger: bool = False
     attention: str = "default"
     checkpointing: bool = False
+    batch_tokens: int = 0
+    """The token budget per micro-batch (given, or chosen by the memory plan)."""
     notices: list[str] = field(default_factory=list)
     """One line per fallback or automatic choice, for the log."""
 
@@ -136,31 +139,6 @@ def make_fused_loss(budget: int, use_liger: bool) -> LossFn:
         return LossSum(loss, int(batch.num_targets))
 
     return fused_sft_loss_sum
-
-
-def activation_bytes_per_token(config: Any, fused_loss: bool) -> int:
-    """Rough bytes of saved activations per token (bf16) for one training step.
-
-    Per layer: ~10 hidden-sized and ~4 intermediate-sized tensors (norm inputs, q/k/v,
-    attention output, residuals, gate/up/act); without the fused loss, the fp32 logits,
-    their softmax and gradient (~10 bytes per vocabulary entry).
-    """
-    hidden, inter = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
-    per_layer = 2 * (10 * hidden + 4 * inter)
-    logits = 0 if fused_loss else 10 * config.vocab_size
-    return config.num_hidden_layers * per_layer + logits
-
-
-def needs_checkpointing(model: Any, batch_tokens: int, budget_bytes: int, fused_loss: bool) -> bool:
-    """Whether weights + grads + AdamW states + activations exceed `budget_bytes`.
-
-    AdamW states are fp32 (8 bytes per trainable parameter) under our optimizer policy.
-    """
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    static = weights + sum(p.numel() * (p.element_size() + 8) for p in trainable)
-    activations = batch_tokens * activation_bytes_per_token(causal_lm(model).config, fused_loss)
-    return static + activations > budget_bytes
 
 
 def _apply_liger(lm: Any) -> str | None:
@@ -250,14 +228,17 @@ def _fuse_lora_layers(model: Any) -> int:
     return fused
 
 
-def prepare_for_training(model: Any, *, device: torch.device, batch_tokens: int, fast_kernels: bool = True,
-                         gradient_checkpointing: bool = False) -> TrainSetup:
+def prepare_for_training(model: Any, *, device: torch.device, batch_tokens: int | None, fast_kernels: bool = True,
+                         gradient_checkpointing: bool = False, memory: Any = None) -> TrainSetup:
     """Make `model` train fast on this device; returns the loss to use and what was chosen.
 
+    `memory` (a `train.plan.Setting`: method and optimizer traits) lets the memory plan
+    choose checkpointing and, when `batch_tokens` is None, the token budget (CUDA only).
     Call after adapters are attached and before the optimizer is built.
     """
     lm = causal_lm(model)
     setup = TrainSetup(loss_sum=None)
+    fused_loss = fused_lora = False
     if not fast_kernels:
         setup.notices.append("fast kernels: off (--no-fast-kernels)")
     elif device.type != "cuda":
@@ -269,13 +250,17 @@ def prepare_for_training(model: Any, *, device: torch.device, batch_tokens: int,
         if notice:
             setup.notices.append(notice)
         setup.attention = _set_flex_attention(lm)
-        head = lm.get_output_embeddings()
-        if lm.config.model_type in FUSED_LOSS_FAMILIES and not hasattr(head, "base_layer"):
-            setup.loss_sum = make_fused_loss(batch_tokens, use_liger=setup.liger)
-        else:
+        fused_loss = lm.config.model_type in FUSED_LOSS_FAMILIES and not hasattr(lm.get_output_embeddings(),
+                                                                                  "base_layer")
+        if not fused_loss:
             setup.notices.append(f"fast kernels: plain loss for {lm.config.model_type!r} (fused loss not exact)")
-        _fuse_lora_layers(model)
-    setup.checkpointing = gradient_checkpointing or _auto_checkpointing(model, device, batch_tokens, setup)
+        fused_lora = _fuse_lora_layers(model) > 0 or not is_adapted(model)
+    choice = _plan_memory(lm, device, batch_tokens, gradient_checkpointing, memory, fused_loss,
+                          setup.fast and fused_lora)
+    setup.batch_tokens, setup.checkpointing = choice.batch_tokens, choice.checkpointing
+    setup.notices.extend(choice.notices)
+    if fused_loss:
+        setup.loss_sum = make_fused_loss(setup.batch_tokens, use_liger=setup.liger)
     if setup.checkpointing:
         if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
             lm.activation_checkpointing_enable({"use_reentrant": False})
@@ -286,13 +271,27 @@ def prepare_for_training(model: Any, *, device: torch.device, batch_tokens: int,
     return setup
 
 
-def _auto_checkpointing(model: Any, device: torch.device, batch_tokens: int, setup: TrainSetup) -> bool:
-    """Turn checkpointing on when the memory estimate exceeds 90% of the GPU's free memory."""
-    if device.type != "cuda":
-        return False
-    free, _total = torch.cuda.mem_get_info(device)
-    budget = int(0.9 * free) + torch.cuda.memory_allocated(device)  # weights already on the GPU count
-    if needs_checkpointing(model, batch_tokens, budget, fused_loss=setup.loss_sum is not None):
-        setup.notices.append("gradient checkpointing: on (activations would not fit in GPU memory)")
-        return True
-    return False
+def is_adapted(model: Any) -> bool:
+    """Whether `model` carries LoRA layers."""
+    return any(hasattr(m, "lora_A") for m in model.modules())
+
+
+def _plan_memory(lm: Any, device: torch.device, batch_tokens: int | None, checkpointing: bool, memory: Any,
+                 fused_loss: bool, fused_lora: bool) -> Any:
+    """The memory plan's choice of token budget and checkpointing for this GPU (`train.plan`).
+
+    The memory it sizes against is what is free now plus what PyTorch already holds (the
+    weights, counted by the estimate) plus the CUDA context (also counted).
+    """
+    from tunesmith.train import plan
+
+    setting = memory if memory is not None else plan.Setting(adapter=is_adapted(lm))
+    setting = replace(setting, checkpointing=checkpointing, fused_loss=fused_loss, fused_lora=fused_lora,
+                      dtype_bytes=2 if lm.get_input_embeddings().weight.dtype.itemsize == 2 else 4,
+                      cuda=device.type == "cuda")
+    available = None
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        available = free + torch.cuda.memory_reserved(device) + plan.CUDA_CONTEXT
+    shape = plan.shape_from_config(lm.config.to_dict(), lm.config.name_or_path or lm.config.model_type)
+    return plan.choose(shape, setting, available, batch_tokens)

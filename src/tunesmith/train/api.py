@@ -131,7 +131,10 @@ def setup_run(config: TrainConfig, output_dir: Path) -> Run:
     model = chosen.params.wrap(model, config.method)
     fast = prepare_for_training(model, device=device, batch_tokens=config.loop.batch_tokens,
                                 fast_kernels=config.loop.fast_kernels,
-                                gradient_checkpointing=config.loop.gradient_checkpointing)
+                                gradient_checkpointing=config.loop.gradient_checkpointing,
+                                memory=memory_setting(config))
+    config = dataclasses.replace(config, loop=dataclasses.replace(  # what ran is what config.yaml records
+        config.loop, batch_tokens=fast.batch_tokens, gradient_checkpointing=fast.checkpointing))
     trainable, total = count_parameters(model)
     notices = [*fast.notices, f"model: {name} on {device} ({str(dtype).removeprefix('torch.')}), "
                f"method {chosen.params.name}, objective {chosen.objective.name}: "
@@ -141,6 +144,28 @@ def setup_run(config: TrainConfig, output_dir: Path) -> Run:
         notices.append("batches: padded (this model's attention does not separate packed samples)")
     return Run(config, chosen, output_dir, device, tokenizer, prepared, model, chosen.objective.make_loss(fast),
                padded, notices)
+
+
+def memory_setting(config: TrainConfig) -> Any:
+    """What the memory plan needs to know of this run's method and optimizer (`train.plan.Setting`)."""
+    from tunesmith.train.plan import Setting
+
+    params = config.method.recipe().params
+    return Setting(adapter=params.adapter, base_bits=params.base_bits, optim=config.loop.optim,
+                   lora_r=config.method.lora_r)
+
+
+def saved_batch_tokens(config: TrainConfig, output_dir: Path) -> TrainConfig:
+    """On --resume without --batch-tokens: the budget the run started with (the data order depends on it)."""
+    import yaml
+
+    from tunesmith.train.files import CONFIG_FILE
+
+    saved = output_dir / CONFIG_FILE
+    if config.loop.batch_tokens is not None or not saved.is_file():
+        return config
+    tokens = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("batch_tokens")
+    return dataclasses.replace(config, loop=dataclasses.replace(config.loop, batch_tokens=tokens))
 
 
 def build_engine(run: Run, steps: int) -> Engine:
@@ -176,6 +201,8 @@ def finetune(config: TrainConfig | None = None, **options: Any) -> TrainResult:
     resume_from = find_resume_checkpoint(output_dir, config.loop.resume)
     if resume_from is None:
         clear_previous_run(output_dir)
+    else:
+        config = saved_batch_tokens(config, output_dir)
     started = time.perf_counter()
     try:
         run = setup_run(config, output_dir)
@@ -184,9 +211,7 @@ def finetune(config: TrainConfig | None = None, **options: Any) -> TrainResult:
         history, state, final = train_run(run, resume_from)
         metrics = write_outputs(run, history, state, final, time.perf_counter() - started)
     except torch.OutOfMemoryError:
-        raise UserError("out of GPU memory", [
-            f"fix: lower --batch-tokens (now {config.loop.batch_tokens}), add --gradient-checkpointing, "
-            "or use --method lora"]) from None
+        raise UserError("out of GPU memory", oom_advice(config)) from None
     except KeyboardInterrupt:
         saved = checkpoint_dirs(output_dir / CHECKPOINTS_DIR)
         if saved:
@@ -195,6 +220,22 @@ def finetune(config: TrainConfig | None = None, **options: Any) -> TrainResult:
     if config.output.report:
         _final_report(output_dir, metrics, run)
     return TrainResult(output_dir, metrics)
+
+
+def oom_advice(config: TrainConfig) -> list[str]:
+    """What to change after running out of GPU memory: the memory plan's advice for this card."""
+    from tunesmith.model.load import resolve_model_name
+    from tunesmith.train import plan
+
+    lines = [f"fix: lower --batch-tokens (now {config.loop.batch_tokens or 'chosen by the plan'}), "
+             "add --gradient-checkpointing, or use --method lora / qlora"]
+    try:
+        raw, name = plan.read_config(resolve_model_name(config.model.model))
+        shape = plan.shape_from_config(raw, name)
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    except (UserError, RuntimeError, AssertionError):  # no config to read, or no CUDA to size against
+        return lines
+    return [*lines, plan.advice(shape, memory_setting(config), total)]
 
 
 def data_plan(run: Run) -> tuple[DataPlan, list[Batch]]:
