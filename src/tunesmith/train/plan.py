@@ -10,10 +10,11 @@ fits is a division. What is counted, per parameter or per token, and why:
 - activations per token and layer: ~10 hidden- and 4 intermediate-sized tensors saved
   for backward (norm inputs, q/k/v, attention output, residuals, gate/up/act); with
   gradient checkpointing only each layer's input is kept and one layer is recomputed at
-  a time. A LoRA layer on peft's path saves its input again in fp32 (7 casts per layer);
-  the fused node of the fast path does not.
-- the loss: plain, (T, V) logits in the model dtype, their fp32 copy and its gradient;
+  a time. A LoRA layer on peft's path holds fp32 copies of its input and of its adapter's
+  output (7 per block); the fused node of the fast path does not.
+- the loss: plain, (T, V) logits in the model dtype, the fp32 log-softmax and its gradient;
   fused (liger / chunked), one chunk of logits and the fp32 hidden-state gradient.
+- attention: flash/flex kernels save O(T) per head (no (T, T) scores are counted).
 - CUDA: the context (~0.5 GiB, outside PyTorch's allocator) and 5% headroom for
   fragmentation; a 4-bit layer dequantises one weight at a time (a transient).
 """
@@ -147,8 +148,8 @@ def layer_bytes_per_token(shape: ModelShape, s: Setting) -> float:
     if not s.adapter:
         return base
     lora = LORA_LINEARS * s.lora_r * 4  # x @ A^T per adapted layer
-    if not s.fused_lora and s.dtype_bytes != 4:
-        lora += (6 * shape.hidden + shape.intermediate) * 4  # peft casts each layer's input to fp32
+    if not s.fused_lora:  # peft's path: fp32 copies of each linear's input, fp32 adapter outputs beside the base's
+        lora += (6 * shape.hidden + shape.intermediate) * 8
     return base + lora
 
 
@@ -164,7 +165,7 @@ def token_parts(shape: ModelShape, s: Setting, tokens: int) -> dict[str, float]:
         chunk = min(tokens, loss_chunk_tokens(shape, tokens))
         loss = chunk * shape.vocab * 2 * s.dtype_bytes + tokens * shape.hidden * 4
     else:
-        loss = tokens * shape.vocab * (s.dtype_bytes + 8)  # logits, their fp32 copy and its gradient
+        loss = tokens * shape.vocab * (s.dtype_bytes + 8)  # logits, fp32 log-softmax and its gradient
     parts = {"activations": float(activations), "loss": float(loss)}
     if s.base_bits == 4:
         parts["dequantised weight"] = float(shape.hidden * max(shape.intermediate, shape.hidden) * s.dtype_bytes)
