@@ -4,6 +4,8 @@ One command, one run, on one CUDA GPU, no network (random weights, synthetic tok
 
     python bench/gpu_train.py            # Llama-3.2-1B shape, short samples: the table of issue 7
     python bench/gpu_train.py --sweep    # instead: 1B/3B/Qwen-0.5B shapes x full/LoRA x short/long samples
+    python bench/gpu_train.py --qlora    # instead: QLoRA, Llama-3.1-8B shape (bench/qlora.py; needs bitsandbytes)
+    python bench/gpu_train.py --plan-check  # instead: measured peak vs `tunesmith plan`, 1B/3B/8B shapes
 
 Measures the GPU's bf16 matmul rate (8192^3), then on the same synthetic samples (Alpaca-like
 lengths: log-normal, median ~200, clipped to 32..1024) runs: Trainer full (fp32 weights + bf16
@@ -131,15 +133,19 @@ def free_gpu() -> None:
 # Baselines: the Hugging Face Trainer as usually configured.
 
 
-def run_trainer(config: Any, samples: list[list[int]], lora: bool, rate: float) -> Result:
-    """Trainer: fp32 weights + bf16 autocast (full) or peft LoRA r=16 on a bf16 base; batch 8, dynamic padding."""
+def run_trainer(config: Any, samples: list[list[int]], lora: bool, rate: float, make_model: Any = None,
+                label: str | None = None, n_params: int | None = None) -> Result:
+    """Trainer: fp32 weights + bf16 autocast (full) or peft LoRA r=16 on a bf16 base; batch 8, dynamic padding.
+
+    `make_model()` replaces the model with one already wrapped (the QLoRA rows of bench/qlora.py).
+    """
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    name = "Trainer+peft LoRA" if lora else "Trainer full"
+    name = label or ("Trainer+peft LoRA" if lora else "Trainer full")
     free_gpu()
-    model = build_model(config, torch.bfloat16 if lora else torch.float32)
-    n_params = sum(p.numel() for p in model.parameters())
-    if lora:
+    model = make_model() if make_model else build_model(config, torch.bfloat16 if lora else torch.float32)
+    n_params = n_params or sum(p.numel() for p in model.parameters())
+    if lora and make_model is None:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
@@ -391,7 +397,8 @@ def table(result: dict[str, Any]) -> list[str]:
     runs = result["runs"]
     lines = [f"== {result['shape']}, {result['regime']} samples ({result['real_tokens']:,} real tokens each run)",
              f"{'run':30} {'real tok/s':>11} {'MFU':>6} {'peak GiB':>9} {'speed x':>8} {'mem x':>7}"]
-    base_of = {"fast_full": "base_full", "plain_full": "base_full", "fast_lora": "base_lora"}
+    base_of = {"fast_full": "base_full", "plain_full": "base_full", "fast_lora": "base_lora",
+               "fast_qlora": "base_qlora", "unsloth": "base_qlora"}
     for key, r in runs.items():
         if r["error"]:
             lines.append(f"{r['name']:30} {r['error']}")
@@ -438,6 +445,10 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true",
                         help="instead: 1B/3B/Qwen-0.5B x full/LoRA x short/long (all but the default 1B short)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_train.json")
+    parser.add_argument("--qlora", action="store_true",
+                        help="instead: QLoRA on the Llama-3.1-8B shape vs Trainer+peft+bitsandbytes (and Unsloth)")
+    parser.add_argument("--plan-check", action="store_true",
+                        help="instead: measured peak memory vs `tunesmith plan`'s estimate, 1B/3B/8B shapes")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/gpu_train.py needs a CUDA GPU")
@@ -445,6 +456,16 @@ def main() -> None:
     report: dict[str, Any] = {"env": environment()}
     rate = report["matmul_tflops"] = matmul_tflops()
     print(f"{report['env']}\nbf16 matmul 8192^3: {rate:.0f} TFLOP/s (MFU denominator)", flush=True)
+    if args.qlora or args.plan_check:
+        import qlora  # bench/qlora.py (its own module, so this file stays the 16-bit bench)
+
+        if args.plan_check:
+            report["plan_check"] = qlora.plan_check(rate)
+        if args.qlora:
+            report["results"] = [qlora.qlora_rows(rate, REGIMES["short"][4] // 3)]
+            print("\n".join(table(report["results"][0])), flush=True)
+        write_json(report, args.out)
+        return
     if args.sweep:  # the other shapes and regimes; the headline (1B, short) is the plain run
         results = []
         for shape in SHAPES:
