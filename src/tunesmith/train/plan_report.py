@@ -97,7 +97,7 @@ def recommend(rows: list[Row], model: str, optim: str, smallest: int) -> str:
         flags = [f"--method {row.method}", f"--batch-tokens {usable(row)}"]
         flags += ["--gradient-checkpointing"] if row.checkpointing else []
         flags += [f"--optim {optim}"] if optim != "adamw" else []
-        return f"tunesmith train --model {model} {' '.join(flags)} --data YOUR_DATA"
+        return f"tunesmith train{f' --model {model}' if model else ''} {' '.join(flags)} --data YOUR_DATA"
     return "nothing fits: try --optim paged-adamw-8bit, a smaller model, or a GPU with more memory"
 
 
@@ -146,7 +146,8 @@ def run_plan(options: PlanOptions) -> list[str]:
         count, tokens, smallest = longest_sample(options.data, model)
         lines.append(f"data: {count:,} samples, {tokens:,} tokens, longest {smallest:,} "
                      "(a budget below the longest sample packs it alone)")
-    lines.append("recommended: " + recommend(rows, options.model or "(starter)", options.optim, smallest))
+    shown = options.model if options.model and _has_tokenizer(options.model) else "MODEL"  # a config file cannot train
+    lines.append("recommended: " + recommend(rows, shown if options.model else "", options.optim, smallest))
     return lines
 
 
