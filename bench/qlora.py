@@ -160,6 +160,9 @@ def qlora_rows(rate: float, n_samples: int) -> dict[str, Any]:
                                            QLORA_TOKENS, path)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        for r in rows.values():  # as they are, also when a later row is cut short
+            print(f"[qlora] {r.name}: {r.tokens_per_s:,.0f} tok/s, MFU {100 * r.mfu:.1f}%, peak {r.peak_gib:.2f} GiB"
+                  + (f", {r.error}" if r.error else "") + "".join(f"\n  {n}" for n in r.notes), flush=True)
     return {"shape": "llama-8b", "regime": "short", "samples": n_samples, "real_tokens": sum(map(len, samples)),
             "runs": {k: bench.asdict(v) for k, v in rows.items()}}
 
