@@ -14,7 +14,8 @@ What it changes, and why each piece pays on a packed batch of T tokens:
 - gradient checkpointing switches itself on when the memory plan (`train.plan`) says activations
   will not fit, and the plan picks the token budget when none is given.
 - LoRA layers run as one fused autograd node in bf16 (adapter weights stay fp32 for the
-  optimizer), instead of peft's fp32 copies of every activation and ~6 nodes per layer.
+  optimizer), instead of peft's fp32 copies of every activation and ~6 nodes per layer; on
+  NF4 (QLoRA) bases the node dequantises the weight in the forward and again in the backward.
 Not compiled with torch.compile: liger's kernels fail under it (issue 7) and the matmuls
 are cuBLAS either way; flex attention is compiled by transformers itself.
 
@@ -198,6 +199,57 @@ class _LoraLinear(torch.autograd.Function):
         return grad_x, None, grad_a, grad_b, None
 
 
+def _dequantize(packed: torch.Tensor, quant_state: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight of a bitsandbytes NF4 tensor in `dtype` (a transient copy)."""
+    import bitsandbytes.functional as bnb_f
+
+    return bnb_f.dequantize_4bit(packed, quant_state).to(dtype)
+
+
+class _Lora4bit(torch.autograd.Function):
+    """`_LoraLinear` on an NF4 base weight: dequantised in the forward and again in the backward.
+
+    The 16-bit copy is never saved (it would cost what 4-bit saves); saved are the input and
+    the (N, r) adapter activations, in the activations' dtype: peft's Linear4bit path keeps
+    fp32 copies of each input and runs ~8 autograd nodes per layer.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, packed: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                scale: float, quant_state: Any) -> torch.Tensor:
+        w = _dequantize(packed, quant_state, x.dtype)  # (out, in), freed after this call
+        a_c, b_c = a.to(x.dtype), b.to(x.dtype)  # (r, in), (out, r)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        h = (x2 @ a_c.t()) * scale  # (N, r)
+        y = torch.addmm(x2 @ w.t(), h, b_c.t())  # (N, out)
+        ctx.save_for_backward(x2, packed, a_c, b_c, h)
+        ctx.scale, ctx.dtypes, ctx.quant_state = scale, (a.dtype, b.dtype), quant_state
+        return y.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        x2, packed, a_c, b_c, h = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        gh = (g @ b_c) * ctx.scale  # (N, r)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w = _dequantize(packed, ctx.quant_state, g.dtype)  # (out, in)
+            grad_x = torch.addmm(g @ w, gh, a_c).view(*grad.shape[:-1], w.shape[1])  # (..., in)
+        grad_a = (gh.t() @ x2).to(ctx.dtypes[0])  # (r, in)
+        grad_b = (g.t() @ h).to(ctx.dtypes[1])  # (out, r)
+        return grad_x, None, grad_a, grad_b, None, None
+
+
+def _fused_lora4bit_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """peft LoRA Linear4bit through `_Lora4bit`; states it does not cover go to peft's own forward."""
+    active = self.active_adapters
+    if self.disable_adapters or self.merged or args or kwargs or len(active) != 1 or active[0] not in self.lora_A:
+        return type(self).forward(self, x, *args, **kwargs)
+    name, weight = active[0], self.base_layer.weight
+    return _Lora4bit.apply(x, weight, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+                           weight.quant_state)
+
+
 def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """peft LoRA Linear through `_LoraLinear`; states it does not cover go to peft's own forward."""
     active = self.active_adapters
@@ -209,21 +261,27 @@ def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -
 
 
 def _fuse_lora_layers(model: Any) -> int:
-    """Give every plain LoRA Linear (no dropout, no DoRA/variant, no bias) the fused forward."""
-    try:
-        from peft.tuners.lora import Linear as LoraLinear
-    except ImportError:
-        return 0
+    """Give every plain LoRA layer (no dropout, no DoRA/variant, no bias) the fused forward.
+
+    16-bit `nn.Linear` bases get `_LoraLinear`; bitsandbytes NF4 bases on CUDA get `_Lora4bit`
+    (on CPU bitsandbytes repacks 4-bit bytes for its own kernel, which `dequantize_4bit` does
+    not read, and the fast path is CUDA-only anyway).
+    """
     fused = 0
     for module in model.modules():
-        if not isinstance(module, LoraLinear) or len(module.lora_A) != 1:
+        lora_a = getattr(module, "lora_A", None)
+        if not isinstance(lora_a, torch.nn.ModuleDict) or len(lora_a) != 1 or not hasattr(module, "base_layer"):
             continue
-        name = next(iter(module.lora_A))
+        name, base = next(iter(lora_a)), module.base_layer
         plain = (isinstance(module.lora_dropout[name], torch.nn.Identity) and name not in module.lora_variant
-                 and module.lora_B[name].bias is None and type(module.base_layer) is torch.nn.Linear
-                 and module.base_layer.bias is None and not module.base_layer.weight.requires_grad)
-        if plain:
+                 and module.lora_B[name].bias is None and getattr(base, "bias", None) is None
+                 and not base.weight.requires_grad)
+        if plain and type(base) is torch.nn.Linear:
             module.forward = MethodType(_fused_lora_forward, module)
+            fused += 1
+        elif (plain and type(base).__name__ == "Linear4bit" and base.weight.device.type == "cuda"
+              and getattr(base.weight, "quant_state", None) is not None):
+            module.forward = MethodType(_fused_lora4bit_forward, module)
             fused += 1
     return fused
 
@@ -254,7 +312,8 @@ def prepare_for_training(model: Any, *, device: torch.device, batch_tokens: int 
                                                                                   "base_layer")
         if not fused_loss:
             setup.notices.append(f"fast kernels: plain loss for {lm.config.model_type!r} (fused loss not exact)")
-        fused_lora = _fuse_lora_layers(model) > 0 or not is_adapted(model)
+        adapted = sum(1 for m in model.modules() if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict))
+        fused_lora = _fuse_lora_layers(model) == adapted  # every LoRA layer on the fused node (or none to fuse)
     choice = _plan_memory(lm, device, batch_tokens, gradient_checkpointing, memory, fused_loss,
                           setup.fast and fused_lora)
     setup.batch_tokens, setup.checkpointing = choice.batch_tokens, choice.checkpointing

@@ -69,7 +69,7 @@ def table(shape: plan.ModelShape, memory: float, optim: str, lora_r: int) -> lis
     for params in PARAMETER_SETS.values():
         for ckpt in (False, True):
             s = plan.Setting(adapter=params.adapter, base_bits=params.base_bits, checkpointing=ckpt, optim=optim,
-                             lora_r=lora_r, fused_lora=params.base_bits == 16)
+                             lora_r=lora_r)
             e = plan.estimate(shape, s, REFERENCE_TOKENS)
             rows.append(Row(params.name, ckpt, e.total, plan.fits(e, memory), plan.max_tokens(shape, s, memory)))
     return rows
