@@ -183,8 +183,7 @@ def plan_check(rate: float) -> list[dict[str, Any]]:
                 for tokens in (4096, 8192):
                     r = bench.guarded(f"{name} {method}", run_tunesmith_adapter, config, samples, method, rate,
                                       tokens, path if method == "qlora" else None, True, bench.WARMUP_STEPS + 6)
-                    s = plan.Setting(adapter=True, base_bits=4 if method == "qlora" else 16, checkpointing=True,
-                                     fused_lora=method == "lora")
+                    s = plan.Setting(adapter=True, base_bits=4 if method == "qlora" else 16, checkpointing=True)
                     e = plan.estimate(plan.shape_from_config(config.to_dict(), name), s, tokens)
                     est = (e.total - e.parts.get("cuda context", 0)) / 2**30
                     row = {"shape": name, "method": method, "tokens": tokens, "estimated_gib": est,
