@@ -77,6 +77,7 @@ def test_plan_recommends_qlora_for_8b_on_a_consumer_card():
 @pytest.mark.parametrize("args, message", [
     (["--model", "/no/such/dir"], "no such directory"),
     (["--gpu-memory", "lots"], "invalid value for gpu_memory"),
+    (["--model", "no-such-org/no-such-model"], "could not fetch the config"),  # offline, not cached
 ])
 def test_plan_bad_input_exits_2(args, message):
     proc = subprocess.run([sys.executable, "-m", "tunesmith.cli", "plan", *args], capture_output=True, text=True)

@@ -3,9 +3,10 @@
 Layout:
 - full:  DIR/model.safetensors + config.json + tokenizer (with the chat template used in
   training) + generation_config.json;
-- lora:  DIR/adapter_model.safetensors + adapter_config.json (naming the base model) +
-  tokenizer + generation_config.json; with --merge also DIR/merged/, the adapter folded
-  into full weights (a standalone model, same tokenizer and generation config);
+- lora, qlora:  DIR/adapter_model.safetensors + adapter_config.json (naming the original
+  base model) + tokenizer + generation_config.json; with --merge also DIR/merged/, the adapter
+  folded into full 16-bit weights by the parameter set's merge (a standalone model, same
+  tokenizer and generation config);
 - both:  config.yaml (the resolved run options), metrics.jsonl, tensorboard/, loss.png,
   summary.json, eval.jsonl (the held-out conversations), checkpoints/ (resumable steps).
 
