@@ -5,6 +5,8 @@ One command, one run, on one CUDA GPU, no network (random weights, synthetic tok
     python bench/gpu_train.py            # Llama-3.2-1B shape, short samples: the table of issue 7
     python bench/gpu_train.py --sweep    # instead: 1B/3B/Qwen-0.5B shapes x full/LoRA x short/long samples
     python bench/gpu_train.py --dpo      # instead: DPO LoRA/full vs TRL's DPOTrainer (bench/dpo_rows.py)
+    python bench/gpu_train.py --qlora    # instead: QLoRA, Llama-3.1-8B shape (bench/qlora.py; needs bitsandbytes)
+    python bench/gpu_train.py --plan-check  # instead: measured peak vs `tunesmith plan`, 1B/3B/8B shapes
 
 Measures the GPU's bf16 matmul rate (8192^3), then on the same synthetic samples (Alpaca-like
 lengths: log-normal, median ~200, clipped to 32..1024) runs: Trainer full (fp32 weights + bf16
@@ -135,15 +137,19 @@ def free_gpu() -> None:
 # Baselines: the Hugging Face Trainer as usually configured.
 
 
-def run_trainer(config: Any, samples: list[list[int]], lora: bool, rate: float) -> Result:
-    """Trainer: fp32 weights + bf16 autocast (full) or peft LoRA r=16 on a bf16 base; batch 8, dynamic padding."""
+def run_trainer(config: Any, samples: list[list[int]], lora: bool, rate: float, make_model: Any = None,
+                label: str | None = None, n_params: int | None = None) -> Result:
+    """Trainer: fp32 weights + bf16 autocast (full) or peft LoRA r=16 on a bf16 base; batch 8, dynamic padding.
+
+    `make_model()` replaces the model with one already wrapped (the QLoRA rows of bench/qlora.py).
+    """
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    name = "Trainer+peft LoRA" if lora else "Trainer full"
+    name = label or ("Trainer+peft LoRA" if lora else "Trainer full")
     free_gpu()
-    model = build_model(config, torch.bfloat16 if lora else torch.float32)
-    n_params = sum(p.numel() for p in model.parameters())
-    if lora:
+    model = make_model() if make_model else build_model(config, torch.bfloat16 if lora else torch.float32)
+    n_params = n_params or sum(p.numel() for p in model.parameters())
+    if lora and make_model is None:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
@@ -479,7 +485,7 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
     return out
 
 
-PEERS = {"full": ("base_full", "trl_full"), "lora": ("base_lora", "trl_lora")}
+PEERS = {"full": ("base_full", "trl_full"), "lora": ("base_lora", "trl_lora"), "qlora": ("base_qlora", "unsloth")}
 
 
 def table(result: dict[str, Any]) -> list[str]:
@@ -491,9 +497,9 @@ def table(result: dict[str, Any]) -> list[str]:
         if r["error"]:
             lines.append(f"{r['name']:34} {r['error']}")
             continue
-        method = "lora" if key.endswith("lora") else "full"
+        method = "qlora" if "qlora" in key or key == "unsloth" else "lora" if key.endswith("lora") else "full"
         peers = [runs[k] for k in PEERS[method] if k in runs and not runs[k]["error"]]
-        ours = not key.startswith(("base_", "trl_"))
+        ours = not key.startswith(("base_", "trl_")) and key != "unsloth"
         best = max(peers, key=lambda b: b["tokens_per_s"]) if peers and ours else None
         trainer = runs.get(PEERS[method][0])
         speed = f"{r['tokens_per_s'] / best['tokens_per_s']:.2f}" if best else ""
@@ -540,6 +546,10 @@ def main() -> None:
     parser.add_argument("--dpo", action="store_true",
                         help="instead: DPO rows (tunesmith LoRA/full vs TRL's DPOTrainer), bench/dpo_rows.py")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_train.json")
+    parser.add_argument("--qlora", action="store_true",
+                        help="instead: QLoRA on the Llama-3.1-8B shape vs Trainer+peft+bitsandbytes (and Unsloth)")
+    parser.add_argument("--plan-check", action="store_true",
+                        help="instead: measured peak memory vs `tunesmith plan`'s estimate, 1B/3B/8B shapes")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/gpu_train.py needs a CUDA GPU")
@@ -557,6 +567,16 @@ def main() -> None:
         return
     rate = report["matmul_tflops"] = matmul_tflops()
     print(f"{report['env']}\nbf16 matmul 8192^3: {rate:.0f} TFLOP/s (MFU denominator)", flush=True)
+    if args.qlora or args.plan_check:
+        import qlora  # bench/qlora.py (its own module, so this file stays the 16-bit bench)
+
+        if args.plan_check:
+            report["plan_check"] = qlora.plan_check(rate)
+        if args.qlora:
+            report["results"] = [qlora.qlora_rows(rate, REGIMES["short"][4] // 3)]
+            print("\n".join(table(report["results"][0])), flush=True)
+        write_json(report, args.out)
+        return
     if args.sweep:  # the other shapes and regimes; the headline (1B, short) is the plain run
         results = []
         for shape, regime in SWEEP:

@@ -93,14 +93,16 @@ def test_unsupported_family_gets_a_notice():
     assert "no liger-kernel patches for model family 'gpt2'" in fast._liger_missing(lm)
 
 
-def test_checkpointing_is_chosen_when_activations_do_not_fit():
+def test_checkpointing_is_chosen_by_the_memory_plan_when_activations_do_not_fit():
+    from tunesmith.train import plan
+
     model = _tiny()
-    weights = sum(p.numel() * 4 for p in model.parameters())
-    static = weights + sum(p.numel() * 12 for p in model.parameters())
-    per_token = fast.activation_bytes_per_token(model.config, fused_loss=True)
-    assert per_token < fast.activation_bytes_per_token(model.config, fused_loss=False)
-    assert not fast.needs_checkpointing(model, 1000, static + 1000 * per_token + 1, fused_loss=True)
-    assert fast.needs_checkpointing(model, 1000, static + 1000 * per_token - 1, fused_loss=True)
+    shape = plan.shape_from_config(model.config.to_dict())
+    setting = plan.Setting(adapter=False, cuda=False, fused_loss=True)
+    plain = plan.estimate(shape, setting, 1000).total
+    assert plan.estimate(shape, plan.with_checkpointing(setting, True), 1000).total < plain
+    assert not plan.choose(shape, setting, (plain + 1) / plan.HEADROOM, 1000).checkpointing
+    assert plan.choose(shape, setting, (plain - 1) / plan.HEADROOM, 1000).checkpointing
 
 
 def test_fused_lora_forward_matches_peft():

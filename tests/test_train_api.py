@@ -192,3 +192,21 @@ def test_a_base_that_does_not_stop_at_end_of_turn_is_flagged_for_adapter_dirs(ti
     model.get_base_model().generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|end_of_text|>")
     notice = adapter_stop_notice(model, tokenizer, [eot], tmp_path)
     assert "<|eot_id|>" in notice and str(tmp_path / "merged") in notice
+
+
+def test_out_of_memory_prints_the_memory_plans_advice(tiny_model_dir, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import tunesmith.train.loop as loop
+    from tunesmith.train.api import finetune
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(loop, "accumulate", oom)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=24 * 2**30))
+    with pytest.raises(UserError, match="out of GPU memory") as info:
+        finetune(model=str(tiny_model_dir), data=str(write_qa(tmp_path / "qa.jsonl")), max_steps=2,
+                 test_split=0.0, output=str(tmp_path / "out"), report=False)
+    assert any(p.startswith("memory plan for 24.0 GiB: --method lora --batch-tokens") for p in info.value.problems)

@@ -100,7 +100,7 @@ def run_train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun, rank 0 speaks for the run
     print(f"output: {result.output_dir}")
-    if config.method.method == "lora" and config.method.merge:
+    if config.method.merge:  # the recipe refuses --merge without an adapter
         print(f"merged: {result.output_dir / MERGED_DIR}")
     return 0
 
@@ -268,6 +268,27 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------
+# plan
+
+
+def add_plan(parser: argparse.ArgumentParser) -> None:
+    """`tunesmith plan --model M [--gpu-memory 24GB] [--data FILE]`."""
+    from tunesmith.train.plan_report import PlanOptions
+
+    add_options(parser, PlanOptions)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Print the memory plan: per method, what fits and the largest token budget; then a command line."""
+    from tunesmith.train.plan_report import PlanOptions, run_plan as plan_lines
+
+    options = config_from_args(PlanOptions, args)
+    for line in plan_lines(options):
+        print(line)
+    return 0
+
+
 def add_push(parser: argparse.ArgumentParser) -> None:
     """`tunesmith push MODEL --repo USER/NAME [--private] [--merged]`."""
     from tunesmith.export.options import PushOptions
@@ -302,6 +323,7 @@ COMMANDS: dict[str, Command] = {
     "export": ("export a model: merged weights, GGUF for llama.cpp, or GGUF + Modelfile for Ollama",
                add_export, run_export),
     "push": ("upload a model to the Hugging Face Hub with a generated model card", add_push, run_push),
+    "plan": ("what fits in GPU memory, per method, from the model's config alone (no weights)", add_plan, run_plan),
 }
 
 

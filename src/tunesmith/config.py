@@ -27,6 +27,7 @@ from tunesmith.errors import UserError
 from tunesmith.methods import OBJECTIVES, PARAMETER_SETS, Recipe, recipe
 
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "qa", "prompt-completion", "text", "preference")
+OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit", "paged-adamw-32bit")  # = train.optim.BNB_OPTIMIZERS + adamw
 TEMPLATES = ("auto", "tokenizer", "llama3", "chatml", "alpaca", "zephyr", "plain")  # = data.templates.TEMPLATE_NAMES
 
 
@@ -135,7 +136,7 @@ class MethodOptions:
     """What trains (`method`) and what the loss is (`objective`): one entry of each registry."""
 
     method: str = "lora"
-    """What trains: full (every weight) | lora (an adapter; the base stays frozen)."""
+    """What trains: full (every weight) | lora (an adapter; the base stays frozen) | qlora (an adapter on 4-bit NF4 base weights)."""
     objective: str = "sft"
     """The loss: sft (the replies and their end-of-turn token) | pretrain (every token: continued pretraining) | dpo (preference pairs, reference = the base) | orpo (preference pairs, no reference)."""
     lora_r: int = 16
@@ -179,14 +180,16 @@ class LoopOptions:
     """Share of steps spent warming the learning rate up from 0."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
-    batch_tokens: int = 8192
-    """Real tokens per micro-batch; samples are packed end to end up to this budget."""
+    optim: str = "adamw"
+    """adamw (fused; bf16 weights with stochastic rounding) | adamw-8bit | paged-adamw-8bit | paged-adamw-32bit (bitsandbytes: 8-bit states, paged to CPU under memory pressure)."""
+    batch_tokens: int | None = None
+    """Real tokens per micro-batch; samples are packed end to end up to this budget. Default: on CUDA the largest that fits (up to 16384, `tunesmith plan`), else 8192."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     grad_clip: float = 1.0
     """Clip the gradient norm to this (0 disables)."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
+    """Recompute activations in the backward pass to save memory (on CUDA also on by itself when the memory plan needs it)."""
     fast_kernels: bool = True
     """Use fused kernels and flex attention on CUDA where they apply."""
     eval_every: int = 0
@@ -206,7 +209,8 @@ class LoopOptions:
         check(self.lr is None or 0 < self.lr < 1, "lr", self.lr, "0 < lr < 1")
         check(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", self.warmup_ratio, "0 <= x < 1")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
-        check(self.batch_tokens >= 16, "batch_tokens", self.batch_tokens, "an integer >= 16")
+        check_choice("optim", self.optim, OPTIMIZERS)
+        check(self.batch_tokens is None or self.batch_tokens >= 16, "batch_tokens", self.batch_tokens, "an integer >= 16")
         check(self.grad_accum >= 1, "grad_accum", self.grad_accum, "an integer >= 1")
         check(self.grad_clip >= 0, "grad_clip", self.grad_clip, ">= 0")
         check(self.eval_every >= 0, "eval_every", self.eval_every, ">= 0")

@@ -35,6 +35,19 @@ def apply_lora(model: Any, r: int, alpha: int, targets: str = "all-linear") -> A
                         [f"linear layers of this model: {', '.join(linear)}"]) from None
 
 
+def quantised_layers(model: Any) -> int:
+    """How many linear layers of `model` hold bitsandbytes 4-bit weights."""
+    return sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit")
+
+
+def check_quantised(model: Any) -> None:
+    """Refuse a "quantised" model in which bitsandbytes replaced no layer (nothing would be 4-bit)."""
+    if quantised_layers(model) == 0:
+        kind = type(model).__name__
+        raise UserError(f"bitsandbytes quantised no layer of this model ({kind}: it has no linear layers "
+                        "bitsandbytes can replace)", ["fix: use --method lora (16-bit base weights)"])
+
+
 def train_all_weights(model: Any) -> Any:
     """Full fine-tuning: every parameter gets a gradient."""
     for p in model.parameters():

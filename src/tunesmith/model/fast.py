@@ -13,9 +13,11 @@ What it changes, and why each piece pays on a packed batch of T tokens:
   computes it chunk by chunk and keeps only the loss and the gradients; without liger, a
   chunked, recomputing torch version keeps the same memory bound.
 - packed rows are padded to a fixed length so the compiled flex kernels see one shape.
-- gradient checkpointing switches itself on when the estimate says activations will not fit.
+- gradient checkpointing switches itself on when the memory plan (`train.plan`) says activations
+  will not fit, and the plan picks the token budget when none is given.
 - LoRA layers run as one fused autograd node in bf16 (adapter weights stay fp32 for the
-  optimizer), instead of peft's fp32 copies of every activation and ~6 nodes per layer.
+  optimizer), instead of peft's fp32 copies of every activation and ~6 nodes per layer; on
+  NF4 (QLoRA) bases the node dequantises the weight in the forward and again in the backward.
 liger's kernels are not compiled (they failed under torch.compile in issue 7); the fused
 cross-entropy runs outside the compiled layers.
 
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import math
 from types import MethodType
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -60,6 +62,8 @@ class TrainSetup:
     liger: bool = False
     attention: str = "default"
     checkpointing: bool = False
+    batch_tokens: int = 0
+    """The token budget per micro-batch (given, or chosen by the memory plan)."""
     notices: list[str] = field(default_factory=list)
     """One line per fallback or automatic choice, for the log."""
 
@@ -143,31 +147,6 @@ def make_fused_loss(budget: int, use_liger: bool) -> LossFn:
     return fused_sft_loss_sum
 
 
-def activation_bytes_per_token(config: Any, fused_loss: bool) -> int:
-    """Rough bytes of saved activations per token (bf16) for one training step.
-
-    Per layer: ~10 hidden-sized and ~4 intermediate-sized tensors (norm inputs, q/k/v,
-    attention output, residuals, gate/up/act); without the fused loss, the fp32 logits,
-    their softmax and gradient (~10 bytes per vocabulary entry).
-    """
-    hidden, inter = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
-    per_layer = 2 * (10 * hidden + 4 * inter)
-    logits = 0 if fused_loss else 10 * config.vocab_size
-    return config.num_hidden_layers * per_layer + logits
-
-
-def needs_checkpointing(model: Any, batch_tokens: int, budget_bytes: int, fused_loss: bool) -> bool:
-    """Whether weights + grads + AdamW states + activations exceed `budget_bytes`.
-
-    AdamW states are fp32 (8 bytes per trainable parameter) under our optimizer policy.
-    """
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    static = weights + sum(p.numel() * (p.element_size() + 8) for p in trainable)
-    activations = batch_tokens * activation_bytes_per_token(causal_lm(model).config, fused_loss)
-    return static + activations > budget_bytes
-
-
 def _liger_missing(lm: Any) -> str | None:
     """None when liger-kernel can patch this model family; else the notice saying why not."""
     family = lm.config.model_type
@@ -231,6 +210,57 @@ class _LoraLinear(torch.autograd.Function):
         return grad_x, None, grad_a, grad_b, None
 
 
+def _dequantize(packed: torch.Tensor, quant_state: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight of a bitsandbytes NF4 tensor in `dtype` (a transient copy)."""
+    import bitsandbytes.functional as bnb_f
+
+    return bnb_f.dequantize_4bit(packed, quant_state).to(dtype)
+
+
+class _Lora4bit(torch.autograd.Function):
+    """`_LoraLinear` on an NF4 base weight: dequantised in the forward and again in the backward.
+
+    The 16-bit copy is never saved (it would cost what 4-bit saves); saved are the input and
+    the (N, r) adapter activations, in the activations' dtype: peft's Linear4bit path keeps
+    fp32 copies of each input and runs ~8 autograd nodes per layer.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, packed: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                scale: float, quant_state: Any) -> torch.Tensor:
+        w = _dequantize(packed, quant_state, x.dtype)  # (out, in), freed after this call
+        a_c, b_c = a.to(x.dtype), b.to(x.dtype)  # (r, in), (out, r)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        h = (x2 @ a_c.t()) * scale  # (N, r)
+        y = torch.addmm(x2 @ w.t(), h, b_c.t())  # (N, out)
+        ctx.save_for_backward(x2, packed, a_c, b_c, h)
+        ctx.scale, ctx.dtypes, ctx.quant_state = scale, (a.dtype, b.dtype), quant_state
+        return y.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        x2, packed, a_c, b_c, h = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        gh = (g @ b_c) * ctx.scale  # (N, r)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w = _dequantize(packed, ctx.quant_state, g.dtype)  # (out, in)
+            grad_x = torch.addmm(g @ w, gh, a_c).view(*grad.shape[:-1], w.shape[1])  # (..., in)
+        grad_a = (gh.t() @ x2).to(ctx.dtypes[0])  # (r, in)
+        grad_b = (g.t() @ h).to(ctx.dtypes[1])  # (out, r)
+        return grad_x, None, grad_a, grad_b, None, None
+
+
+def _fused_lora4bit_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """peft LoRA Linear4bit through `_Lora4bit`; states it does not cover go to peft's own forward."""
+    active = self.active_adapters
+    if self.disable_adapters or self.merged or args or kwargs or len(active) != 1 or active[0] not in self.lora_A:
+        return type(self).forward(self, x, *args, **kwargs)
+    name, weight = active[0], self.base_layer.weight
+    return _Lora4bit.apply(x, weight, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+                           weight.quant_state)
+
+
 def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """peft LoRA Linear through `_LoraLinear`; states it does not cover go to peft's own forward."""
     active = self.active_adapters
@@ -242,33 +272,42 @@ def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -
 
 
 def _fuse_lora_layers(model: Any) -> int:
-    """Give every plain LoRA Linear (no dropout, no DoRA/variant, no bias) the fused forward."""
-    try:
-        from peft.tuners.lora import Linear as LoraLinear
-    except ImportError:
-        return 0
+    """Give every plain LoRA layer (no dropout, no DoRA/variant, no bias) the fused forward.
+
+    16-bit `nn.Linear` bases get `_LoraLinear`; bitsandbytes NF4 bases on CUDA get `_Lora4bit`
+    (on CPU bitsandbytes repacks 4-bit bytes for its own kernel, which `dequantize_4bit` does
+    not read, and the fast path is CUDA-only anyway).
+    """
     fused = 0
     for module in model.modules():
-        if not isinstance(module, LoraLinear) or len(module.lora_A) != 1:
+        lora_a = getattr(module, "lora_A", None)
+        if not isinstance(lora_a, torch.nn.ModuleDict) or len(lora_a) != 1 or not hasattr(module, "base_layer"):
             continue
-        name = next(iter(module.lora_A))
+        name, base = next(iter(lora_a)), module.base_layer
         plain = (isinstance(module.lora_dropout[name], torch.nn.Identity) and name not in module.lora_variant
-                 and module.lora_B[name].bias is None and type(module.base_layer) is torch.nn.Linear
-                 and module.base_layer.bias is None and not module.base_layer.weight.requires_grad)
-        if plain:
+                 and module.lora_B[name].bias is None and getattr(base, "bias", None) is None
+                 and not base.weight.requires_grad)
+        if plain and type(base) is torch.nn.Linear:
             module.forward = MethodType(_fused_lora_forward, module)
+            fused += 1
+        elif (plain and type(base).__name__ == "Linear4bit" and base.weight.device.type == "cuda"
+              and getattr(base.weight, "quant_state", None) is not None):
+            module.forward = MethodType(_fused_lora4bit_forward, module)
             fused += 1
     return fused
 
 
-def prepare_for_training(model: Any, *, device: torch.device, batch_tokens: int, fast_kernels: bool = True,
-                         gradient_checkpointing: bool = False) -> TrainSetup:
+def prepare_for_training(model: Any, *, device: torch.device, batch_tokens: int | None, fast_kernels: bool = True,
+                         gradient_checkpointing: bool = False, memory: Any = None) -> TrainSetup:
     """Make `model` train fast on this device; returns the loss to use and what was chosen.
 
+    `memory` (a `train.plan.Setting`: method and optimizer traits) lets the memory plan
+    choose checkpointing and, when `batch_tokens` is None, the token budget (CUDA only).
     Call after adapters are attached and before the optimizer is built.
     """
     lm = causal_lm(model)
     setup = TrainSetup(loss_sum=None)
+    fused_loss = fused_lora = False
     if not fast_kernels:
         setup.notices.append("fast kernels: off (--no-fast-kernels)")
     elif device.type != "cuda":
@@ -280,13 +319,18 @@ def prepare_for_training(model: Any, *, device: torch.device, batch_tokens: int,
         if notice:
             setup.notices.append(notice)
         setup.attention = _set_flex_attention(lm)
-        head = lm.get_output_embeddings()
-        if lm.config.model_type in FUSED_LOSS_FAMILIES and not hasattr(head, "base_layer"):
-            setup.loss_sum = make_fused_loss(batch_tokens, use_liger=setup.liger)
-        else:
+        fused_loss = lm.config.model_type in FUSED_LOSS_FAMILIES and not hasattr(lm.get_output_embeddings(),
+                                                                                  "base_layer")
+        if not fused_loss:
             setup.notices.append(f"fast kernels: plain loss for {lm.config.model_type!r} (fused loss not exact)")
-        _fuse_lora_layers(model)
-    setup.checkpointing = gradient_checkpointing or _auto_checkpointing(model, device, batch_tokens, setup)
+        adapted = sum(1 for m in model.modules() if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict))
+        fused_lora = _fuse_lora_layers(model) == adapted  # every LoRA layer on the fused node (or none to fuse)
+    choice = _plan_memory(lm, device, batch_tokens, gradient_checkpointing, memory, fused_loss,
+                          setup.fast and fused_lora)
+    setup.batch_tokens, setup.checkpointing = choice.batch_tokens, choice.checkpointing
+    setup.notices.extend(choice.notices)
+    if fused_loss:
+        setup.loss_sum = make_fused_loss(setup.batch_tokens, use_liger=setup.liger)
     if setup.checkpointing:
         if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
             lm.activation_checkpointing_enable({"use_reentrant": False})
@@ -318,13 +362,27 @@ def _compile_decoder_layers(lm: Any, backend: str = "inductor") -> int:
     return len(layers)
 
 
-def _auto_checkpointing(model: Any, device: torch.device, batch_tokens: int, setup: TrainSetup) -> bool:
-    """Turn checkpointing on when the memory estimate exceeds 90% of the GPU's free memory."""
-    if device.type != "cuda":
-        return False
-    free, _total = torch.cuda.mem_get_info(device)
-    budget = int(0.9 * free) + torch.cuda.memory_allocated(device)  # weights already on the GPU count
-    if needs_checkpointing(model, batch_tokens, budget, fused_loss=setup.loss_sum is not None):
-        setup.notices.append("gradient checkpointing: on (activations would not fit in GPU memory)")
-        return True
-    return False
+def is_adapted(model: Any) -> bool:
+    """Whether `model` carries LoRA layers."""
+    return any(hasattr(m, "lora_A") for m in model.modules())
+
+
+def _plan_memory(lm: Any, device: torch.device, batch_tokens: int | None, checkpointing: bool, memory: Any,
+                 fused_loss: bool, fused_lora: bool) -> Any:
+    """The memory plan's choice of token budget and checkpointing for this GPU (`train.plan`).
+
+    The memory it sizes against is what is free now plus what PyTorch already holds (the
+    weights, counted by the estimate) plus the CUDA context (also counted).
+    """
+    from tunesmith.train import plan
+
+    setting = memory if memory is not None else plan.Setting(adapter=is_adapted(lm))
+    setting = replace(setting, checkpointing=checkpointing, fused_loss=fused_loss, fused_lora=fused_lora,
+                      dtype_bytes=2 if lm.get_input_embeddings().weight.dtype.itemsize == 2 else 4,
+                      cuda=device.type == "cuda")
+    available = None
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        available = free + torch.cuda.memory_reserved(device) + plan.CUDA_CONTEXT
+    shape = plan.shape_from_config(lm.config.to_dict(), lm.config.name_or_path or lm.config.model_type)
+    return plan.choose(shape, setting, available, batch_tokens)

@@ -201,6 +201,14 @@ def load_model(
     resolved = resolve_model_name(name)
     base = adapter_base(resolved)
     source = resolve_model_name(base) if base else resolved
+    quantised = "quantization_config" in load_options
+    if quantised:
+        if base is not None:
+            raise UserError(f"{resolved}: a LoRA adapter directory cannot be the base of a quantised run "
+                            "(its adapter would be merged into 4-bit weights)",
+                            [f"fix: train with --merge and pass {resolved}/merged, or use --method lora"])
+        # quantised weights are placed by the loader; `.to()` on a 4-bit model is refused
+        load_options = {**load_options, "device_map": {"": _device_index(device)}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
@@ -211,6 +219,9 @@ def load_model(
             **load_options,
         )
     except (OSError, ValueError) as exc:
+        if quantised and not isinstance(exc, OSError):
+            raise UserError(f"{resolved}: bitsandbytes cannot quantise this model: {str(exc).splitlines()[0]}",
+                            ["fix: use --method lora (16-bit base weights)"]) from None
         raise _hub_error(base or resolved, exc) from None
     if base is not None:
         from peft import PeftModel
@@ -218,4 +229,11 @@ def load_model(
         model = PeftModel.from_pretrained(model, resolved)
         if merge_adapter:
             model = model.merge_and_unload()
-    return model.to(device)
+    return model if quantised else model.to(device)
+
+
+def _device_index(device: torch.device) -> int | str:
+    """`device_map` spelling of a device: the CUDA ordinal, else the device type."""
+    if device.type == "cuda":
+        return device.index if device.index is not None else torch.cuda.current_device()
+    return device.type

@@ -129,9 +129,12 @@ def setup_run(config: TrainConfig, output_dir: Path, dist: Dist | None = None) -
     from tunesmith.model.load import load_model, load_tokenizer, pick_device_dtype, resolve_model_name
     from tunesmith.train.losses import packing_is_exact
 
+    from tunesmith.train.optim import check_optimizer_installed
+
     dist = dist or Dist()
     chosen = config.method.recipe()
     chosen.check_installed()
+    check_optimizer_installed(config.loop.optim)
     wrapper = choose_wrapper(config.distributed.parallel, chosen.params.adapter)
     if dist.enabled and wrapper == "fsdp" and config.method.merge:
         raise UserError("--merge cannot fold an adapter sharded by --parallel fsdp",
@@ -153,7 +156,10 @@ def setup_run(config: TrainConfig, output_dir: Path, dist: Dist | None = None) -
     model = chosen.params.wrap(model, config.method)
     fast = prepare_for_training(model, device=device, batch_tokens=config.loop.batch_tokens,
                                 fast_kernels=config.loop.fast_kernels,
-                                gradient_checkpointing=config.loop.gradient_checkpointing)
+                                gradient_checkpointing=config.loop.gradient_checkpointing,
+                                memory=memory_setting(config))
+    config = dataclasses.replace(config, loop=dataclasses.replace(  # what ran is what config.yaml records
+        config.loop, batch_tokens=fast.batch_tokens, gradient_checkpointing=fast.checkpointing))
     trainable, total = count_parameters(model)
     notices = [*fast.notices, f"model: {name} on {device} ({str(dtype).removeprefix('torch.')}), "
                f"method {chosen.params.name}, objective {chosen.objective.name}: "
@@ -171,6 +177,28 @@ def setup_run(config: TrainConfig, output_dir: Path, dist: Dist | None = None) -
     return run
 
 
+def memory_setting(config: TrainConfig) -> Any:
+    """What the memory plan needs to know of this run's method and optimizer (`train.plan.Setting`)."""
+    from tunesmith.train.plan import Setting
+
+    params = config.method.recipe().params
+    return Setting(adapter=params.adapter, base_bits=params.base_bits, optim=config.loop.optim,
+                   lora_r=config.method.lora_r)
+
+
+def saved_batch_tokens(config: TrainConfig, output_dir: Path) -> TrainConfig:
+    """On --resume without --batch-tokens: the budget the run started with (the data order depends on it)."""
+    import yaml
+
+    from tunesmith.train.files import CONFIG_FILE
+
+    saved = output_dir / CONFIG_FILE
+    if config.loop.batch_tokens is not None or not saved.is_file():
+        return config
+    tokens = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("batch_tokens")
+    return dataclasses.replace(config, loop=dataclasses.replace(config.loop, batch_tokens=tokens))
+
+
 def build_engine(run: Run, steps: int) -> Engine:
     """AdamW over the trainable parameters (dtype policy: `train.optim`) and the cosine schedule."""
     from tunesmith.train.loop import Engine
@@ -179,7 +207,8 @@ def build_engine(run: Run, steps: int) -> Engine:
 
     loop = run.config.loop
     params = [p for p in run.model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, lr=run.config.peak_lr(), weight_decay=loop.weight_decay, seed=loop.seed)
+    optimizer = make_optimizer(params, lr=run.config.peak_lr(), weight_decay=loop.weight_decay, seed=loop.seed,
+                               optim=loop.optim)
     return Engine(run.model, optimizer, cosine_schedule(optimizer, steps, loop.warmup_ratio), run.loss_fn,
                   run.device, run.dist)
 
@@ -221,6 +250,8 @@ def finetune(config: TrainConfig | None = None, **options: Any) -> TrainResult:
 def train_and_save(config: TrainConfig, output_dir: Path, dist: Dist) -> tuple[dict[str, float], Run]:
     """Set up, train and write the outputs; out-of-memory, a full disk and Ctrl-C become advice."""
     resume_from = dist.on_main(lambda: start_output(output_dir, config.loop.resume))
+    if resume_from is not None:
+        config = saved_batch_tokens(config, output_dir)  # the budget the plan chose when the run started
     started = time.perf_counter()
     try:
         run = setup_run(config, output_dir, dist)
@@ -229,9 +260,7 @@ def train_and_save(config: TrainConfig, output_dir: Path, dist: Dist) -> tuple[d
         history, state, final = train_run(run, resume_from)
         metrics = write_outputs(run, history, state, final, time.perf_counter() - started)
     except torch.OutOfMemoryError:
-        raise UserError("out of GPU memory", [
-            f"fix: lower --batch-tokens (now {config.loop.batch_tokens}), add --gradient-checkpointing, "
-            "or use --method lora"]) from None
+        raise UserError("out of GPU memory", oom_advice(config)) from None
     except OSError as exc:  # a full disk while writing the model, logs or plot: say what is intact
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -242,6 +271,22 @@ def train_and_save(config: TrainConfig, output_dir: Path, dist: Dist) -> tuple[d
             print(f"stopped; `--resume` continues from {saved[-1]}", file=sys.stderr)
         raise
     return metrics, run
+
+
+def oom_advice(config: TrainConfig) -> list[str]:
+    """What to change after running out of GPU memory: the memory plan's advice for this card."""
+    from tunesmith.model.load import resolve_model_name
+    from tunesmith.train import plan
+
+    lines = [f"fix: lower --batch-tokens (now {config.loop.batch_tokens or 'chosen by the plan'}), "
+             "add --gradient-checkpointing, or use --method lora / qlora"]
+    try:
+        raw, name = plan.read_config(resolve_model_name(config.model.model))
+        shape = plan.shape_from_config(raw, name)
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    except (UserError, RuntimeError, AssertionError):  # no config to read, or no CUDA to size against
+        return lines
+    return [*lines, plan.advice(shape, memory_setting(config), total)]
 
 
 def data_plan(run: Run) -> tuple[DataPlan, list[Batch]]:
@@ -306,8 +351,8 @@ def write_outputs(run: Run, history: list[dict[str, Any]], state: TrainState, fi
     if not run.dist.is_main:
         return metrics
     notice = adapter_stop_notice(run.model, run.tokenizer, run.prepared.end_of_turn_ids, out)
-    save_model(run.model, run.tokenizer, out, run.prepared.end_of_turn_ids, merge=run.config.method.merge,
-               state_dict=weights)
+    save_model(run.model, run.tokenizer, out, run.prepared.end_of_turn_ids,
+               merge=run.recipe.params.merge if run.config.method.merge else None, state_dict=weights)
     plot_losses(history, out / PLOT_FILE)
     save_summary(out, metrics)
     print(format_summary(metrics), file=sys.stderr)

@@ -15,6 +15,13 @@ Parameters that are already fp32 (CPU/MPS runs, LoRA adapters kept in fp32) get
 `torch.optim.AdamW` (fused on CUDA) unchanged. On CUDA the bf16 update is one Triton
 kernel per tensor (read p, g, m, v; write p, m, v: 18 bytes/param); elsewhere the same
 math runs as torch ops, which is also the reference the kernel is tested against.
+
+`--optim` swaps in a bitsandbytes AdamW for any method: `adamw-8bit` keeps m and v in 8 bits
+(blockwise quantised: 2 bytes/param instead of 8), the `paged-` ones put the states in
+CUDA unified memory, so they page out to CPU RAM instead of failing on a memory spike (on
+CPU they run unpaged). They round bf16 weights to nearest, so for full fine-tuning in bf16
+the default (stochastic rounding) keeps small updates that they lose; for adapters (fp32)
+they compute the same update.
 """
 from __future__ import annotations
 
@@ -118,17 +125,51 @@ class AdamWBF16(torch.optim.Optimizer):
                                       generator=self._generator(p.device), **args)
 
 
+BNB_OPTIMIZERS = {"adamw-8bit": "AdamW8bit", "paged-adamw-8bit": "PagedAdamW8bit",
+                  "paged-adamw-32bit": "PagedAdamW32bit"}
+"""`--optim` name -> `bitsandbytes.optim` class."""
+OPTIMIZER_EXTRA = "qlora"  # the pip extra that installs bitsandbytes
+
+
+def check_optimizer_installed(optim: str) -> None:
+    """Refuse a bitsandbytes optimizer before anything loads when bitsandbytes is missing."""
+    import importlib.util
+
+    from tunesmith.errors import UserError
+
+    if optim in BNB_OPTIMIZERS and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"--optim {optim} needs bitsandbytes, which is not installed",
+                        [f'fix: pip install "tunesmith[{OPTIMIZER_EXTRA}]", or drop --optim (fused AdamW)'])
+
+
+def _bnb_optimizer(optim: str, groups: list[Any], lr: float, betas: tuple[float, float], eps: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    """A bitsandbytes AdamW (8-bit and/or paged states); its state_dict checkpoints like torch's."""
+    import warnings
+
+    import bitsandbytes as bnb
+
+    cls = getattr(bnb.optim, BNB_OPTIMIZERS[optim])
+    with warnings.catch_warnings():  # "paged optimizers are not supported on CPU": we say so in --help
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported")
+        return cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
 def make_optimizer(
     params: Iterable[Any], *, lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8, seed: int = 0,
+    eps: float = 1e-8, seed: int = 0, optim: str = "adamw",
 ) -> torch.optim.Optimizer:
-    """The optimizer for these parameters (tensors or param-group dicts), by their dtype.
+    """The optimizer for these parameters (tensors or param-group dicts), by `optim` and their dtype.
 
-    bf16 parameters -> `AdamWBF16` (stochastic rounding, see module docstring);
-    otherwise -> `torch.optim.AdamW`, fused on CUDA. Mixed dtypes are refused: a model
-    is trained in one dtype.
+    `optim` a bitsandbytes name -> that optimizer (see module docstring). `adamw`: bf16
+    parameters -> `AdamWBF16` (stochastic rounding); otherwise -> `torch.optim.AdamW`,
+    fused on CUDA. Mixed dtypes are refused: a model is trained in one dtype.
     """
     groups = list(params)
+    if optim in BNB_OPTIMIZERS:
+        return _bnb_optimizer(optim, groups, lr, betas, eps, weight_decay)
+    if optim != "adamw":
+        raise ValueError(f"unknown optimizer {optim!r} (allowed: adamw, {', '.join(BNB_OPTIMIZERS)})")
     tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
     dtypes = {p.dtype for p in tensors}
     if len(dtypes) > 1:

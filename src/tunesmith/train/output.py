@@ -3,9 +3,10 @@
 Layout:
 - full:  DIR/model.safetensors + config.json + tokenizer (with the chat template used in
   training) + generation_config.json;
-- lora:  DIR/adapter_model.safetensors + adapter_config.json (naming the base model) +
-  tokenizer + generation_config.json; with --merge also DIR/merged/, the adapter folded
-  into full weights (a standalone model, same tokenizer and generation config);
+- lora, qlora:  DIR/adapter_model.safetensors + adapter_config.json (naming the original
+  base model) + tokenizer + generation_config.json; with --merge also DIR/merged/, the adapter
+  folded into full 16-bit weights by the parameter set's merge (a standalone model, same
+  tokenizer and generation config);
 - both:  config.yaml (the resolved run options), metrics.jsonl, tensorboard/, loss.png,
   summary.json, eval.jsonl (the held-out conversations), checkpoints/ (resumable steps).
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,6 @@ import yaml
 
 from tunesmith.model.adapters import is_peft
 from tunesmith.train.files import CONFIG_FILE, MERGED_DIR, SUMMARY_FILE
-
 
 
 def generation_config(model: Any, tokenizer: Any, end_of_turn_ids: list[int]) -> Any:
@@ -54,10 +55,13 @@ def _save_full(model: Any, tokenizer: Any, directory: Path, gen: Any, state_dict
     gen.save_pretrained(directory)
 
 
-def save_model(model: Any, tokenizer: Any, directory: Path, end_of_turn_ids: list[int], merge: bool = False,
+def save_model(model: Any, tokenizer: Any, directory: Path, end_of_turn_ids: list[int],
+               merge: Callable[[Any, Path], Any] | None = None,
                state_dict: dict[str, Any] | None = None) -> list[Path]:
     """Write the trained model (or adapter) so the HF ecosystem loads it; return the dirs written.
 
+    `merge` is the parameter set's merge (`ParameterSet.merge`: in place for LoRA, a 16-bit
+    reload for QLoRA); given, the adapter is also written merged into full weights.
     `state_dict`: the whole model's weights when `model` itself holds only shards (FSDP2).
     """
     directory.mkdir(parents=True, exist_ok=True)
@@ -70,9 +74,9 @@ def save_model(model: Any, tokenizer: Any, directory: Path, end_of_turn_ids: lis
     honour_umask(directory)
     tokenizer.save_pretrained(directory)
     gen.save_pretrained(directory)
-    if not merge:
+    if merge is None:
         return [directory]
-    merged = model.merge_and_unload()  # in place (no second copy of the weights): the adapter is saved already
+    merged = merge(model, directory)  # after the adapter is saved: a merge may consume it (or reload it)
     _save_full(merged, tokenizer, directory / MERGED_DIR, gen)
     return [directory, directory / MERGED_DIR]
 

@@ -1,0 +1,198 @@
+"""QLoRA rows and the memory-plan check for bench/gpu_train.py (`--qlora`, `--plan-check`).
+
+--qlora: Llama-3.1-8B shape, random weights saved once and loaded 4-bit NF4 (double quant,
+bf16 compute) through `tunesmith.model.load` with the qlora parameter set's options; the
+bench's short samples. Rows: tunesmith QLoRA (its loop, fast path, checkpointing and token
+budget as `tunesmith train` picks them at 4k tokens), Trainer + peft + bitsandbytes QLoRA
+(prepare_model_for_kbit_training, gradient checkpointing, batch 8, dynamic padding), and
+Unsloth QLoRA when `unsloth` imports (else a row saying why).
+
+--plan-check: for the 1B / 3B / 8B shapes, LoRA and QLoRA with checkpointing at 4096 and
+8192 tokens, the measured peak (torch.cuda.max_memory_allocated) beside `train.plan`'s
+estimate without the CUDA context (which the allocator does not see), and the error.
+
+bitsandbytes must be installed on the GPU machine (`pip install bitsandbytes-0.50.2-py3-none-
+manylinux_2_24_x86_64.whl`, 43 MB, carried in: the machine has no network).
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import gpu_train as bench
+
+LLAMA_8B = dict(family="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, intermediate_size=14336, vocab_size=128256)
+QLORA_TOKENS = 4096  # the issue's target: peak <= 16 GiB at a 4k-token budget with checkpointing
+
+
+def shape_config(spec: dict[str, Any], tied: bool) -> Any:
+    """A transformers config of `spec` (Llama-3.1-8B is untied; the 1B/3B shapes are tied)."""
+    from transformers import AutoConfig
+
+    spec = dict(spec)
+    family = spec.pop("family")
+    return AutoConfig.for_model(family, tie_word_embeddings=tied, max_position_embeddings=8192,
+                                rope_theta=500000.0, **spec)
+
+
+def saved_random_model(config: Any, root: Path) -> Path:
+    """Random bf16 weights of `config` written as safetensors (what a 4-bit load reads)."""
+    path = root / "model"
+    model = bench.build_model(config, torch.bfloat16)
+    model.save_pretrained(path, safe_serialization=True)
+    del model
+    bench.free_gpu()
+    return path
+
+
+def n_params(config: Any) -> int:
+    """Parameter count of the unquantised model (for MFU: 4-bit tensors report packed sizes)."""
+    from tunesmith.train.plan import shape_from_config
+
+    return shape_from_config(config.to_dict()).parameters
+
+
+def run_tunesmith_adapter(config: Any, samples: list[list[int]], method: str, rate: float, batch_tokens: int | None,
+                          path: Path | None = None, checkpointing: bool = False, max_steps: int | None = None) -> Any:
+    """tunesmith LoRA/QLoRA through its loader, parameter set, fast path (memory plan) and loop."""
+    from tunesmith.config import LoopOptions, MethodOptions
+    from tunesmith.data.tokenize import TokenizedSample
+    from tunesmith.methods import OBJECTIVES, PARAMETER_SETS
+    from tunesmith.model.fast import prepare_for_training
+    from tunesmith.model.load import load_model
+    from tunesmith.train.checkpoint import TrainState
+    from tunesmith.train.loop import DataPlan, Engine, total_steps, train
+    from tunesmith.train.optim import make_optimizer
+    from tunesmith.train.plan import Setting
+    from tunesmith.train.progress import RunLog
+    from tunesmith.train.schedule import cosine_schedule
+
+    params, dev = PARAMETER_SETS[method], torch.device(bench.DEVICE)
+    bench.free_gpu()
+    if path is not None:
+        model = load_model(str(path), device=dev, dtype=torch.bfloat16, **params.load_options(dev, torch.bfloat16))
+    else:
+        model = bench.build_model(config, torch.bfloat16)
+    model = params.wrap(model, MethodOptions(method=method, lora_r=16, lora_alpha=32))
+    memory = Setting(adapter=True, base_bits=params.base_bits)
+    setup = prepare_for_training(model, device=dev, batch_tokens=batch_tokens, gradient_checkpointing=checkpointing,
+                                 memory=memory)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], lr=2e-4, seed=0)
+    plan = DataPlan([TokenizedSample(s, s) for s in samples], setup.batch_tokens, seed=0)
+    steps = total_steps(plan, 1, 1.0, max_steps)
+    opts = LoopOptions(batch_tokens=setup.batch_tokens, max_steps=steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        log = RunLog(Path(tmp), steps, show_bar=False)
+        engine = Engine(model, optimizer, cosine_schedule(optimizer, steps), OBJECTIVES["sft"].make_loss(setup), dev)
+        state = train(engine, plan, [], opts, TrainState(), bench.WARMUP_STEPS, log, lambda s: Path(tmp))
+        torch.cuda.synchronize()
+        started, before = time.perf_counter(), state.tokens
+        state = train(engine, plan, [], opts, state, steps, log, lambda s: Path(tmp))
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        log.close()
+    groups = [g for e in range(1 + steps // max(1, len(plan.groups(0)))) for g in plan.groups(e)]
+    docs = [[len(plan.samples[i].input_ids) for i in g] for g in groups[bench.WARMUP_STEPS:steps]]
+    flops = sum(bench.step_flops(config, n_params(config), d, True) for d in docs)
+    tokens = state.tokens - before
+    result = bench.Result(f"tunesmith {method}", tokens / seconds, torch.cuda.max_memory_allocated() / 2**30,
+                          flops / seconds / rate / 1e12, steps, tokens, seconds,
+                          [r["train_loss"] for r in log.history if "train_loss" in r],
+                          setup.notices + [f"batch_tokens={setup.batch_tokens} checkpointing={setup.checkpointing}"])
+    del model, optimizer, engine, setup
+    return result
+
+
+def trainer_qlora_model(path: Path) -> Any:
+    """The usual recipe: 4-bit NF4 load, prepare_model_for_kbit_training (checkpointing), peft LoRA r=16."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
+                                                 device_map={"": 0 if bench.DEVICE == "cuda" else "cpu"},
+                                                 attn_implementation="sdpa")
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                            task_type="CAUSAL_LM"))
+
+
+def unsloth_qlora_model(path: Path) -> Any:
+    """Unsloth's QLoRA: FastLanguageModel 4-bit load and its LoRA with its own checkpointing."""
+    from unsloth import FastLanguageModel
+
+    model, _tok = FastLanguageModel.from_pretrained(model_name=str(path), max_seq_length=2048, load_in_4bit=True,
+                                                    dtype=torch.bfloat16)
+    return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0,
+                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"],
+                                            use_gradient_checkpointing="unsloth")
+
+
+def qlora_rows(rate: float, n_samples: int) -> dict[str, Any]:
+    """tunesmith QLoRA vs Trainer+peft+bitsandbytes QLoRA (vs Unsloth QLoRA) on the 8B shape."""
+    import importlib.util
+
+    config = shape_config(LLAMA_8B, tied=False)
+    samples = bench.synth_samples(n_samples, "short", config.vocab_size)
+    root = Path(tempfile.mkdtemp(prefix="qlora-bench-"))
+    rows: dict[str, Any] = {}
+    try:
+        path = saved_random_model(config, root)
+        if importlib.util.find_spec("unsloth") is None:
+            rows["unsloth"] = bench.Result("Unsloth QLoRA", error="skipped: `unsloth` is not importable here")
+        else:  # before the others: Unsloth patches transformers process-wide when imported
+            rows["unsloth"] = bench.guarded("Unsloth QLoRA", bench.run_trainer, config, samples, True, rate,
+                                            make_model=lambda: unsloth_qlora_model(path), label="Unsloth QLoRA",
+                                            n_params=n_params(config))
+        rows["base_qlora"] = bench.guarded("Trainer+peft+bnb QLoRA", bench.run_trainer, config, samples, True, rate,
+                                           make_model=lambda: trainer_qlora_model(path),
+                                           label="Trainer+peft+bnb QLoRA",
+                                           n_params=n_params(config))
+        rows["fast_qlora"] = bench.guarded("tunesmith qlora", run_tunesmith_adapter, config, samples, "qlora", rate,
+                                           QLORA_TOKENS, path)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        for r in rows.values():  # as they are, also when a later row is cut short
+            print(f"[qlora] {r.name}: {r.tokens_per_s:,.0f} tok/s, MFU {100 * r.mfu:.1f}%, peak {r.peak_gib:.2f} GiB"
+                  + (f", {r.error}" if r.error else "") + "".join(f"\n  {n}" for n in r.notes), flush=True)
+    return {"shape": "llama-8b", "regime": "short", "samples": n_samples, "real_tokens": sum(map(len, samples)),
+            "runs": {k: bench.asdict(v) for k, v in rows.items()}}
+
+
+def plan_check(rate: float) -> list[dict[str, Any]]:
+    """Measured peak vs the plan's estimate (allocator's view: without the CUDA context) for 1B/3B/8B."""
+    from tunesmith.train import plan
+
+    shapes = {"llama-1b": shape_config(bench.SHAPES["llama-1b"], True),
+              "llama-3b": shape_config(bench.SHAPES["llama-3b"], True), "llama-8b": shape_config(LLAMA_8B, False)}
+    out = []
+    for name, config in shapes.items():
+        samples = bench.synth_samples(600, "short", config.vocab_size)
+        root = Path(tempfile.mkdtemp(prefix="plan-check-"))
+        try:
+            path = saved_random_model(config, root)
+            for method in ("lora", "qlora"):
+                for tokens in (4096, 8192):
+                    r = bench.guarded(f"{name} {method}", run_tunesmith_adapter, config, samples, method, rate,
+                                      tokens, path if method == "qlora" else None, True, bench.WARMUP_STEPS + 6)
+                    s = plan.Setting(adapter=True, base_bits=4 if method == "qlora" else 16, checkpointing=True)
+                    e = plan.estimate(plan.shape_from_config(config.to_dict(), name), s, tokens)
+                    est = (e.total - e.parts.get("cuda context", 0)) / 2**30
+                    row = {"shape": name, "method": method, "tokens": tokens, "estimated_gib": est,
+                           "measured_gib": r.peak_gib, "error": r.error,
+                           "rel_error": (est - r.peak_gib) / r.peak_gib if r.peak_gib else None}
+                    out.append(row)
+                    print(f"plan check {name:9} {method:6} {tokens:>6} tokens: estimated {est:6.2f} GiB, measured "
+                          f"{r.peak_gib:6.2f} GiB" + (f", error {100 * row['rel_error']:+.1f}%" if row["rel_error"]
+                                                      is not None else f" ({r.error})"), flush=True)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    return out
