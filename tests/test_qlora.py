@@ -228,3 +228,16 @@ def test_cpu_4bit_layers_keep_peft_forward(tiny_model_dir, one_thread):
     model = load_model(str(tiny_model_dir), device=cpu, dtype=torch.float32, **qlora.load_options(cpu, torch.float32))
     model = qlora.wrap(model, MethodOptions(method="qlora"))
     assert fast._fuse_lora_layers(model) == 0  # bitsandbytes' CPU layout is not what dequantize_4bit reads
+
+
+def test_quantised_weights_are_placed_on_the_current_cuda_device(monkeypatch):
+    """`device_map` for a plain "cuda" device is the current ordinal (ran only on a GPU before:
+    a NameError there stopped every QLoRA run on CUDA)."""
+    import torch
+
+    from tunesmith.model.load import _device_index
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert _device_index(torch.device("cuda")) == 3
+    assert _device_index(torch.device("cuda", 1)) == 1
+    assert _device_index(torch.device("cpu")) == "cpu"

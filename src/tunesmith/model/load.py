@@ -234,6 +234,8 @@ def load_model(
 
 def _device_index(device: torch.device) -> int | str:
     """`device_map` spelling of a device: the CUDA ordinal, else the device type."""
+    import torch
+
     if device.type == "cuda":
         return device.index if device.index is not None else torch.cuda.current_device()
     return device.type
