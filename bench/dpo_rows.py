@@ -124,7 +124,6 @@ def words_tokenizer(vocab: int) -> Any:
 def run_trl_dpo(bench: Any, config: Any, pairs: list[tuple[list[int], list[int], list[int]]], lora: bool) -> Any:
     """TRL's DPOTrainer on the same pairs (bf16, batch 8 pairs); pairs/s after warm-up, peak memory."""
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     name = "TRL DPOTrainer " + ("LoRA" if lora else "full")
@@ -141,11 +140,6 @@ def run_trl_dpo(bench: Any, config: Any, pairs: list[tuple[list[int], list[int],
                                  task_type="CAUSAL_LM")
     marks: dict[int, float] = {}
 
-    class Clock(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            torch.cuda.synchronize()
-            marks[state.global_step] = time.perf_counter()
-
     with tempfile.TemporaryDirectory() as tmp:
         args = DPOConfig(output_dir=tmp, per_device_train_batch_size=TRL_BATCH, bf16=bench.DEVICE == "cuda",
                          num_train_epochs=1, learning_rate=5e-6 if lora else 5e-7, beta=0.1, max_length=2048,
@@ -154,7 +148,7 @@ def run_trl_dpo(bench: Any, config: Any, pairs: list[tuple[list[int], list[int],
         reference = None if lora else bench.build_model(config, torch.bfloat16)  # same seed: the same weights
         trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=data,
                              processing_class=words_tokenizer(config.vocab_size), peft_config=peft_config,
-                             callbacks=[Clock()])
+                             callbacks=[bench.step_clock(marks)])
         trainer.train()
     steps = max(marks)
     seconds = marks[steps] - marks[bench.WARMUP_STEPS]

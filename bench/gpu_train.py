@@ -126,6 +126,18 @@ def step_flops(config: Any, n_params: int, doc_lengths: list[int], lora: bool) -
     return (4 if lora else 6) * n_params * tokens + attention
 
 
+def step_clock(marks: dict[int, float]) -> Any:
+    """A Trainer callback that records the wall time at the end of each optimizer step (GPU synced)."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            torch.cuda.synchronize()
+            marks[state.global_step] = time.perf_counter()
+
+    return Clock()
+
+
 def free_gpu() -> None:
     """Release everything the previous run left, and restart peak-memory accounting."""
     gc.collect()
@@ -143,7 +155,7 @@ def run_trainer(config: Any, samples: list[list[int]], lora: bool, rate: float, 
 
     `make_model()` replaces the model with one already wrapped (the QLoRA rows of bench/qlora.py).
     """
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     name = label or ("Trainer+peft LoRA" if lora else "Trainer full")
     free_gpu()
@@ -170,18 +182,13 @@ def run_trainer(config: Any, samples: list[list[int]], lora: bool, rate: float, 
 
     marks: dict[int, float] = {}
 
-    class Clock(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            torch.cuda.synchronize()
-            marks[state.global_step] = time.perf_counter()
-
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=8, bf16=DEVICE == "cuda", num_train_epochs=1,
                                  learning_rate=2e-4 if lora else 1e-5, logging_steps=10**6, save_strategy="no",
                                  report_to="none", dataloader_num_workers=0, remove_unused_columns=False,
                                  disable_tqdm=True, seed=0)
         trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": s} for s in samples],
-                          data_collator=collate, callbacks=[Clock()])
+                          data_collator=collate, callbacks=[step_clock(marks)])
         trainer.train()
     steps = max(marks)
     tokens = sum(counts[WARMUP_STEPS:steps])
@@ -196,7 +203,7 @@ def run_trainer(config: Any, samples: list[list[int]], lora: bool, rate: float, 
 def run_trl(config: Any, samples: list[list[int]], lora: bool, rate: float, max_length: int) -> Result:
     """TRL's SFTTrainer as its docs recommend for speed: bf16 weights, liger kernels, BFD packing
     (padding-free, position ids restart per sample) into rows of `max_length` tokens, batch 1 row."""
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     name = "TRL SFT LoRA" if lora else "TRL SFT full"
@@ -213,11 +220,6 @@ def run_trl(config: Any, samples: list[list[int]], lora: bool, rate: float, max_
     marks: dict[int, float] = {}
     counts: list[int] = []
 
-    class Clock(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            torch.cuda.synchronize()
-            marks[state.global_step] = time.perf_counter()
-
     from datasets import Dataset
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -226,7 +228,7 @@ def run_trl(config: Any, samples: list[list[int]], lora: bool, rate: float, max_
                          report_to="none", dataloader_num_workers=0, disable_tqdm=True, seed=0,
                          packing=True, max_length=max_length, use_liger_kernel=True)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": samples}),
-                             processing_class=tokenizer, peft_config=peft_config, callbacks=[Clock()])
+                             processing_class=tokenizer, peft_config=peft_config, callbacks=[step_clock(marks)])
         step = trainer.training_step
 
         def counted(model: Any, inputs: dict[str, Any], *a: Any, **k: Any) -> Any:

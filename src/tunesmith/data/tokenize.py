@@ -230,7 +230,7 @@ def tokenize_all(convs: list[Conversation], tokenizer: Any, max_length: int, tra
     overlaps the Rust tokenizer's work on batch k.
     """
     if any(c.kind == "preference" for c in convs):
-        raise UserError("preference data needs --method dpo (not available yet)")
+        raise UserError("preference data needs a preference objective: --objective dpo or orpo")
     report = TokenizeReport()
     turner = TurnRenderer(tokenizer, fold_system) if any(c.kind == "chat" for c in convs) else None
     samples: list[TokenizedSample] = []
