@@ -116,7 +116,7 @@ def test_train_prints_where_each_setting_came_from(tmp_path: Path, tiny_model_di
     lines = [" ".join(line.split()) for line in proc.stderr.splitlines()]
     assert f"lr 0.0001 (config {path}:1)" in lines
     assert "method lora (flag --method)" in lines and "max_steps 2 (flag --max-steps)" in lines
-    assert "batch_tokens 8192 (default)" in lines
+    assert "batch_tokens auto (default: the memory plan picks it on CUDA, 8192 on CPU)" in lines
 
 
 def test_starter_defaults_are_named_and_never_beat_the_user() -> None:

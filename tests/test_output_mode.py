@@ -13,6 +13,7 @@ def test_saved_weights_follow_the_umask(tiny_model_dir: Path, tmp_path: Path, ma
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunesmith.model.adapters import apply_lora
+    from tunesmith.methods import PARAMETER_SETS
     from tunesmith.train.output import save_model
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -20,7 +21,8 @@ def test_saved_weights_follow_the_umask(tiny_model_dir: Path, tmp_path: Path, ma
     before = os.umask(mask)
     try:
         save_model(model, tokenizer, tmp_path / "full", [tokenizer.eos_token_id])
-        save_model(apply_lora(model, 4, 8), tokenizer, tmp_path / "lora", [tokenizer.eos_token_id], merge=True)
+        save_model(apply_lora(model, 4, 8), tokenizer, tmp_path / "lora", [tokenizer.eos_token_id],
+                   merge=PARAMETER_SETS["lora"].merge)
     finally:
         os.umask(before)
     for directory, weights in [("full", "model.safetensors"), ("lora", "adapter_model.safetensors"),

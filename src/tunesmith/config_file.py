@@ -265,7 +265,9 @@ def describe_settings(config: Any, sources: dict[str, str], starter: set[str]) -
         ("objective", config.method.objective, _origin("objective", sources, starter)),
         ("lr", f"{config.peak_lr():g}", lr_origin),
         (length[0], length[1], _origin(length[0], sources, starter)),
-        ("batch_tokens", config.loop.batch_tokens, _origin("batch_tokens", sources, starter)),
+        ("batch_tokens", config.loop.batch_tokens if config.loop.batch_tokens is not None else "auto",
+         _origin("batch_tokens", sources, starter) if config.loop.batch_tokens is not None
+         else "default: the memory plan picks it on CUDA, 8192 on CPU"),
     ]
     width = max(len(str(r[1])) for r in rows)
     return "settings:\n" + "\n".join(f"  {name:13s} {str(value):{width}s}  ({origin})" for name, value, origin in rows)
