@@ -111,7 +111,7 @@ def test_text_documents_get_bos_eos_and_are_chunked_not_truncated(base_tokenizer
 
 def test_preference_needs_dpo(chatml_tokenizer) -> None:
     pair = Conversation(turns=[Turn("user", "q")], chosen=[Turn("assistant", "a")], rejected=[Turn("assistant", "b")])
-    with pytest.raises(UserError, match="--method dpo"):
+    with pytest.raises(UserError, match="--objective dpo or orpo"):
         tokenize_conversation(pair, chatml_tokenizer, max_length=64)
 
 
