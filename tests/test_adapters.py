@@ -7,8 +7,8 @@ import torch
 from tunesmith.data.packing import pack
 from tunesmith.data.tokenize import TokenizedSample
 from tunesmith.errors import UserError
-from tiny import with_method
-from tunesmith.model.adapters import count_parameters, lora_target_modules, trainable_state
+from tiny import trainable_state, with_method
+from tunesmith.model.adapters import count_parameters, lora_target_modules
 from tunesmith.train.losses import sft_loss_sum
 
 

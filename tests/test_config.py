@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tunesmith.cli import build_parser, values_from_args
+from tunesmith.cli import build_parser, gather
 from tunesmith.config import (LoopOptions, TrainConfig, attribute_docs, build_config, load_yaml, options_of,
                               to_flat_dict, train_config)
 from tunesmith.errors import UserError
@@ -21,7 +21,7 @@ def test_yaml_then_flags(tmp_path) -> None:
     cfg = tmp_path / "run.yaml"
     cfg.write_text("lr: 0.001\nepochs: 2\nmax-length: 512\nmodel: some/model\n")
     args = build_parser().parse_args(["train", "--config", str(cfg), "--epochs", "5"])
-    config = train_config(values_from_args(TrainConfig, args))
+    config = train_config(gather(TrainConfig, args)[0])
     assert config.loop.epochs == 5.0  # the flag wins
     assert config.loop.lr == 0.001  # the YAML fills in
     assert config.data.max_length == 512  # dashes accepted in YAML keys

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tunesmith.cli import build_parser, values_from_args
+from tunesmith.cli import build_parser, gather
 from tunesmith.config import DataOptions, DatasetSpec, TrainConfig, build_config, load_yaml, to_flat_dict
 from tunesmith.data.columns import resolve_columns
 from tunesmith.data.mix import mix_counts, read_mix
@@ -73,7 +73,7 @@ def test_mix_counts() -> None:
 
 def test_flags_repeat_and_yaml_lists(tmp_path: Path) -> None:
     args = build_parser().parse_args(["train", "--data", "a.jsonl", "--data", "b.csv"])
-    config = build_config(TrainConfig, values_from_args(TrainConfig, args))
+    config = build_config(TrainConfig, gather(TrainConfig, args)[0])
     assert [s.path for s in config.data.data] == ["a.jsonl", "b.csv"]
     run = tmp_path / "run.yaml"
     run.write_text("datasets:\n  - path: a.jsonl\n    share: 0.25\n  - path: b.csv\n    format: qa\n"

@@ -99,3 +99,8 @@ def with_method(model, method: str, **options):
     from tunesmith.methods import PARAMETER_SETS
 
     return PARAMETER_SETS[method].wrap(model, MethodOptions(method=method, **options))
+
+
+def trainable_state(model) -> dict:
+    """The trainable tensors by name (all weights, or only the adapter's)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

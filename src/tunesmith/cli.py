@@ -61,11 +61,6 @@ def gather(cls: type, args: argparse.Namespace) -> tuple[dict[str, Any], dict[st
     return values, sources
 
 
-def values_from_args(cls: type, args: argparse.Namespace) -> dict[str, Any]:
-    """The YAML file of `--config` (if any), overridden by the flags that were given."""
-    return gather(cls, args)[0]
-
-
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     """Defaults, then the YAML file of `--config`, then the flags that were given."""
     return build_config(cls, *gather(cls, args))

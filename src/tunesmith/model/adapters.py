@@ -64,11 +64,6 @@ def count_parameters(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
-def trainable_state(model: Any) -> dict[str, Any]:
-    """The trainable tensors by name: what a checkpoint must hold to resume (all weights or the adapter)."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def is_peft(model: Any) -> bool:
     """Whether `model` carries a peft adapter."""
     return hasattr(model, "peft_config")
