@@ -16,7 +16,6 @@ import math
 import random
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,14 +57,12 @@ def as_tokenized(pairs: list[tuple[list[int], list[int], list[int]]]) -> list[An
 
 def run_tunesmith_dpo(bench: Any, config: Any, pairs: list[Any], method: str, rate: float) -> Any:
     """tunesmith DPO through the one loop; pairs/s after warm-up (reference pass timed apart for full)."""
-    from tunesmith.config import LoopOptions, MethodOptions
+    from tunesmith.config import MethodOptions
     from tunesmith.data.packing import collate_pairs
     from tunesmith.methods import OBJECTIVES, PARAMETER_SETS
     from tunesmith.model.fast import prepare_for_training
-    from tunesmith.train.checkpoint import TrainState
-    from tunesmith.train.loop import DataPlan, Engine, total_steps, train
+    from tunesmith.train.loop import DataPlan, Engine, total_steps
     from tunesmith.train.optim import make_optimizer
-    from tunesmith.train.progress import RunLog
     from tunesmith.train.reference import attach, score_pairs
     from tunesmith.train.schedule import cosine_schedule
 
@@ -86,28 +83,19 @@ def run_tunesmith_dpo(bench: Any, config: Any, pairs: list[Any], method: str, ra
                                lr=OBJECTIVES["dpo"].default_lr(PARAMETER_SETS[method].adapter), weight_decay=0.0, seed=0)
     plan = DataPlan(samples, BATCH_TOKENS, seed=0, collate_fn=collate_pairs)
     steps = total_steps(plan, 1, 1.0, None)
-    opts = LoopOptions(batch_tokens=BATCH_TOKENS, max_steps=steps)
     scheduler = cosine_schedule(optimizer, steps)
     groups = plan.groups(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        log = RunLog(Path(tmp), steps, show_bar=False)
-        engine = Engine(model, optimizer, scheduler, loss_fn, device)
-        state = train(engine, plan, [], opts, TrainState(), bench.WARMUP_STEPS, log, lambda s: Path(tmp))
-        torch.cuda.synchronize()
-        started, tokens_before = time.perf_counter(), state.tokens
-        state = train(engine, plan, [], opts, state, steps, log, lambda s: Path(tmp))
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-        log.close()
+    engine = Engine(model, optimizer, scheduler, loss_fn, device)
+    _state, records, tokens, seconds = bench.timed_train(engine, plan, steps, BATCH_TOKENS)
     timed = sum(len(g) for g in groups[bench.WARMUP_STEPS:steps])
-    history = [r for r in log.history if "train_loss" in r]
+    history = [r for r in records if "train_loss" in r]
     notes.append(f"reward accuracy last step {history[-1].get('reward_accuracy', float('nan')):.2f}")
-    result = bench.Result(f"tunesmith DPO {method}", (state.tokens - tokens_before) / seconds,
-                          torch.cuda.max_memory_allocated() / 2**30, 0.0, steps, state.tokens - tokens_before,
+    result = bench.Result(f"tunesmith DPO {method}", tokens / seconds,
+                          torch.cuda.max_memory_allocated() / 2**30, 0.0, steps, tokens,
                           seconds, [r["train_loss"] for r in history], notes)
     result.notes.insert(0, f"pairs/s {timed / seconds:,.1f}")
     result.pairs_per_s = timed / seconds  # type: ignore[attr-defined]
-    del model, optimizer, scheduler, setup, loss_fn
+    del model, optimizer, scheduler, setup, loss_fn, engine
     return result
 
 

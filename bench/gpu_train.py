@@ -138,6 +138,29 @@ def step_clock(marks: dict[int, float]) -> Any:
     return Clock()
 
 
+def timed_train(engine: Any, plan: Any, steps: int, batch_tokens: int) -> tuple[Any, list[dict[str, Any]], int, float]:
+    """Run the real loop for `steps` steps; time those after WARMUP_STEPS (GPU synced at both ends).
+
+    Returns the final state, the logged records, the real tokens of the timed steps and their seconds.
+    """
+    from tunesmith.config import LoopOptions
+    from tunesmith.train.checkpoint import TrainState
+    from tunesmith.train.loop import train
+    from tunesmith.train.progress import RunLog
+
+    opts = LoopOptions(batch_tokens=batch_tokens, max_steps=steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        log = RunLog(Path(tmp), steps, show_bar=False)
+        state = train(engine, plan, [], opts, TrainState(), WARMUP_STEPS, log, lambda s: Path(tmp))
+        torch.cuda.synchronize()
+        started, tokens_before = time.perf_counter(), state.tokens
+        state = train(engine, plan, [], opts, state, steps, log, lambda s: Path(tmp))
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        log.close()
+    return state, log.history, state.tokens - tokens_before, seconds
+
+
 def free_gpu() -> None:
     """Release everything the previous run left, and restart peak-memory accounting."""
     gc.collect()
@@ -256,15 +279,13 @@ def run_trl(config: Any, samples: list[list[int]], lora: bool, rate: float, max_
 def run_tunesmith(config: Any, samples: list[list[int]], method: str, fast: bool, batch_tokens: int, rate: float,
                   max_steps: int | None = None, profile: bool = False, label: str = "") -> Result:
     """Train through `tunesmith.train.loop.train`; time real tokens after the warm-up steps."""
-    from tunesmith.config import LoopOptions, MethodOptions
+    from tunesmith.config import MethodOptions
     from tunesmith.data.tokenize import TokenizedSample
     from tunesmith.methods import OBJECTIVES, PARAMETER_SETS
     from tunesmith.model.fast import prepare_for_training
-    from tunesmith.train.checkpoint import TrainState
-    from tunesmith.train.loop import DataPlan, Engine, total_steps, train
+    from tunesmith.train.loop import DataPlan, Engine, total_steps
     from tunesmith.train.losses import packing_is_exact
     from tunesmith.train.optim import make_optimizer
-    from tunesmith.train.progress import RunLog
     from tunesmith.train.schedule import cosine_schedule
 
     name = f"tunesmith {method}" + ("" if fast else " (plain path)") + label
@@ -279,34 +300,20 @@ def run_tunesmith(config: Any, samples: list[list[int]], method: str, fast: bool
     padded = setup.loss_sum is None and not packing_is_exact(model, torch.device(DEVICE))  # as `tunesmith train`
     plan = DataPlan([TokenizedSample(s, s) for s in samples], batch_tokens, seed=0, padded=padded)
     steps = total_steps(plan, 1, 1.0, max_steps)
-    opts = LoopOptions(batch_tokens=batch_tokens, max_steps=steps)
     scheduler = cosine_schedule(optimizer, steps)
-    with tempfile.TemporaryDirectory() as tmp:
-        log = RunLog(Path(tmp), steps, show_bar=False)
-        engine = Engine(model, optimizer, scheduler, loss_fn, torch.device(DEVICE))
-
-        def run(st: Any, upto: int) -> Any:
-            return train(engine, plan, [], opts, st, upto, log, lambda s: Path(tmp))
-
-        state = run(TrainState(), WARMUP_STEPS)
-        torch.cuda.synchronize()
-        started, tokens_before = time.perf_counter(), state.tokens
-        state = run(state, steps)
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-        log.close()
+    engine = Engine(model, optimizer, scheduler, loss_fn, torch.device(DEVICE))
+    state, history, tokens, seconds = timed_train(engine, plan, steps, batch_tokens)
     groups = [g for epoch in range(1 + steps // max(1, len(plan.groups(0)))) for g in plan.groups(epoch)]
     docs = [[len(plan.samples[i].input_ids) for i in group] for group in groups[WARMUP_STEPS:steps]]
     flops = sum(step_flops(config, n_params, d, method == "lora") for d in docs)
-    tokens = state.tokens - tokens_before
     result = Result(name, tokens / seconds, torch.cuda.max_memory_allocated() / 2**30,
                     flops / seconds / rate / 1e12, steps, tokens, seconds,
-                    [r["train_loss"] for r in log.history if "train_loss" in r],
+                    [r["train_loss"] for r in history if "train_loss" in r],
                     setup.notices + [f"attention={setup.attention} liger={setup.liger} "
                                      f"checkpointing={setup.checkpointing} optimizer={type(optimizer).__name__}"])
     if profile:
         result.notes.append(profile_steps(model, optimizer, plan, loss_fn))
-    del model, optimizer, scheduler, setup, loss_fn  # (engine and run go with the frame)
+    del model, optimizer, scheduler, setup, loss_fn, engine
     return result
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -61,16 +60,14 @@ def n_params(config: Any) -> int:
 def run_tunesmith_adapter(config: Any, samples: list[list[int]], method: str, rate: float, batch_tokens: int | None,
                           path: Path | None = None, checkpointing: bool = False, max_steps: int | None = None) -> Any:
     """tunesmith LoRA/QLoRA through its loader, parameter set, fast path (memory plan) and loop."""
-    from tunesmith.config import LoopOptions, MethodOptions
+    from tunesmith.config import MethodOptions
     from tunesmith.data.tokenize import TokenizedSample
     from tunesmith.methods import OBJECTIVES, PARAMETER_SETS
     from tunesmith.model.fast import prepare_for_training
     from tunesmith.model.load import load_model
-    from tunesmith.train.checkpoint import TrainState
-    from tunesmith.train.loop import DataPlan, Engine, total_steps, train
+    from tunesmith.train.loop import DataPlan, Engine, total_steps
     from tunesmith.train.optim import make_optimizer
     from tunesmith.train.plan import Setting
-    from tunesmith.train.progress import RunLog
     from tunesmith.train.schedule import cosine_schedule
 
     params, dev = PARAMETER_SETS[method], torch.device(bench.DEVICE)
@@ -86,24 +83,14 @@ def run_tunesmith_adapter(config: Any, samples: list[list[int]], method: str, ra
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], lr=2e-4, seed=0)
     plan = DataPlan([TokenizedSample(s, s) for s in samples], setup.batch_tokens, seed=0)
     steps = total_steps(plan, 1, 1.0, max_steps)
-    opts = LoopOptions(batch_tokens=setup.batch_tokens, max_steps=steps)
-    with tempfile.TemporaryDirectory() as tmp:
-        log = RunLog(Path(tmp), steps, show_bar=False)
-        engine = Engine(model, optimizer, cosine_schedule(optimizer, steps), OBJECTIVES["sft"].make_loss(setup), dev)
-        state = train(engine, plan, [], opts, TrainState(), bench.WARMUP_STEPS, log, lambda s: Path(tmp))
-        torch.cuda.synchronize()
-        started, before = time.perf_counter(), state.tokens
-        state = train(engine, plan, [], opts, state, steps, log, lambda s: Path(tmp))
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-        log.close()
+    engine = Engine(model, optimizer, cosine_schedule(optimizer, steps), OBJECTIVES["sft"].make_loss(setup), dev)
+    _state, records, tokens, seconds = bench.timed_train(engine, plan, steps, setup.batch_tokens)
     groups = [g for e in range(1 + steps // max(1, len(plan.groups(0)))) for g in plan.groups(e)]
     docs = [[len(plan.samples[i].input_ids) for i in g] for g in groups[bench.WARMUP_STEPS:steps]]
     flops = sum(bench.step_flops(config, n_params(config), d, True) for d in docs)
-    tokens = state.tokens - before
     result = bench.Result(f"tunesmith {method}", tokens / seconds, torch.cuda.max_memory_allocated() / 2**30,
                           flops / seconds / rate / 1e12, steps, tokens, seconds,
-                          [r["train_loss"] for r in log.history if "train_loss" in r],
+                          [r["train_loss"] for r in records if "train_loss" in r],
                           setup.notices + [f"batch_tokens={setup.batch_tokens} checkpointing={setup.checkpointing}"])
     del model, optimizer, engine, setup
     return result
