@@ -27,6 +27,7 @@ a model family liger does not cover, a head the fused loss cannot express.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from types import MethodType
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -176,6 +177,34 @@ def _set_flex_attention(lm: Any) -> str:
         return str(getattr(lm.config, "_attn_implementation", "default"))
 
 
+def _lora_forward(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                  scale: float) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """y = x W^T + s (x A^T) B^T in x's dtype, and what the backward needs: (x2, A, B, h) cast.
+
+    The scale is applied on the (N, r) side and the add is fused into the matmul (`addmm`).
+    """
+    a_c, b_c = a.to(x.dtype), b.to(x.dtype)  # (r, in), (out, r)
+    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+    h = (x2 @ a_c.t()) * scale  # (N, r)
+    y = torch.addmm(x2 @ w.t(), h, b_c.t())  # (N, out)
+    return y.view(*x.shape[:-1], w.shape[0]), (x2, a_c, b_c, h)
+
+
+def _lora_backward(ctx: Any, grad: torch.Tensor, weight: Callable[[], torch.Tensor],
+                   saved: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(grad of x, grad of A, grad of B) of `_lora_forward`; `weight()` gives W only when x needs it."""
+    x2, a_c, b_c, h = saved
+    g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+    gh = (g @ b_c) * ctx.scale  # (N, r)
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        w = weight()  # (out, in)
+        grad_x = torch.addmm(g @ w, gh, a_c).view(*grad.shape[:-1], w.shape[1])  # (..., in)
+    grad_a = (gh.t() @ x2).to(ctx.dtypes[0])  # (r, in)
+    grad_b = (g.t() @ h).to(ctx.dtypes[1])  # (out, r)
+    return grad_x, grad_a, grad_b
+
+
 class _LoraLinear(torch.autograd.Function):
     """y = x W^T + s (x A^T) B^T as ONE autograd node, in the activations' dtype (bf16 on CUDA).
 
@@ -189,24 +218,15 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                 scale: float) -> torch.Tensor:
-        a_c, b_c = a.to(x.dtype), b.to(x.dtype)  # (r, in), (out, r)
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        h = (x2 @ a_c.t()) * scale  # (N, r)
-        y = torch.addmm(x2 @ w.t(), h, b_c.t())  # (N, out)
-        ctx.save_for_backward(x2, w, a_c, b_c, h)
+        y, saved = _lora_forward(x, w, a, b, scale)
+        ctx.save_for_backward(w, *saved)
         ctx.scale, ctx.dtypes = scale, (a.dtype, b.dtype)
-        return y.view(*x.shape[:-1], w.shape[0])
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        x2, w, a_c, b_c, h = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        gh = (g @ b_c) * ctx.scale  # (N, r)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.addmm(g @ w, gh, a_c).view(*grad.shape[:-1], w.shape[1])  # (..., in)
-        grad_a = (gh.t() @ x2).to(ctx.dtypes[0])  # (r, in)
-        grad_b = (g.t() @ h).to(ctx.dtypes[1])  # (out, r)
+        w, *saved = ctx.saved_tensors
+        grad_x, grad_a, grad_b = _lora_backward(ctx, grad, lambda: w, tuple(saved))
         return grad_x, None, grad_a, grad_b, None
 
 
@@ -228,26 +248,16 @@ class _Lora4bit(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, packed: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                 scale: float, quant_state: Any) -> torch.Tensor:
-        w = _dequantize(packed, quant_state, x.dtype)  # (out, in), freed after this call
-        a_c, b_c = a.to(x.dtype), b.to(x.dtype)  # (r, in), (out, r)
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        h = (x2 @ a_c.t()) * scale  # (N, r)
-        y = torch.addmm(x2 @ w.t(), h, b_c.t())  # (N, out)
-        ctx.save_for_backward(x2, packed, a_c, b_c, h)
+        y, saved = _lora_forward(x, _dequantize(packed, quant_state, x.dtype), a, b, scale)  # W freed after
+        ctx.save_for_backward(packed, *saved)
         ctx.scale, ctx.dtypes, ctx.quant_state = scale, (a.dtype, b.dtype), quant_state
-        return y.view(*x.shape[:-1], w.shape[0])
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        x2, packed, a_c, b_c, h = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        gh = (g @ b_c) * ctx.scale  # (N, r)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            w = _dequantize(packed, ctx.quant_state, g.dtype)  # (out, in)
-            grad_x = torch.addmm(g @ w, gh, a_c).view(*grad.shape[:-1], w.shape[1])  # (..., in)
-        grad_a = (gh.t() @ x2).to(ctx.dtypes[0])  # (r, in)
-        grad_b = (g.t() @ h).to(ctx.dtypes[1])  # (out, r)
+        packed, *saved = ctx.saved_tensors
+        weight = lambda: _dequantize(packed, ctx.quant_state, grad.dtype)  # noqa: E731
+        grad_x, grad_a, grad_b = _lora_backward(ctx, grad, weight, tuple(saved))
         return grad_x, None, grad_a, grad_b, None, None
 
 
