@@ -149,23 +149,31 @@ def run_trl_dpo(bench: Any, config: Any, pairs: list[tuple[list[int], list[int],
     return result
 
 
-def dpo_rows(bench: Any, shape: str = "llama-1b", n_pairs: int = 1200) -> dict[str, Any]:
-    """tunesmith DPO LoRA and full, and TRL's DPOTrainer (if importable) on the same pairs."""
+def dpo_rows(bench: Any, shape: str = "llama-1b", n_pairs: int = 800, save: Any = None) -> dict[str, Any]:
+    """tunesmith DPO LoRA and full, and TRL's DPOTrainer (if importable) on the same pairs.
+
+    Each row is printed (and `save(out)` called) when it ends, so a run cut short keeps its rows.
+    """
     import importlib.util
     from dataclasses import asdict
 
     config = bench.model_config(shape)
     pairs = synth_pairs(n_pairs, config.vocab_size)
-    rows = {"ours_lora": bench.guarded("tunesmith DPO lora", run_tunesmith_dpo, bench, config, pairs, "lora", 0.0),
-            "ours_full": bench.guarded("tunesmith DPO full", run_tunesmith_dpo, bench, config, pairs, "full", 0.0)}
-    skipped = None
-    if importlib.util.find_spec("trl") is None:
-        skipped = "TRL rows skipped: trl is not importable (pip install trl)"
-    else:
-        rows["trl_lora"] = bench.guarded("TRL DPOTrainer LoRA", run_trl_dpo, bench, config, pairs, True)
-        rows["trl_full"] = bench.guarded("TRL DPOTrainer full", run_trl_dpo, bench, config, pairs, False)
-    out = {"shape": shape, "pairs": n_pairs, "skipped": skipped,
-           "runs": {k: {**asdict(v), "pairs_per_s": getattr(v, "pairs_per_s", 0.0)} for k, v in rows.items()}}
+    have_trl = importlib.util.find_spec("trl") is not None
+    out: dict[str, Any] = {"shape": shape, "pairs": n_pairs, "runs": {},
+                           "skipped": None if have_trl else "TRL rows skipped: trl is not importable (pip install trl)"}
+    jobs = [("ours_lora", "tunesmith DPO lora", run_tunesmith_dpo, (bench, config, pairs, "lora", 0.0)),
+            ("ours_full", "tunesmith DPO full", run_tunesmith_dpo, (bench, config, pairs, "full", 0.0))]
+    if have_trl:
+        jobs += [("trl_lora", "TRL DPOTrainer LoRA", run_trl_dpo, (bench, config, pairs, True)),
+                 ("trl_full", "TRL DPOTrainer full", run_trl_dpo, (bench, config, pairs, False))]
+    for key, name, fn, args in jobs:
+        r = bench.guarded(name, fn, *args)
+        out["runs"][key] = {**asdict(r), "pairs_per_s": getattr(r, "pairs_per_s", 0.0)}
+        print(f"[dpo] {name}: {out['runs'][key]['pairs_per_s']:,.1f} pairs/s, {r.tokens_per_s:,.0f} tok/s, "
+              f"peak {r.peak_gib:.2f} GiB" + (f", {r.error}" if r.error else "") + f" {r.notes}", flush=True)
+        if save:
+            save(out)
     return out
 
 

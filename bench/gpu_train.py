@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -50,6 +51,7 @@ REGIMES = {"short": (200, 32, 1024, 8192, 1800), "long": (2000, 256, 8192, 16384
 # --sweep: the shapes and regimes besides the headline (1B short) that must keep their lead.
 SWEEP = [("llama-1b", "long"), ("llama-3b", "long"), ("qwen-0.5b", "short"), ("llama-3b", "short")]  # peers last: see README
 WARMUP_STEPS = 4
+REPEATS = 3  # the headline's tunesmith rows run this often; the table shows min / median / max
 STARTER = Path(__file__).resolve().parent.parent / "src" / "tunesmith" / "assets" / "starter"
 DEVICE = "cuda"  # the CPU smoke check in bench/README.md sets "cpu"
 
@@ -68,6 +70,7 @@ class Result:
     losses: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     error: str | None = None
+    repeats: list[float] = field(default_factory=list)  # tokens/s of every repeat (the row is the median one)
 
 
 def matmul_tflops() -> float:
@@ -276,7 +279,7 @@ def run_trl(config: Any, samples: list[list[int]], lora: bool, rate: float, max_
 # tunesmith: the same code `tunesmith train` runs (method, fast path, optimizer policy, loop).
 
 
-def run_tunesmith(config: Any, samples: list[list[int]], method: str, fast: bool, batch_tokens: int, rate: float,
+def run_tunesmith(config: Any, samples: list[list[int]], method: str, fast: bool, batch_tokens: int | None, rate: float,
                   max_steps: int | None = None, profile: bool = False, label: str = "") -> Result:
     """Train through `tunesmith.train.loop.train`; time real tokens after the warm-up steps."""
     from tunesmith.config import MethodOptions
@@ -294,6 +297,7 @@ def run_tunesmith(config: Any, samples: list[list[int]], method: str, fast: bool
     n_params = sum(p.numel() for p in model.parameters())
     model = PARAMETER_SETS[method].wrap(model, MethodOptions(method=method, lora_r=16, lora_alpha=32))
     setup = prepare_for_training(model, device=torch.device(DEVICE), batch_tokens=batch_tokens, fast_kernels=fast)
+    batch_tokens = setup.batch_tokens  # None above: the memory plan's choice, as `tunesmith train` makes it
     loss_fn = OBJECTIVES["sft"].make_loss(setup)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad],
                                lr=2e-4 if method == "lora" else 1e-4, weight_decay=0.0, seed=0)
@@ -309,7 +313,7 @@ def run_tunesmith(config: Any, samples: list[list[int]], method: str, fast: bool
     result = Result(name, tokens / seconds, torch.cuda.max_memory_allocated() / 2**30,
                     flops / seconds / rate / 1e12, steps, tokens, seconds,
                     [r["train_loss"] for r in history if "train_loss" in r],
-                    setup.notices + [f"attention={setup.attention} liger={setup.liger} "
+                    setup.notices + [f"attention={setup.attention} liger={setup.liger} batch_tokens={batch_tokens} "
                                      f"checkpointing={setup.checkpointing} optimizer={type(optimizer).__name__}"])
     if profile:
         result.notes.append(profile_steps(model, optimizer, plan, loss_fn))
@@ -433,15 +437,30 @@ def guarded(name: str, fn: Any, *args: Any, **kwargs: Any) -> Result:
         return Result(name, error=kind)
 
 
-def with_eager_layers(fn: Any, *args: Any, **kwargs: Any) -> Result:
-    """`fn` with the fast path's regional compilation of the decoder layers switched off (liger layers instead)."""
+def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, compile_mode: str | None = None,
+                       **kwargs: Any) -> Result:
+    """`fn` with the fast path's layer compilation switched (off: eager liger layers; a torch.compile mode)."""
     from tunesmith.model import fast
 
-    fast.COMPILE_LAYERS = False
+    saved = fast.COMPILE_LAYERS, fast.COMPILE_MODE
+    fast.COMPILE_LAYERS, fast.COMPILE_MODE = compile_layers, compile_mode
     try:
         return fn(*args, **kwargs)
     finally:
-        fast.COMPILE_LAYERS = True
+        fast.COMPILE_LAYERS, fast.COMPILE_MODE = saved
+
+
+def repeated(name: str, times: int, fn: Any, *args: Any, **kwargs: Any) -> Result:
+    """`guarded(fn)` run `times` times: the median run's row, with every run's tokens/s in `repeats`."""
+    runs = [guarded(name, fn, *args, **kwargs)]
+    for _ in range(times - 1):  # a profile (the first run's notes) is taken once
+        runs.append(guarded(name, fn, *args, **{**kwargs, **({"profile": False} if "profile" in kwargs else {})}))
+    ok = sorted((r for r in runs if not r.error), key=lambda r: r.tokens_per_s)
+    if not ok:
+        return runs[0]
+    row = ok[len(ok) // 2]
+    row.notes, row.repeats = runs[0].notes, [r.tokens_per_s for r in runs if not r.error]
+    return row
 
 
 def loss_parity(a: list[float], b: list[float], steps: int = 50) -> dict[str, float]:
@@ -454,7 +473,7 @@ def loss_parity(a: list[float], b: list[float], steps: int = 50) -> dict[str, fl
 
 
 def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, profile: bool,
-            peers: bool = True, eager: bool = True) -> dict[str, Any]:
+            peers: bool = True, eager: bool = True, repeats: int = 1, variants: bool = False) -> dict[str, Any]:
     """Baselines (Trainer, TRL) and tunesmith (full, LoRA; compiled layers, and eager liger layers) on one shape.
 
     Order matters: liger's instance patches also replace a few module-level functions of
@@ -470,15 +489,22 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
     if parity:
         rows["plain_full"] = guarded("tunesmith full (plain path)", run_tunesmith, config, samples, "full", False,
                                      budget, rate, max_steps=50)
-    rows["fast_full"] = guarded("tunesmith full", run_tunesmith, config, samples, "full", True, budget, rate,
-                                profile=profile)
-    rows["fast_lora"] = guarded("tunesmith LoRA", run_tunesmith, config, samples, "lora", True, budget, rate,
-                                profile=profile)
+    for method in ("full", "lora"):
+        rows[f"fast_{method}"] = repeated(f"tunesmith {method}", repeats, run_tunesmith, config, samples, method,
+                                          True, budget, rate, profile=profile)
+    if variants:  # what the plan picks on this GPU without --batch-tokens; CUDA graphs over the compiled layers
+        for method in ("full", "lora"):
+            rows[f"auto_{method}"] = guarded(f"tunesmith {method} (default budget)", run_tunesmith, config, samples,
+                                             method, True, None, rate, label=" (budget: the plan's)")
+        for method in ("full", "lora"):
+            rows[f"graphs_{method}"] = guarded(f"tunesmith {method} (CUDA graphs)", with_fast_settings, run_tunesmith,
+                                               config, samples, method, True, budget, rate,
+                                               compile_mode="reduce-overhead", label=" (CUDA graphs)")
     if eager:
         for method in ("full", "lora"):
-            rows[f"eager_{method}"] = guarded(f"tunesmith {method} (eager layers)", with_eager_layers,
+            rows[f"eager_{method}"] = guarded(f"tunesmith {method} (eager layers)", with_fast_settings,
                                               run_tunesmith, config, samples, method, True, budget, rate,
-                                              label=" (eager liger layers)")
+                                              compile_layers=False, label=" (eager liger layers)")
     if peers:
         rows["trl_full"] = guarded("TRL SFT full", run_trl, config, samples, False, rate, budget)
         rows["trl_lora"] = guarded("TRL SFT LoRA", run_trl, config, samples, True, rate, budget)
@@ -491,6 +517,9 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
         if {f"eager_{method}", f"fast_{method}"} <= ok:
             out[f"parity_compiled_{method}"] = loss_parity(rows[f"eager_{method}"].losses,
                                                            rows[f"fast_{method}"].losses)
+        if {f"graphs_{method}", f"fast_{method}"} <= ok:
+            out[f"parity_graphs_{method}"] = loss_parity(rows[f"fast_{method}"].losses,
+                                                         rows[f"graphs_{method}"].losses)
     return out
 
 
@@ -512,11 +541,17 @@ def table(result: dict[str, Any]) -> list[str]:
         best = max(peers, key=lambda b: b["tokens_per_s"]) if peers and ours else None
         trainer = runs.get(PEERS[method][0])
         speed = f"{r['tokens_per_s'] / best['tokens_per_s']:.2f}" if best else ""
-        mem = (f"{r['peak_gib'] / trainer['peak_gib']:.2f}" if ours and trainer and not trainer["error"] else "")
+        mem = (f"{r['peak_gib'] / trainer['peak_gib']:.2f}" if ours and trainer and not trainer["error"]
+               and trainer["peak_gib"] else "")
+        spread = r.get("repeats") or []
         lines.append(f"{r['name']:34} {r['tokens_per_s']:>11,.0f} {100 * r['mfu']:>5.1f}% {r['peak_gib']:>9.1f} "
-                     f"{speed:>11} {mem:>13}")
+                     f"{speed:>11} {mem:>13}" + (f"   {len(spread)} runs: min {min(spread):,.0f} median "
+                                                 f"{sorted(spread)[len(spread) // 2]:,.0f} max {max(spread):,.0f}"
+                                                 if len(spread) > 1 else ""))
     for key, label in (("parity", "fast vs plain"), ("parity_compiled_full", "full: eager vs compiled layers"),
-                       ("parity_compiled_lora", "LoRA: eager vs compiled layers")):
+                       ("parity_compiled_lora", "LoRA: eager vs compiled layers"),
+                       ("parity_graphs_full", "full: compiled vs CUDA graphs"),
+                       ("parity_graphs_lora", "LoRA: compiled vs CUDA graphs")):
         if key in result:
             p = result[key]
             lines.append(f"loss parity, {label}, first {p['steps']} steps, same batches (bf16): max rel diff "
@@ -557,6 +592,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for gpu_train.json")
     parser.add_argument("--qlora", action="store_true",
                         help="instead: QLoRA on the Llama-3.1-8B shape vs Trainer+peft+bitsandbytes (and Unsloth)")
+    parser.add_argument("--eager", action="store_true", help="headline: also the eager liger-layer rows (round 1)")
     parser.add_argument("--plan-check", action="store_true",
                         help="instead: measured peak memory vs `tunesmith plan`'s estimate, 1B/3B/8B shapes")
     args = parser.parse_args()
@@ -567,7 +603,7 @@ def main() -> None:
     if args.dpo:
         from dpo_rows import dpo_rows, dpo_table
 
-        report["dpo"] = dpo_rows(sys.modules[__name__])
+        report["dpo"] = dpo_rows(sys.modules[__name__], save=lambda r: write_json({**report, "dpo": r}, args.out))
         write_json(report, args.out)
         print("\n".join(dpo_table(report["dpo"])))
         for r in report["dpo"]["runs"].values():
@@ -579,11 +615,20 @@ def main() -> None:
     if args.qlora or args.plan_check:
         import qlora  # bench/qlora.py (its own module, so this file stays the 16-bit bench)
 
-        if args.plan_check:
-            report["plan_check"] = qlora.plan_check(rate)
-        if args.qlora:
-            report["results"] = [qlora.qlora_rows(rate, REGIMES["short"][4] // 3)]
-            print("\n".join(table(report["results"][0])), flush=True)
+        saved: dict[str, Path] = {}  # random models saved once for the 4-bit loads of both parts
+        try:
+            if args.qlora:
+                saved["llama-8b"] = qlora.saved_random_model(qlora.shape_config(qlora.LLAMA_8B, False),
+                                                             Path(tempfile.mkdtemp(prefix="qlora-bench-")))
+                report["results"] = [qlora.qlora_rows(rate, REGIMES["short"][4] // 3, saved["llama-8b"],
+                                                      lambda r: write_json({**report, "results": [r]}, args.out))]
+                print("\n".join(table(report["results"][0])), flush=True)
+            if args.plan_check:
+                report["plan_check"] = qlora.plan_check(
+                    rate, saved, lambda rows: write_json({**report, "plan_check": rows}, args.out))
+        finally:
+            for path in saved.values():
+                shutil.rmtree(path.parent, ignore_errors=True)
         write_json(report, args.out)
         return
     if args.sweep:  # the other shapes and regimes; the headline (1B, short) is the plain run
@@ -597,7 +642,8 @@ def main() -> None:
             write_json(report, args.out)  # after each shape: a run cut short still leaves its rows
         return
     report["fused_adamw_max_ulp"] = check_fused_adamw()
-    results = [compare("llama-1b", "short", rate, REGIMES["short"][4], parity=True, profile=True)]
+    results = [compare("llama-1b", "short", rate, REGIMES["short"][4], parity=True, profile=True,
+                       repeats=REPEATS, variants=True, eager=args.eager)]
     print("\n".join(table(results[0])), flush=True)
     policy = report["optimizer_policy"] = check_optimizer_policy()
     report["results"] = results

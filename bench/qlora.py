@@ -88,7 +88,8 @@ def run_tunesmith_adapter(config: Any, samples: list[list[int]], method: str, ra
     groups = [g for e in range(1 + steps // max(1, len(plan.groups(0)))) for g in plan.groups(e)]
     docs = [[len(plan.samples[i].input_ids) for i in g] for g in groups[bench.WARMUP_STEPS:steps]]
     flops = sum(bench.step_flops(config, n_params(config), d, True) for d in docs)
-    result = bench.Result(f"tunesmith {method}", tokens / seconds, torch.cuda.max_memory_allocated() / 2**30,
+    result = bench.Result(f"tunesmith {method}" + (" (checkpointing)" if checkpointing else ""), tokens / seconds,
+                          torch.cuda.max_memory_allocated() / 2**30,
                           flops / seconds / rate / 1e12, steps, tokens, seconds,
                           [r["train_loss"] for r in records if "train_loss" in r],
                           setup.notices + [f"batch_tokens={setup.batch_tokens} checkpointing={setup.checkpointing}"])
@@ -123,63 +124,72 @@ def unsloth_qlora_model(path: Path) -> Any:
                                             use_gradient_checkpointing="unsloth")
 
 
-def qlora_rows(rate: float, n_samples: int) -> dict[str, Any]:
-    """tunesmith QLoRA vs Trainer+peft+bitsandbytes QLoRA (vs Unsloth QLoRA) on the 8B shape."""
+def qlora_rows(rate: float, n_samples: int, path: Path, save: Any = None) -> dict[str, Any]:
+    """tunesmith QLoRA vs Trainer+peft+bitsandbytes QLoRA (vs Unsloth QLoRA) on the 8B shape saved at `path`.
+
+    Each row is printed (and `save(out)` called) as soon as it ends, so a run cut short keeps them.
+    """
     import importlib.util
 
     config = shape_config(LLAMA_8B, tied=False)
     samples = bench.synth_samples(n_samples, "short", config.vocab_size)
-    root = Path(tempfile.mkdtemp(prefix="qlora-bench-"))
-    rows: dict[str, Any] = {}
-    try:
-        path = saved_random_model(config, root)
-        if importlib.util.find_spec("unsloth") is None:
-            rows["unsloth"] = bench.Result("Unsloth QLoRA", error="skipped: `unsloth` is not importable here")
-        else:  # before the others: Unsloth patches transformers process-wide when imported
-            rows["unsloth"] = bench.guarded("Unsloth QLoRA", bench.run_trainer, config, samples, True, rate,
-                                            make_model=lambda: unsloth_qlora_model(path), label="Unsloth QLoRA",
-                                            n_params=n_params(config))
-        rows["base_qlora"] = bench.guarded("Trainer+peft+bnb QLoRA", bench.run_trainer, config, samples, True, rate,
-                                           make_model=lambda: trainer_qlora_model(path),
-                                           label="Trainer+peft+bnb QLoRA",
-                                           n_params=n_params(config))
-        rows["fast_qlora"] = bench.guarded("tunesmith qlora", run_tunesmith_adapter, config, samples, "qlora", rate,
-                                           QLORA_TOKENS, path)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-        for r in rows.values():  # as they are, also when a later row is cut short
-            print(f"[qlora] {r.name}: {r.tokens_per_s:,.0f} tok/s, MFU {100 * r.mfu:.1f}%, peak {r.peak_gib:.2f} GiB"
-                  + (f", {r.error}" if r.error else "") + "".join(f"\n  {n}" for n in r.notes), flush=True)
-    return {"shape": "llama-8b", "regime": "short", "samples": n_samples, "real_tokens": sum(map(len, samples)),
-            "runs": {k: bench.asdict(v) for k, v in rows.items()}}
+    out: dict[str, Any] = {"shape": "llama-8b", "regime": "short", "samples": n_samples,
+                           "real_tokens": sum(map(len, samples)), "runs": {}}
+
+    def done(key: str, r: Any) -> None:
+        out["runs"][key] = bench.asdict(r)
+        print(f"[qlora] {r.name}: {r.tokens_per_s:,.0f} tok/s, MFU {100 * r.mfu:.1f}%, peak {r.peak_gib:.2f} GiB"
+              + (f", {r.error}" if r.error else "") + "".join(f"\n  {n}" for n in r.notes), flush=True)
+        if save:
+            save(out)
+
+    if importlib.util.find_spec("unsloth") is None:
+        done("unsloth", bench.Result("Unsloth QLoRA", error="skipped: `unsloth` is not importable here"))
+    else:  # before the others: Unsloth patches transformers process-wide when imported
+        done("unsloth", bench.guarded("Unsloth QLoRA", bench.run_trainer, config, samples, True, rate,
+                                      make_model=lambda: unsloth_qlora_model(path), label="Unsloth QLoRA",
+                                      n_params=n_params(config)))
+    # tunesmith first: the Trainer recipe's prepare_model_for_kbit_training must not leave anything behind
+    done("fast_qlora", bench.guarded("tunesmith qlora", run_tunesmith_adapter, config, samples, "qlora", rate,
+                                     QLORA_TOKENS, path))
+    done("fast_qlora_ckpt", bench.guarded("tunesmith qlora (checkpointing)", run_tunesmith_adapter, config,
+                                          samples, "qlora", rate, QLORA_TOKENS, path, True))
+    done("base_qlora", bench.guarded("Trainer+peft+bnb QLoRA", bench.run_trainer, config, samples, True, rate,
+                                     make_model=lambda: trainer_qlora_model(path), label="Trainer+peft+bnb QLoRA",
+                                     n_params=n_params(config)))
+    return out
 
 
-def plan_check(rate: float) -> list[dict[str, Any]]:
-    """Measured peak vs the plan's estimate (allocator's view: without the CUDA context) for 1B/3B/8B."""
+def plan_check(rate: float, saved: dict[str, Path], save: Any = None) -> list[dict[str, Any]]:
+    """Measured peak vs the plan's estimate (allocator's view: without the CUDA context), 8B then 1B/3B.
+
+    LoRA rows build the bf16 model on the GPU; QLoRA rows load `saved[shape]` (saved on first use).
+    """
     from tunesmith.train import plan
 
-    shapes = {"llama-1b": shape_config(bench.SHAPES["llama-1b"], True),
-              "llama-3b": shape_config(bench.SHAPES["llama-3b"], True), "llama-8b": shape_config(LLAMA_8B, False)}
-    out = []
+    shapes = {"llama-8b": shape_config(LLAMA_8B, False), "llama-1b": shape_config(bench.SHAPES["llama-1b"], True),
+              "llama-3b": shape_config(bench.SHAPES["llama-3b"], True)}
+    out: list[dict[str, Any]] = []
     for name, config in shapes.items():
         samples = bench.synth_samples(600, "short", config.vocab_size)
-        root = Path(tempfile.mkdtemp(prefix="plan-check-"))
-        try:
-            path = saved_random_model(config, root)
-            for method in ("lora", "qlora"):
-                for tokens in (4096, 8192):
-                    r = bench.guarded(f"{name} {method}", run_tunesmith_adapter, config, samples, method, rate,
-                                      tokens, path if method == "qlora" else None, True, bench.WARMUP_STEPS + 6)
-                    s = plan.Setting(adapter=True, base_bits=4 if method == "qlora" else 16, checkpointing=True)
-                    e = plan.estimate(plan.shape_from_config(config.to_dict(), name), s, tokens)
-                    est = (e.total - e.parts.get("cuda context", 0)) / 2**30
-                    row = {"shape": name, "method": method, "tokens": tokens, "estimated_gib": est,
-                           "measured_gib": r.peak_gib, "error": r.error,
-                           "rel_error": (est - r.peak_gib) / r.peak_gib if r.peak_gib else None}
-                    out.append(row)
-                    print(f"plan check {name:9} {method:6} {tokens:>6} tokens: estimated {est:6.2f} GiB, measured "
-                          f"{r.peak_gib:6.2f} GiB" + (f", error {100 * row['rel_error']:+.1f}%" if row["rel_error"]
-                                                      is not None else f" ({r.error})"), flush=True)
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
+        for method in ("qlora", "lora") if name == "llama-8b" else ("qlora",):
+            for tokens in (4096, 8192):
+                if method == "qlora" and name not in saved:
+                    saved[name] = saved_random_model(config, Path(tempfile.mkdtemp(prefix="plan-check-")))
+                r = bench.guarded(f"{name} {method}", run_tunesmith_adapter, config, samples, method, rate,
+                                  tokens, saved.get(name) if method == "qlora" else None, True, bench.WARMUP_STEPS + 6)
+                s = plan.Setting(adapter=True, base_bits=4 if method == "qlora" else 16, checkpointing=True)
+                e = plan.estimate(plan.shape_from_config(config.to_dict(), name), s, tokens)
+                est = (e.total - e.parts.get("cuda context", 0)) / 2**30
+                row = {"shape": name, "method": method, "tokens": tokens, "estimated_gib": est,
+                       "measured_gib": r.peak_gib, "error": r.error, "tokens_per_s": r.tokens_per_s,
+                       "rel_error": (est - r.peak_gib) / r.peak_gib if r.peak_gib else None}
+                out.append(row)
+                print(f"plan check {name:9} {method:6} {tokens:>6} tokens: estimated {est:6.2f} GiB, measured "
+                      f"{r.peak_gib:6.2f} GiB" + (f", error {100 * row['rel_error']:+.1f}%" if row["rel_error"]
+                                                  is not None else f" ({r.error})"), flush=True)
+                if save:
+                    save(out)
+        if name in saved:
+            shutil.rmtree(saved.pop(name).parent, ignore_errors=True)
     return out

@@ -49,6 +49,10 @@ LIGER_CE_CHUNK_MEM = 16
 # Regional torch.compile of the decoder layers: measured on an H200 (bench/gpu_train.py, which
 # also runs it off): LoRA 43.4k -> 61.4k tok/s, full 55.4k -> 57.8k, losses within 0.02%.
 COMPILE_LAYERS = True
+# torch.compile mode of those layers: None (inductor's default). bench/gpu_train.py also times
+# "reduce-overhead" (CUDA graphs per layer), the lever against LoRA's host time; not the default
+# until it is measured faster with the same losses.
+COMPILE_MODE: str | None = None
 PAD_MULTIPLE = 1024  # packed rows are padded up to the batch budget, longer ones to this multiple
 
 
@@ -368,7 +372,7 @@ def _compile_decoder_layers(lm: Any, backend: str = "inductor") -> int:
     torch._dynamo.config.suppress_errors = True
     layers = getattr(lm.get_decoder(), "layers", None) or []
     for layer in layers:
-        layer.compile(dynamic=False, backend=backend)
+        layer.compile(dynamic=False, backend=backend, mode=COMPILE_MODE)
     return len(layers)
 
 
