@@ -218,3 +218,32 @@ def test_fused_log_probs_equal_the_plain_ones_with_gradients(models, llama3_toke
     assert torch.equal(ca, cb) and torch.allclose(a, b, atol=1e-4, rtol=1e-5)
     for x, y in zip(ga, gb):
         assert torch.allclose(x, y, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_log_probs_pad_every_pair_batch_to_the_token_budget(models, llama3_tokenizer):
+    """One row length per run (the budget) is what keeps the compiled layers from recompiling per step."""
+    from types import SimpleNamespace
+
+    from tunesmith.train.preference import fused_sequence_logps, logps_for, sequence_logps
+
+    policy = models[0]
+    pairs, _ = tokenize_pairs(convs(), llama3_tokenizer, DataOptions())
+    seen: list[int] = []
+    decoder = policy.get_decoder()
+    hook = decoder.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["input_ids"].shape[1]),
+                                             with_kwargs=True)
+    try:
+        budget = 1024
+        fn = logps_for(SimpleNamespace(loss_sum=object(), batch_tokens=budget))
+        plain = []
+        for group in (pairs[:1], pairs[:2], pairs[1:]):
+            batch = collate_pairs(group)
+            assert batch.input_ids.shape[1] < budget
+            with torch.no_grad():
+                got = fn(policy, batch)[0]
+                plain.append(torch.allclose(got, sequence_logps(policy, batch)[0], atol=1e-4))
+        assert seen[::2] == [budget] * 3 and all(plain)  # every other call is the plain reference
+        assert logps_for(SimpleNamespace(loss_sum=None)) is sequence_logps
+        assert fused_sequence_logps(policy, collate_pairs(pairs[:1]))[0].shape == (1, 2)
+    finally:
+        hook.remove()

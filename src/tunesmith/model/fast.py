@@ -53,6 +53,7 @@ COMPILE_LAYERS = True
 # "reduce-overhead" (CUDA graphs per layer), the lever against LoRA's host time; not the default
 # until it is measured faster with the same losses.
 COMPILE_MODE: str | None = None
+RECOMPILE_LIMIT = 64  # compiled-layer variants kept per run (see _compile_decoder_layers)
 PAD_MULTIPLE = 1024  # packed rows are padded up to the batch budget, longer ones to this multiple
 
 
@@ -370,6 +371,12 @@ def _compile_decoder_layers(lm: Any, backend: str = "inductor") -> int:
     import torch._dynamo
 
     torch._dynamo.config.suppress_errors = True
+    # One code object serves every layer, so its cache holds one graph per variant the run
+    # meets: budget-length and longer rows (multiples of PAD_MULTIPLE), grad and no-grad
+    # (eval, DPO's reference with the adapter off), the first layer's frozen input. dynamo's
+    # default of 8 entries is reached by a DPO run with long rows, and the layers would then
+    # fall back to eager for the rest of the run.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     layers = getattr(lm.get_decoder(), "layers", None) or []
     for layer in layers:
         layer.compile(dynamic=False, backend=backend, mode=COMPILE_MODE)

@@ -13,6 +13,7 @@ Rewards reported for ORPO are lambda * a (what TRL logs), so both objectives log
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -49,10 +50,15 @@ def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     return -F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
 
 
-def fused_sequence_logps(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sequence_logps` for the fast path: decoder only, the row padded to a fixed multiple
-    (few shapes for flex attention), token log-probs chunked and recomputed in backward
-    (the full (T, V) logits are never built). Padded batches take the plain path."""
+def fused_sequence_logps(model: Any, batch: Batch, budget: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logps` for the fast path: decoder only, token log-probs chunked and recomputed
+    in backward (the full (T, V) logits are never built). Padded batches take the plain path.
+
+    The row is padded to the token budget (longer rows to a multiple of PAD_MULTIPLE), as the
+    SFT loss pads it: the compiled layers and flex attention then see one shape. Padded only
+    to multiples, every pair batch had its own length and the layers recompiled step after
+    step, until dynamo's recompile limit sent them back to eager flex attention, which
+    materialises (T, T) scores (the out-of-memory of the first GPU run of the DPO rows)."""
     from torch.utils.checkpoint import checkpoint
 
     from tunesmith.model.fast import causal_lm, pad_packed, padded_length
@@ -60,7 +66,7 @@ def fused_sequence_logps(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.
     if batch.input_ids.shape[0] != 1:
         return sequence_logps(model, batch)
     lm = causal_lm(model)
-    length = padded_length(batch.input_ids.shape[1], 0)
+    length = padded_length(batch.input_ids.shape[1], budget)
     ids, pos, tgt = pad_packed(batch.input_ids, batch.position_ids, batch.targets, length)  # (1, L)
     hidden = lm.get_decoder()(input_ids=ids, position_ids=pos, attention_mask=None, use_cache=False).last_hidden_state
     hidden, tgt = hidden.reshape(-1, hidden.shape[-1]), tgt.reshape(-1)  # (L, H), (L,)
@@ -82,8 +88,10 @@ LogpsFn = Callable[[Any, Batch], tuple[torch.Tensor, torch.Tensor]]
 
 
 def logps_for(fast: Any) -> LogpsFn:
-    """The fused log-probs when the fast path built a fused loss (CUDA), else the plain ones."""
-    return fused_sequence_logps if getattr(fast, "loss_sum", None) is not None else sequence_logps
+    """The fused log-probs at the run's token budget when the fast path built a fused loss (CUDA), else the plain ones."""
+    if getattr(fast, "loss_sum", None) is None:
+        return sequence_logps
+    return functools.partial(fused_sequence_logps, budget=int(getattr(fast, "batch_tokens", 0) or 0))
 
 
 @torch.no_grad()
