@@ -42,8 +42,10 @@ def llama_bindings(quant: str) -> Any:
     """llama-cpp-python's module, or a UserError saying how to get it (also when its library fails to load)."""
     try:
         import llama_cpp
-    except ModuleNotFoundError:
-        raise how_to_get(quant) from None
+    except ModuleNotFoundError as exc:
+        if exc.name == "llama_cpp":
+            raise how_to_get(quant) from None
+        raise how_to_get(quant, f"{exc} (llama-cpp-python is installed without its dependencies)") from None
     except (ImportError, OSError, RuntimeError) as exc:  # installed, but its shared library does not load
         raise how_to_get(quant, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     return llama_cpp
