@@ -178,3 +178,15 @@ def test_rows_that_are_not_a_multiple_of_256_are_named_in_a_note(tmp_path):
     note = result.notes[0]
     assert note.startswith("note: 1 of ") and "multiple of 256" in note and "have 640" in note
     assert types["blk.0.ffn_down.weight"] in note and note in result.lines()
+
+
+def test_a_quantiser_failure_is_one_clear_error_with_llama_cpp_s_reason(tmp_path, capfd):
+    """llama.cpp's log is captured while it quantises; on failure its own reason is the message."""
+    from tunesmith.errors import UserError
+    from tunesmith.export.kquant import quantize
+
+    bad = tmp_path / "not-a.gguf"
+    bad.write_bytes(b"GGUF but not really" * 10)
+    with pytest.raises(UserError, match="llama.cpp's quantiser failed on .*not-a.gguf: .*failed to quantize"):
+        quantize(bad, tmp_path / "out.gguf", "q4_k_m")
+    assert "failed to quantize" not in capfd.readouterr().err  # captured, not sprayed on stderr
