@@ -63,3 +63,20 @@ def gguf_fields(path: Path) -> dict[str, Any]:
 
     reader = GGUFReader(str(path))
     return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def wide_model_dir(path: Path, **shape: int) -> Path:
+    """A tiny llama3-style model whose rows are multiples of 256 (llama.cpp's k-quant block), and whose
+    tokenizer prepends BOS on plain encoding as Meta's Llama 3 tokenizer does (llama.cpp's
+    `add_bos_token` then comes out true)."""
+    import tiny
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    tiny.make_model_dir(path, "llama3", **{"hidden_size": 256, "intermediate_size": 512, **shape})
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    bos = tokenizer.bos_token
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_token_id)])
+    tokenizer.save_pretrained(path)
+    return path

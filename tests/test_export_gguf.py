@@ -4,7 +4,6 @@ chat template and EOS/EOT in its metadata; a tiny LoRA run's merged model surviv
 from __future__ import annotations
 
 import copy
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -128,15 +127,34 @@ def test_unsupported_architecture_is_refused_by_name(chatml_tokenizer, tmp_path)
     assert not (tmp_path / "m.gguf").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is not None, reason="llama_cpp is installed here")
-def test_q4_k_m_without_llama_cpp_says_how_to_get_it(source_model, tmp_path):
+def test_k_quant_without_llama_cpp_exits_2_with_the_install_command(tmp_path, monkeypatch, capsys):
+    """Where llama-cpp-python is missing (None in sys.modules makes its import fail, installed or not),
+    `tunesmith export --quant q4_k_m` exits 2 naming the extra and the build flags, and writes nothing."""
+    import sys
+
+    import tiny
+    from tunesmith.cli import main
+
+    model_dir = tiny.make_model_dir(tmp_path / "wide", hidden_size=256, intermediate_size=512, num_hidden_layers=1)
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    assert main(["export", str(model_dir), "--quant", "q4_k_m", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "tunesmith: q4_k_m needs llama.cpp's quantiser, which is not installed" in err
+    assert 'pip install "tunesmith[llama]"' in err and "-DGGML_AMX_TILE=OFF" in err and "llama-quantize" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("quant", ["q4_k_m", "q6_k"])
+def test_k_quant_refuses_a_model_whose_rows_are_never_a_multiple_of_256(quant, source_model, tmp_path):
+    """hidden 64 / intermediate 128: every matrix would fall back to a 32-block type in llama.cpp."""
     from tunesmith.export.gguf import write_gguf
 
     model, tokenizer = source_model
-    with pytest.raises(UserError, match="q4_k_m needs llama.cpp") as info:
-        write_gguf(model, tokenizer, tmp_path / "m.gguf", "q4_k_m", [4])
-    text = "\n".join(info.value.lines())
-    assert "pip install 'tunesmith[llama]'" in text and "llama-quantize" in text and "GGML_AMX_TILE=OFF" in text
+    with pytest.raises(UserError, match="blocks of 256 values") as info:
+        write_gguf(model, tokenizer, tmp_path / "m.gguf", quant, [4])
+    assert "row lengths: 64, 128; hidden_size 64" in str(info.value)
+    assert any("--quant q8_0" in line for line in info.value.problems)
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.fixture(scope="module")
@@ -163,35 +181,6 @@ def test_lora_run_merges_and_round_trips(lora_run, tmp_path, one_thread):
     path = export(lora_run, tmp_path / "gguf", "f16")
     assert torch.equal(logits(f16_rounded(merged), ids), logits(load_gguf_model(path), ids))
     assert gguf_fields(path)["tokenizer.chat_template"] == tokenizer.chat_template
-
-
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                    reason="llama.cpp test skipped: llama_cpp (llama-cpp-python) is not installed; "
-                           "pip install 'tunesmith[llama]' to run it")
-def test_llama_cpp_greedy_tokens_match_tunesmith_generate(tiny_model_dir, tmp_path):
-    """llama.cpp itself, on the exported file: its greedy continuation of the chat prompt starts
-    with the same tokens tunesmith's generate picks."""
-    import llama_cpp
-
-    from tunesmith.infer.generate import load
-    from tunesmith.infer.sampling import SamplingOptions
-
-    path = export(tiny_model_dir, tmp_path, "f16")
-    tuned = load(str(tiny_model_dir), device="cpu")
-    tuned.sampling = SamplingOptions(greedy=True, max_new_tokens=8)
-    prompt_text = tuned.tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=False,
-                                                      add_generation_prompt=True)
-    prompt = tuned.tokenizer(prompt_text, add_special_tokens=False).input_ids
-    with torch.no_grad():
-        want = tuned.model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):]
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, verbose=False, logits_all=False)
-    assert llm.tokenize(prompt_text.encode(), add_bos=False, special=True) == prompt
-    got = []
-    for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
-        got.append(token)
-        if len(got) == len(want) or token in (llm.token_eos(),):
-            break
-    assert got[:4] == want.tolist()[:4]
 
 
 def test_llama3_rope_factors_match_transformers_frequencies():

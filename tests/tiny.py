@@ -71,16 +71,18 @@ def make_tokenizer(style: str = "llama3", vocab_size: int = 700) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
-def make_model_dir(path: Path, style: str = "llama3", seed: int = 0) -> Path:
-    """Save a tiny random Llama model (about 100k parameters) with its tokenizer to `path`."""
+def make_model_dir(path: Path, style: str = "llama3", seed: int = 0, **shape: int) -> Path:
+    """Save a tiny random Llama model (about 100k parameters) with its tokenizer to `path`;
+    `shape` overrides LlamaConfig sizes (hidden_size=256 for llama.cpp's k-quant blocks)."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     tokenizer = make_tokenizer(style)
     torch.manual_seed(seed)
+    sizes = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, **shape}
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        vocab_size=len(tokenizer), max_position_embeddings=512, **sizes,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
     model = LlamaForCausalLM(config)

@@ -21,12 +21,13 @@ class ExportResult:
 
     directory: Path
     files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     next_step: str | None = None
 
     def lines(self) -> list[str]:
-        """Human-readable report: one line per file with its size, then the next step."""
-        out = [f"wrote {f} ({_size(f.stat().st_size)})" for f in self.files]
+        """Human-readable report: one line per file with its size, any notes, the time, then the next step."""
+        out = [f"wrote {f} ({_size(f.stat().st_size)})" for f in self.files] + self.notes
         out.append(f"export took {self.seconds:.1f} s")
         if self.next_step:
             out.append(f"next: {self.next_step}")
@@ -56,6 +57,7 @@ def model_name(source: ExportSource) -> str:
 def export_model(model: str, source: ExportSource | None = None, **options: Any) -> ExportResult:
     """Export `model` (output dir, model dir or hub id); options are `ExportOptions` fields (to, quant, output)."""
     from tunesmith.export.gguf import write_gguf
+    from tunesmith.export.kquant import K_QUANTS, fallback_note
     from tunesmith.export.merged import write_merged
     from tunesmith.export.ollama import ollama_template, write_modelfile
 
@@ -75,6 +77,8 @@ def export_model(model: str, source: ExportSource | None = None, **options: Any)
         gguf_path = write_gguf(source.model, source.tokenizer, directory / f"{name}-{opts.quant}.gguf", opts.quant,
                                source.end_of_turn_ids, name)
         result.files = [gguf_path]
+        note = fallback_note(gguf_path, opts.quant) if opts.quant in K_QUANTS else None
+        result.notes = [note] if note else []
         result.next_step = f"llama-cli -m {gguf_path} -cnv"
         if opts.to == "ollama":
             result.files.append(write_modelfile(directory, gguf_path, template, source.stop_strings(),

@@ -6,13 +6,12 @@ template training used (`tokenizer.chat_template`), and the end-of-turn token as
 to EOS, so chat mode renders and stops exactly where the model learned to.
 
 f16, bf16 and q8_0 are written in pure Python by the `gguf` package (its quants module
-implements Q8_0 and BF16 in numpy). K-quants need llama.cpp's own quantiser: q4_k_m is
-written as f16 first and then converted by `llama_cpp.llama_model_quantize` when the
+implements Q8_0 and BF16 in numpy). K-quants (q4_k_m, q5_k_m, q6_k) need llama.cpp's own
+quantiser: they are written as f16 first and then converted by `export.kquant` when the
 `llama-cpp-python` package is installed.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import tempfile
 from pathlib import Path
@@ -21,19 +20,17 @@ from typing import Any
 import numpy as np
 
 from tunesmith.errors import UserError
-from tunesmith.export.arch import arch_spec, fix_tensor, llama3_rope_factors, write_hparams
+from tunesmith.export.arch import (
+    arch_spec,
+    fix_tensor,
+    llama3_rope_factors,
+    write_hparams,
+)
 from tunesmith.export.gguf_vocab import write_vocab
+from tunesmith.export.kquant import K_QUANTS, check_shapes, llama_bindings, quantize
 
-QUANTS = ("f16", "bf16", "q8_0", "q4_k_m")
+QUANTS = ("f16", "bf16", "q8_0", *K_QUANTS)
 Q8_BLOCK = 32  # Q8_0 quantises rows in blocks of 32 values (one f16 scale each)
-LLAMA_FTYPE_MOSTLY_Q4_K_M = 15  # llama.h's enum value
-
-Q4_HOW_TO = ["q4_k_m needs llama.cpp's quantiser, which is not installed:",
-             "pip install 'tunesmith[llama]' (llama-cpp-python; on CPUs with AMX build it with "
-             "CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF "
-             "-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON\")",
-             "or export --quant f16 and run llama.cpp's `llama-quantize MODEL-f16.gguf MODEL-q4_k_m.gguf Q4_K_M`",
-             "or use --quant q8_0 (pure Python, about twice the size of q4_k_m, near-lossless)"]
 
 
 def _file_type(quant: str) -> int:
@@ -98,11 +95,11 @@ def _arch_enum(name: str) -> Any:
 
 def write_gguf(model: Any, tokenizer: Any, path: Path, quant: str, end_of_turn_ids: list[int],
                name: str | None = None) -> Path:
-    """Write `model` + `tokenizer` to `path` as GGUF in `quant` (f16 | bf16 | q8_0 | q4_k_m)."""
+    """Write `model` + `tokenizer` to `path` as GGUF in `quant` (f16 | bf16 | q8_0 | q4_k_m | q5_k_m | q6_k)."""
     if quant not in QUANTS:
         raise UserError(f"invalid value for quant: {quant!r} (allowed: {' | '.join(QUANTS)})")
-    if quant == "q4_k_m":
-        return _write_k_quant(model, tokenizer, path, end_of_turn_ids, name)
+    if quant in K_QUANTS:
+        return _write_k_quant(model, tokenizer, path, quant, end_of_turn_ids, name)
     import gguf
 
     spec = arch_spec(model.config)
@@ -122,29 +119,18 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quant: str, end_of_turn_i
     return path
 
 
-def _llama_quantizer() -> Any:
-    """llama-cpp-python's bindings, or a UserError saying how to get them."""
-    try:
-        import llama_cpp
-    except ImportError:
-        raise UserError(Q4_HOW_TO[0], Q4_HOW_TO[1:]) from None
-    return llama_cpp
-
-
-def _write_k_quant(model: Any, tokenizer: Any, path: Path, end_of_turn_ids: list[int], name: str | None) -> Path:
-    """f16 GGUF to a temporary file, then llama.cpp's quantiser to Q4_K_M."""
-    llama_cpp = _llama_quantizer()  # before the slow part
+def _write_k_quant(model: Any, tokenizer: Any, path: Path, quant: str, end_of_turn_ids: list[int],
+                   name: str | None) -> Path:
+    """f16 GGUF to a temporary file next to `path`, then llama.cpp's quantiser to `quant`."""
     arch_spec(model.config)
+    check_shapes(model, quant)
+    llama_bindings(quant)  # before the slow part
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".f16.gguf", dir=path.parent)
     os.close(fd)
     try:
         write_gguf(model, tokenizer, Path(tmp), "f16", end_of_turn_ids, name or path.stem)
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = LLAMA_FTYPE_MOSTLY_Q4_K_M
-        status = llama_cpp.llama_model_quantize(tmp.encode(), str(path).encode(), ctypes.byref(params))
-        if status != 0:
-            raise UserError(f"llama.cpp's quantiser failed on {tmp} (status {status})", Q4_HOW_TO[2:3])
+        quantize(Path(tmp), path, quant)
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path

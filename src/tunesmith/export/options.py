@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 from tunesmith.config import check, check_choice
 from tunesmith.errors import UserError
+from tunesmith.export.kquant import K_QUANTS
 
 TARGETS = ("merged", "gguf", "ollama")
-QUANTS = ("f16", "bf16", "q8_0", "q4_k_m")  # = export.gguf.QUANTS
+QUANTS = ("f16", "bf16", "q8_0", *K_QUANTS)  # = export.gguf.QUANTS
 
 
 @dataclass
@@ -18,7 +19,7 @@ class ExportOptions:
     to: str = "gguf"
     """Format: merged (standalone HF model dir) | gguf (one file for llama.cpp) | ollama (GGUF + Modelfile)."""
     quant: str = "q8_0"
-    """GGUF precision: f16 | bf16 | q8_0 (near-lossless, half of f16) | q4_k_m (needs llama-cpp-python)."""
+    """GGUF precision: f16 | bf16 | q8_0 (near-lossless, half of f16) | q4_k_m | q5_k_m | q6_k (k-quants: need llama-cpp-python)."""
     output: str | None = None
     """Where to write; default: MODEL/export-TO (MODEL/merged for --to merged)."""
 
