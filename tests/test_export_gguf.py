@@ -229,3 +229,20 @@ def test_sentencepiece_style_tokenizer_round_trips(tmp_path):
     assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_space_prefix"] is True
     assert meta["tokenizer.ggml.token_type"][hf.convert_tokens_to_ids("<0x41>")] == 6  # BYTE
     assert meta["tokenizer.ggml.token_type"][hf.unk_token_id] == 2  # UNKNOWN
+
+
+def test_default_output_never_writes_into_the_installed_package(tmp_path, monkeypatch):
+    """The bundled starter lives in site-packages: its export goes to the working directory."""
+    from types import SimpleNamespace
+
+    import tunesmith
+    from tunesmith.export.api import default_output
+
+    monkeypatch.chdir(tmp_path)
+    starter = Path(tunesmith.__file__).resolve().parent / "assets" / "starter"
+    got = default_output(SimpleNamespace(name=str(starter), path=starter), "gguf")
+    assert got == tmp_path / "starter-export-gguf"
+    run = tmp_path / "my-run"
+    run.mkdir()
+    assert default_output(SimpleNamespace(name="my-run", path=run), "merged") == run / "merged"
+    assert default_output(SimpleNamespace(name="org/model", path=None), "ollama") == Path("org--model/export-ollama")

@@ -5,6 +5,7 @@ listed with its size, and the run is timed, so the CLI can print exactly what ha
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +44,20 @@ def _size(n: int) -> str:
 
 
 def default_output(source: ExportSource, to: str) -> Path:
-    """MODEL/merged for a merge (where `train --merge` puts it), else MODEL/export-gguf, MODEL/export-ollama."""
-    base = source.path if source.path is not None else Path(source.name.replace("/", "--"))
-    return base / "merged" if to == "merged" else base / f"export-{to}"
+    """MODEL/merged for a merge (where `train --merge` puts it), else MODEL/export-gguf, MODEL/export-ollama.
+
+    A model directory inside the installed package (the bundled starter) or one the user cannot
+    write to gets ./NAME-merged (./NAME-export-gguf, ...) in the working directory instead:
+    an export must never write into site-packages.
+    """
+    leaf = "merged" if to == "merged" else f"export-{to}"
+    if source.path is None:
+        return Path(source.name.replace("/", "--")) / leaf
+    package = Path(__file__).resolve().parent.parent
+    inside_package = source.path.resolve().is_relative_to(package)
+    if inside_package or not os.access(source.path, os.W_OK):
+        return Path.cwd() / f"{model_name(source)}-{leaf}"
+    return source.path / leaf
 
 
 def model_name(source: ExportSource) -> str:
