@@ -13,6 +13,8 @@ SCENARIOS = {
     "ddp-full": dict(method="full", parallel="ddp"),
     "fsdp-lora": dict(method="lora", parallel="fsdp"),
 }
+# On preference data: full-FT DPO under FSDP2, whose reference pass the ranks share out.
+PREFERENCE_SCENARIOS = {"fsdp-dpo": dict(method="full", parallel="fsdp", objective="dpo", lr=1e-3, batch_tokens=256)}
 
 
 def interrupted_copy(source: Path, target: Path) -> None:

@@ -2,7 +2,7 @@
 
 Process start dominates the cost of a distributed test, so one launch runs every scenario
 in the same process group: DDP and FSDP2, full and LoRA, and a resume of the FSDP2 run
-from its step-3 sharded checkpoint. Usage: torchrun ... dist_worker.py ROOT MODEL DATA.
+from its step-3 sharded checkpoint. Usage: torchrun ... dist_worker.py ROOT MODEL DATA PAIRS.
 """
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dist_common import RUN, SCENARIOS, interrupted_copy  # noqa: E402
+from dist_common import PREFERENCE_SCENARIOS, RUN, SCENARIOS, interrupted_copy  # noqa: E402
 
 
-def main(root: Path, model: str, data: str) -> None:
-    """Each scenario into ROOT/NAME; then ROOT/resumed-2 continues ROOT/fsdp-full from step 3."""
+def main(root: Path, model: str, data: str, pairs: str) -> None:
+    """Each scenario into ROOT/NAME (PAIRS for the preference ones); then ROOT/resumed-2 continues ROOT/fsdp-full."""
     from tunesmith.train.api import finetune
 
     torch.set_num_threads(1)
@@ -25,6 +25,8 @@ def main(root: Path, model: str, data: str) -> None:
     rank = torch.distributed.get_rank()
     for name, options in SCENARIOS.items():
         finetune(model=model, data=data, output=str(root / name), **RUN, **options)
+    for name, options in PREFERENCE_SCENARIOS.items():
+        finetune(model=model, data=pairs, output=str(root / name), **{**RUN, **options})
     if rank == 0:
         interrupted_copy(root / "fsdp-full", root / "resumed-2")
         interrupted_copy(root / "fsdp-full", root / "resumed-1")  # for the one-process resume in the test
@@ -37,4 +39,4 @@ def main(root: Path, model: str, data: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3])
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_common import RUN, SCENARIOS
+from dist_common import PREFERENCE_SCENARIOS, RUN, SCENARIOS
 from tiny import WORDS
 
 HERE = Path(__file__).parent
@@ -37,6 +37,18 @@ def write_chats(path: Path, n: int = 40, seed: int = 0) -> Path:
     return path
 
 
+def write_pairs(path: Path, n: int = 24, seed: int = 1) -> Path:
+    """prompt/chosen/rejected rows of words: chosen repeats the prompt's first word, rejected does not."""
+    rng = random.Random(seed)
+    with path.open("w", encoding="utf-8") as f:
+        for _ in range(n):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(2, 8))]
+            chosen = " ".join([words[0]] * rng.randint(2, 6))
+            rejected = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6)))
+            f.write(json.dumps({"prompt": " ".join(words), "chosen": chosen, "rejected": rejected + " no"}) + "\n")
+    return path
+
+
 def torchrun(*args: str) -> list[str]:
     """The torchrun command line for two local processes."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
@@ -48,8 +60,8 @@ def runs(tmp_path_factory, tiny_model_dir) -> Path:
     from tunesmith.train.api import finetune
 
     root = tmp_path_factory.mktemp("dist")
-    data = write_chats(root / "chats.jsonl")
-    done = subprocess.run(torchrun(str(HERE / "dist_worker.py"), str(root), str(tiny_model_dir), str(data)),
+    data, pairs = write_chats(root / "chats.jsonl"), write_pairs(root / "pairs.jsonl")
+    done = subprocess.run(torchrun(str(HERE / "dist_worker.py"), str(root), str(tiny_model_dir), str(data), str(pairs)),
                           env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     threads = torch.get_num_threads()
@@ -57,6 +69,9 @@ def runs(tmp_path_factory, tiny_model_dir) -> Path:
     try:
         for method in ("full", "lora"):
             finetune(model=str(tiny_model_dir), data=str(data), output=str(root / f"one-{method}"), method=method, **RUN)
+        for name, options in PREFERENCE_SCENARIOS.items():
+            options = {k: v for k, v in options.items() if k != "parallel"}
+            finetune(model=str(tiny_model_dir), data=str(pairs), output=str(root / f"one-{name}"), **{**RUN, **options})
         finetune(model=str(tiny_model_dir), data=str(data), output=str(root / "resumed-1"), resume=True, **RUN,
                  **SCENARIOS["fsdp-full"])
     finally:
@@ -98,6 +113,24 @@ def test_two_processes_give_the_loss_curve_and_model_of_one(runs, name):
         assert got[key].dtype == value.dtype
         torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5)
     assert json.loads((runs / name / "summary.json").read_text())["steps"] == RUN["max_steps"]
+
+
+@pytest.mark.parametrize("name", list(PREFERENCE_SCENARIOS))
+def test_full_dpo_under_fsdp2_shares_the_reference_pass_and_trains_like_one_process(runs, name):
+    """The ranks score half the pairs each before sharding; losses, rewards and weights match one process."""
+    assert_same_curve(runs / name, runs / f"one-{name}")
+    records = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(line) for line in (runs / f"one-{name}" / "metrics.jsonl").read_text().splitlines()]
+    first = [r for r in records if "train_loss" in r][0]
+    assert first["train_loss"] == pytest.approx(0.6931, abs=1e-3)  # the policy IS the reference at step 1
+    for key in ("reward_accuracy", "margin"):
+        assert [r.get(key) for r in records if key in r] == pytest.approx([r.get(key) for r in ref if key in r],
+                                                                          rel=1e-4, abs=1e-5)
+    got, expected = weights(runs / name), weights(runs / f"one-{name}")
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5)
+    cache = list((runs / name / ".cache").rglob("reference-*.npz"))
+    assert len(cache) == 1  # written once, by rank 0
 
 
 def test_checkpoints_are_sharded_and_the_gathered_model_loads_with_pipeline(runs):

@@ -35,6 +35,7 @@ class Batch:
     num_tokens: int = 0  # real (non-padding) tokens, for throughput
     sequence_ids: torch.Tensor | None = None  # (B, T) pair batches: token -> sequence 2*pair (+1 if rejected)
     reference_logps: torch.Tensor | None = None  # (P, 2) pair batches: cached reference log-probs, if any
+    num_pairs: int = 0  # pair batches: P (kept by a placeholder, whose num_targets is 0, to size its sums)
 
     def to(self, device: torch.device) -> Batch:
         """The same batch on `device`; on CUDA copied from pinned memory without blocking the host.
@@ -54,7 +55,7 @@ class Batch:
 
         return Batch(move(self.input_ids), move(self.targets), move(self.position_ids),  # type: ignore[arg-type]
                      self.num_targets, move(self.attention_mask), self.num_tokens, move(self.sequence_ids),
-                     move(self.reference_logps))
+                     move(self.reference_logps), self.num_pairs)
 
 
 def shifted_targets(labels: list[int]) -> list[int]:
@@ -140,7 +141,7 @@ def collate_pairs(pairs: list[Any], *, padded: bool = False, pad_id: int = 0) ->
     refs = [pair.reference for pair in pairs]
     batch.reference_logps = (torch.tensor(refs, dtype=torch.float32)  # (P, 2)
                              if all(r is not None for r in refs) else None)
-    batch.sequence_ids, batch.num_targets = seq, len(pairs)
+    batch.sequence_ids, batch.num_targets, batch.num_pairs = seq, len(pairs), len(pairs)
     return batch
 
 

@@ -32,7 +32,7 @@ def sequence_logps(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor
     token_logps = -F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX,
                                    reduction="none")  # (B*T,), 0 where not trained
     seq = batch.sequence_ids.flatten()  # (B*T,)  type: ignore[union-attr]
-    n = 2 * batch.num_targets
+    n = 2 * batch.num_pairs  # not num_targets: a placeholder batch (0 targets) still runs its pairs
     sums = torch.zeros(n, device=logits.device).index_add(0, seq, token_logps)  # (2P,)
     counts = torch.zeros(n, device=logits.device).index_add(0, seq, (targets != IGNORE_INDEX).float())
     return sums.view(-1, 2), counts.view(-1, 2)
@@ -78,7 +78,7 @@ def fused_sequence_logps(model: Any, batch: Batch, budget: int = 0) -> tuple[tor
                      else _chunk_logps(*args))
     token_logps = torch.cat(parts)[: batch.input_ids.shape[1]]  # (T,) the padding tail dropped
     targets, seq = batch.targets.flatten(), batch.sequence_ids.flatten()  # type: ignore[union-attr]
-    n = 2 * batch.num_targets
+    n = 2 * batch.num_pairs  # not num_targets: a placeholder batch (0 targets) still runs its pairs
     sums = torch.zeros(n, device=hidden.device).index_add(0, seq, token_logps)
     counts = torch.zeros(n, device=hidden.device).index_add(0, seq, (targets != IGNORE_INDEX).float())
     return sums.view(-1, 2), counts.view(-1, 2)

@@ -86,26 +86,47 @@ def attach(pairs: list[Any], values: np.ndarray) -> None:
         pair.reference = (chosen, rejected)
 
 
+def score_shared(run: Any, pairs: list[Any]) -> np.ndarray:
+    """`score_pairs` of `pairs`, each rank scoring every world-th pair, summed over ranks.
+
+    The pass runs before the model is wrapped (every rank still holds all the weights), so
+    under DDP or FSDP2 the ranks split the work instead of each scoring everything.
+    """
+    dist = run.dist
+    share = list(range(dist.rank, len(pairs), dist.world))
+    out = np.zeros((len(pairs), 2), dtype=np.float64)
+    if share:
+        pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
+        out[share] = score_pairs(run.model, [pairs[i] for i in share], run.config.loop.batch_tokens, run.device,
+                                 run.padded, pad_id, getattr(run.loss_fn, "logps", None))
+    if dist.enabled:
+        total = dist.sum(torch.from_numpy(out).to(run.device))
+        out = total.cpu().numpy()
+    return out
+
+
 def prepare_reference(run: Any) -> None:
-    """The `before_training` hook of DPO: nothing with an adapter; else load or compute the reference pass."""
+    """The `before_training` hook of DPO: nothing with an adapter; else load or compute the reference pass.
+
+    Rank 0 reads and writes the cache and tells the others what it found, so every rank
+    takes the same branch (a rank scoring alone would wait for the others forever).
+    """
     if run.recipe.params.adapter:
         return
-    prepared, say = run.prepared, run.notices.append
+    prepared, say, dist = run.prepared, run.notices.append, run.dist
     fingerprint = model_fingerprint(run.model)
     entry = prepared.cache_entry
     path = Path(entry) / f"{REFERENCE_PREFIX}{fingerprint}.npz" if entry is not None else None
-    cached = _load(path, (len(prepared.train), len(prepared.eval))) if path is not None and path.is_file() else None
+    sizes = (len(prepared.train), len(prepared.eval))
+    cached = dist.on_main(lambda: _load(path, sizes) if path is not None and path.is_file() else None)
     if cached is not None:
         say(f"reference log-probs: cached ({path})")
     else:
-        pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
-        tokens = run.config.loop.batch_tokens
-        logps = getattr(run.loss_fn, "logps", None)
-        cached = tuple(score_pairs(run.model, pairs, tokens, run.device, run.padded, pad_id, logps)
-                       for pairs in (prepared.train, prepared.eval))
+        cached = tuple(score_shared(run, pairs) for pairs in (prepared.train, prepared.eval))
         if path is not None:
-            _save(path, *cached)
+            dist.on_main(lambda: _save(path, *cached))
+        split = f", shared out over {dist.world} processes" if dist.enabled else ""
         say(f"reference log-probs: computed for {len(prepared.train) + len(prepared.eval)} pairs "
-            "before training (the reference model is not kept in memory)")
+            f"before training{split} (the reference model is not kept in memory)")
     attach(prepared.train, cached[0])
     attach(prepared.eval, cached[1])
