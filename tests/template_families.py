@@ -53,11 +53,11 @@ def vocab_cases(name: str) -> list[tuple[str, list[int]]]:
 
 
 @functools.lru_cache(maxsize=None)
-def tokenizer_file(vocab: str, renames: tuple[tuple[str, str], ...] = ()) -> str:
+def tokenizer_file(vocab: str, renames: tuple[tuple[str, str], ...] = (), dummy_prefix: bool = True) -> str:
     """A tokenizer.json of a vocabulary with reserved tokens renamed, written once per test session
     (loading from a file parses the 5-10 MB of a big vocabulary once; a tokenizer object would be
     deep-copied by transformers, which costs a second parse)."""
-    from tokenizers import Regex, Tokenizer, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 
     text = vocab_text(vocab)
     for old, new in renames:  # a reserved token's string appears once in the vocab and once in added_tokens
@@ -65,6 +65,8 @@ def tokenizer_file(vocab: str, renames: tuple[tuple[str, str], ...] = ()) -> str
         assert text.count(quoted_old) == 2 and quoted_new not in text, (vocab, old, new)
         text = text.replace(quoted_old, quoted_new)
     raw = Tokenizer.from_str(text)
+    if not dummy_prefix:  # Gemma's SentencePiece adds no "▁" before a segment (Llama 2's does, after every special)
+        raw.normalizer = normalizers.Replace(" ", "\u2581")
     if vocab == "gpt-2":
         raw.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(MODERN_SPLIT), behavior="isolated"),
@@ -84,7 +86,8 @@ def make_tokenizer(family: str) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     spec = FAMILIES[family]
-    path = tokenizer_file(spec["vocab"], tuple(tuple(pair) for pair in spec.get("rename", {}).items()))
+    path = tokenizer_file(spec["vocab"], tuple(tuple(pair) for pair in spec.get("rename", {}).items()),
+                          spec.get("dummy_prefix", True))
     template = (FIXTURES / "jinja" / spec["template"]).read_text(encoding="utf-8")
     kwargs = {f"{k}_token": spec[k] for k in ("bos", "eos", "pad") if k in spec}
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=path, chat_template=template, **kwargs)
