@@ -65,7 +65,8 @@ def convert_spm(models: Path, name: str) -> bytes:
 def convert_bpe(models: Path, name: str) -> bytes:
     """The tokenizer.json (minified) of one byte-level BPE GGUF vocabulary, split as its model splits."""
     import gguf
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models as tk_models, normalizers, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers import models as tk_models
 
     fields = gguf.GGUFReader(models / f"ggml-vocab-{name}.gguf").fields
     tokens, types = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()

@@ -34,7 +34,7 @@ MODERN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def vocab_text(name: str) -> str:
     """The tokenizer.json text of one shipped vocabulary (decompressed once per test session)."""
     xz = FIXTURES / "vocab" / f"{name}.json.xz"
@@ -52,7 +52,7 @@ def vocab_cases(name: str) -> list[tuple[str, list[int]]]:
     return [(text, [int(i) for i in line.split()]) for text, line in zip(texts, ids)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tokenizer_file(vocab: str, renames: tuple[tuple[str, str], ...] = (), dummy_prefix: bool = True) -> str:
     """A tokenizer.json of a vocabulary with reserved tokens renamed, written once per test session
     (loading from a file parses the 5-10 MB of a big vocabulary once; a tokenizer object would be
@@ -77,7 +77,7 @@ def tokenizer_file(vocab: str, renames: tuple[tuple[str, str], ...] = (), dummy_
     return str(path)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_tokenizer(family: str) -> Any:
     """The HF fast tokenizer of `family`: its real template on a real vocabulary, specials in place.
 

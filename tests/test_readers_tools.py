@@ -105,7 +105,7 @@ def test_inspect_trains_the_tool_call_and_masks_the_result_on_qwen25(tmp_path: P
     path = write(tmp_path, [chat()])
     result = tunesmith("data", "inspect", str(path), "--model", str(family_dir(tmp_path, "qwen2.5")), "--samples", "1")
     assert result.returncode == 0, result.stderr
-    trained = re.findall(r"\[\[(.*?)\]\]", result.stdout, flags=re.S)
+    trained = re.findall(r"\[\[(.*?)\]\]", result.stdout, flags=re.DOTALL)
     assert trained == ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
                        "It is 21 °C in Paris.<|im_end|>"], result.stdout
     assert '<tool_response>\n{"temp": 21}\n</tool_response>' in result.stdout  # shown as context, not trained

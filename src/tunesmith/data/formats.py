@@ -7,6 +7,8 @@ messages (messages: [{role, content}]) · qa (question, answer) ·
 prompt-completion (prompt, completion) · preference (prompt, chosen, rejected) · text (text).
 Message content may also be a list of parts (`[{"type": "text", "text": ...}]`, as the
 OpenAI format writes it): the text parts are joined with newlines; other part types are refused.
+Tool calls, tool results and a sample's `tools` (messages and sharegpt) are read by
+`tunesmith.data.toolcalls`.
 """
 from __future__ import annotations
 
@@ -15,8 +17,14 @@ from typing import Any
 from tunesmith.data.columns import COLUMN_NAMES, mapped_row
 from tunesmith.data.conversation import Conversation, Turn
 from tunesmith.data.jsonscan import describe
-from tunesmith.data.toolcalls import ToolProblem, check_tool_order, sharegpt_calls, tool_calls, tool_definitions, \
-    tool_result
+from tunesmith.data.toolcalls import (
+    ToolProblem,
+    check_tool_order,
+    sharegpt_calls,
+    tool_calls,
+    tool_definitions,
+    tool_result,
+)
 from tunesmith.errors import UserError
 
 COLUMN_KEYS = tuple(COLUMN_NAMES)  # the names --columns accepts
