@@ -140,6 +140,18 @@ def test_qwen25_reply_starting_with_newlines_is_trained_after_the_prompts_own_ne
     assert tok.decode(third.target_ids) == REPLIES[2] + "<|im_end|>"  # no stray token started inside the prompt
 
 
+def test_smollm3_no_think_mode_trains_the_reply_after_the_empty_think_block() -> None:
+    tok = make_tokenizer("smollm3")
+    turns = [Turn("system", "/no_think Be brief.")] + [Turn(role, text) for pair in zip(USERS[:2], REPLIES[:2])
+                                                        for role, text in zip(("user", "assistant"), pair)]
+    conv = Conversation(turns=turns, source="smol.jsonl:1")
+    expected = reference(tok, "smollm3", conv.messages())
+    got = inference_turns(conv, tok)
+    assert [(t.prompt_ids, t.target_ids) for t in got] == expected
+    assert all(tok.decode(t.prompt_ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n") for t in got)
+    assert [tok.decode(t.target_ids) for t in got] == [r + "<|im_end|>" for r in REPLIES[:2]]
+
+
 def test_no_fold_system_refuses_with_file_line_turn_and_reason() -> None:
     from tunesmith.errors import UserError
 
