@@ -44,6 +44,18 @@ def test_openai_tool_calls_and_results_become_tool_turns(tmp_path: Path) -> None
     assert conv.tools == [WEATHER] and conv.uses_tools
 
 
+def test_openai_legacy_function_call_and_function_role(tmp_path: Path) -> None:
+    row = {"messages": [{"role": "user", "content": "Weather in Paris?"},
+                        {"role": "assistant", "content": None,
+                         "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+                        {"role": "function", "name": "get_weather", "content": '{"temp": 21}'},
+                        {"role": "assistant", "content": "21 °C."}]}
+    conv = read_conversations(str(write(tmp_path, [row])))[0][0]
+    assert conv.turns[1].tool_calls == ({"type": "function", "function": {"name": "get_weather",
+                                                                          "arguments": {"city": "Paris"}}},)
+    assert conv.turns[2].role == "tool" and conv.turns[2].name == "get_weather"
+
+
 def test_tool_samples_written_as_jsonl_read_back_unchanged(tmp_path: Path) -> None:
     from tunesmith.data.readers import write_jsonl
 

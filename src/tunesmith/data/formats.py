@@ -30,7 +30,8 @@ from tunesmith.errors import UserError
 COLUMN_KEYS = tuple(COLUMN_NAMES)  # the names --columns accepts
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "function_call": "assistant", "observation": "tool", "tool": "tool"}
-MESSAGE_ROLES = {r: r for r in ("system", "user", "assistant", "tool")}
+MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool",
+                 "function": "tool"}  # "function": the result of OpenAI's older function_call
 
 
 class RowProblem(Exception):
@@ -186,6 +187,8 @@ def _turn(item: dict[str, Any], role: str, named: str, where: str, text_key: str
     if named == "function_call":  # ShareGPT (LLaMA-Factory): the value is the call itself
         return Turn(role, "", tool_calls=sharegpt_calls(raw, where))
     calls = tool_calls(item["tool_calls"], where) if item.get("tool_calls") is not None else ()
+    if not calls and isinstance(item.get("function_call"), dict):  # OpenAI's older single-call field
+        calls = tool_calls([{"type": "function", "function": item["function_call"]}], where)
     content = "" if calls and raw is None else content_text(raw, f"{where}: {text_key!r}")
     if not content.strip() and not calls:
         raise RowProblem(f"{where}: empty {text_key!r} in a {named} message")
