@@ -44,6 +44,11 @@ def test_openai_tool_calls_and_results_become_tool_turns(tmp_path: Path) -> None
     assert conv.tools == [WEATHER] and conv.uses_tools
 
 
+def test_an_empty_tool_calls_list_is_a_plain_reply(tmp_path: Path) -> None:  # some exporters write it
+    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "tool_calls": []}]}
+    assert read_conversations(str(write(tmp_path, [row])))[0][0].turns[1].tool_calls == ()
+
+
 def test_openai_legacy_function_call_and_function_role(tmp_path: Path) -> None:
     row = {"messages": [{"role": "user", "content": "Weather in Paris?"},
                         {"role": "assistant", "content": None,
@@ -79,7 +84,7 @@ def test_sharegpt_function_call_and_observation_turns(tmp_path: Path) -> None:
 BAD = [
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": {"name": "f"}},
                    {"role": "tool", "content": "r"}, {"role": "assistant", "content": "a"}]},
-     "messages[2]: 'tool_calls' must be a non-empty list of calls (found an object)"),
+     "messages[2]: 'tool_calls' must be a list of calls (found an object)"),
     (chat({"type": "function", "function": {"arguments": "{}"}}),
      "messages[3]: tool_calls[1]: 'function.name' must be the tool's name"),
     (chat({"type": "function", "function": {"name": "get_weather", "arguments": "{city: Paris}"}}),

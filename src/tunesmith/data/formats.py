@@ -186,7 +186,7 @@ def _turn(item: dict[str, Any], role: str, named: str, where: str, text_key: str
     raw = item.get(text_key, item.get("content"))
     if named == "function_call":  # ShareGPT (LLaMA-Factory): the value is the call itself
         return Turn(role, "", tool_calls=sharegpt_calls(raw, where))
-    calls = tool_calls(item["tool_calls"], where) if item.get("tool_calls") is not None else ()
+    calls = tool_calls(item["tool_calls"], where) if item.get("tool_calls") not in (None, []) else ()  # [] = none
     if not calls and isinstance(item.get("function_call"), dict):  # OpenAI's older single-call field
         calls = tool_calls([{"type": "function", "function": item["function_call"]}], where)
     content = "" if calls and raw is None else content_text(raw, f"{where}: {text_key!r}")

@@ -28,7 +28,7 @@ class ToolProblem(ValueError):
 def tool_calls(value: Any, where: str) -> tuple[dict[str, Any], ...]:
     """An assistant message's `tool_calls`, checked, each as {"type", "function": {"name", "arguments"}[, "id"]}."""
     if not isinstance(value, list) or not value:
-        raise ToolProblem(f"{where}: 'tool_calls' must be a non-empty list of calls (found {describe(value)})")
+        raise ToolProblem(f"{where}: 'tool_calls' must be a list of calls (found {describe(value)})")
     return tuple(_call(call, f"{where}: tool_calls[{n}]") for n, call in enumerate(value, start=1))
 
 
