@@ -85,9 +85,24 @@ def convert_bpe(models: Path, name: str) -> bytes:
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = _bos_template(fields, tokens)
     # control tokens (type 3) are special; user-defined ones (type 4) are added tokens, matched whole
     tokenizer.add_tokens([AddedToken(t, special=kind == 3, normalized=False) for t, kind in keep if kind in (3, 4)])
     return tokenizer.to_str(pretty=False).encode("utf-8")
+
+
+def _bos_template(fields: Any, tokens: list[str]) -> Any:
+    """The post-processor that puts BOS before `encode(text)`, where the model's own tokenizer does
+    (the GGUF's add_bos_token; llama.cpp sets it for Llama 3's pre-tokenizer); None where it does not."""
+    from tokenizers import processors
+
+    add = fields["tokenizer.ggml.add_bos_token"].contents() if "tokenizer.ggml.add_bos_token" in fields else False
+    if not (add or fields["tokenizer.ggml.pre"].contents() == "llama-bpe"):
+        return None
+    bos_id = int(fields["tokenizer.ggml.bos_token_id"].contents())
+    bos = tokens[bos_id]
+    return processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1",
+                                         special_tokens=[(bos, bos_id)])
 
 
 def main(models: Path) -> None:

@@ -33,3 +33,13 @@ def test_family_special_tokens_have_the_real_models_ids(family: str) -> None:
     assert len(tok) == spec.get("size", len(tok))  # nothing appended past the real vocabulary
     for token in [*spec["ids"], spec["eot"]]:
         assert len(tok(token, add_special_tokens=False)["input_ids"]) == 1, token  # never split as text
+
+
+@pytest.mark.parametrize(("vocab", "bos"), [("llama-bpe", 128000), ("command-r", 5), ("llama-spm", 1), ("phi-3", 1),
+                                            ("qwen2", None)])
+def test_encoding_with_special_tokens_adds_bos_where_the_model_does(vocab: str, bos: int | None) -> None:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(vocab_text(vocab))
+    plain = tokenizer.encode("Hello world", add_special_tokens=False).ids
+    assert tokenizer.encode("Hello world").ids == ([bos] if bos is not None else []) + plain
