@@ -9,8 +9,8 @@ tokenizer gives them. Two kinds of conversion:
 - SentencePiece vocabularies (llama-spm, phi-3) and gpt-2 go through transformers' GGUF support
   (needs the `gguf` package) and are stored as gzipped tokenizer.json (as before).
 - The byte-level BPE vocabularies of the modern families (llama-bpe = Llama 3, qwen2 = Qwen1.5-3,
-  command-r = Command R) are rebuilt here from the GGUF's tokens and merges, with the split regex
-  the GGUF names in `tokenizer.ggml.pre` (transformers' GGUF loader ignores that key, and the
+  command-r = Command R, starcoder = StarCoder2, which Granite 3's is built on) are rebuilt here
+  from the GGUF's tokens and merges, with the split regex the GGUF names in `tokenizer.ggml.pre` (transformers' GGUF loader ignores that key, and the
   regex decides where BPE words end), and stored as xz-compressed tokenizer.json. llama.cpp's
   padding rows (`[PAD<id>]`) are dropped, so a family's own extra tokens take their real ids.
 
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 SPM_VOCABS = ("llama-spm", "phi-3", "gpt-2")
-BPE_VOCABS = ("llama-bpe", "qwen2", "command-r")
+BPE_VOCABS = ("llama-bpe", "qwen2", "command-r", "starcoder")
 OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "templates" / "vocab"
 _CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
 # the split regex of each `tokenizer.ggml.pre` (as in the models' own tokenizer.json), and whether
@@ -40,6 +40,7 @@ PRE: dict[str, dict[str, Any]] = {
     "qwen2": {"split": _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                        r"|\s*[\r\n]+|\s+(?!\S)|\s+", "nfc": True, "ignore_merges": False},
     "command-r": {"digits": True, "nfc": True, "ignore_merges": False},  # digits apart, then GPT-2's split
+    "starcoder": {"digits": True, "nfc": False, "ignore_merges": False},
 }
 
 

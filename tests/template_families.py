@@ -28,7 +28,7 @@ from typing import Any
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "templates"
 FAMILIES: dict[str, dict[str, Any]] = json.loads((FIXTURES / "families.json").read_text(encoding="utf-8"))
-VOCABS = ("gpt-2", "llama-spm", "phi-3", "llama-bpe", "qwen2", "command-r")
+VOCABS = ("gpt-2", "llama-spm", "phi-3", "llama-bpe", "qwen2", "command-r", "starcoder")
 # the split regex of Llama 3 / OLMo 2 / Mistral's tekken style tokenizers (GPT-4's, cl100k)
 MODERN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
