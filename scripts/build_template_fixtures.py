@@ -1,41 +1,126 @@
-"""Build tests/fixtures/templates/vocab/*.json.gz from llama.cpp's real vocabularies (run once, offline).
+"""Build tests/fixtures/templates/vocab/ from llama.cpp's real vocabularies (run once, offline).
 
     python scripts/build_template_fixtures.py /path/to/llama.cpp/models
 
-Each `ggml-vocab-NAME.gguf` (a real model vocabulary without weights, published in llama.cpp's
-repository) is read with transformers' GGUF support (needs the `gguf` package) and written as a
-minified, gzipped tokenizer.json. Only the vocabularies under 4 MB are used (llama-spm, phi-3,
-gpt-2); the families whose own vocabulary is larger share one of these plus their own special
-tokens (tests/fixtures/templates/families.json says which).
+Each `ggml-vocab-NAME.gguf` in llama.cpp's repository is a real model's vocabulary without
+weights, with `.inp`/`.out` files beside it: test strings and the ids the model's own Hugging Face
+tokenizer gives them. Two kinds of conversion:
+
+- SentencePiece vocabularies (llama-spm, phi-3) and gpt-2 go through transformers' GGUF support
+  (needs the `gguf` package) and are stored as gzipped tokenizer.json (as before).
+- The byte-level BPE vocabularies of the modern families (llama-bpe = Llama 3, qwen2 = Qwen1.5-3,
+  command-r = Command R, starcoder = StarCoder2, which Granite 3's is built on) are rebuilt here
+  from the GGUF's tokens and merges, with the split regex the GGUF names in `tokenizer.ggml.pre` (transformers' GGUF loader ignores that key, and the
+  regex decides where BPE words end), and stored as xz-compressed tokenizer.json. llama.cpp's
+  padding rows (`[PAD<id>]`) are dropped, so a family's own extra tokens take their real ids.
+
+The `.inp`/`.out` pairs are copied next to the vocabularies; tests/test_template_vocabs.py checks
+that every converted vocabulary reproduces them exactly.
 """
 from __future__ import annotations
 
 import gzip
+import json
+import lzma
+import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
-VOCABS = ("llama-spm", "phi-3", "gpt-2")
+SPM_VOCABS = ("llama-spm", "phi-3", "gpt-2")
+BPE_VOCABS = ("llama-bpe", "qwen2", "command-r", "starcoder")
 OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "templates" / "vocab"
+_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+# the split regex of each `tokenizer.ggml.pre` (as in the models' own tokenizer.json), and whether
+# the model's tokenizer normalizes to NFC and looks a whole word up before merging (tiktoken style)
+PRE: dict[str, dict[str, Any]] = {
+    "llama-bpe": {"split": _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                           r"|\s*[\r\n]+|\s+(?!\S)|\s+", "nfc": False, "ignore_merges": True},
+    "qwen2": {"split": _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                       r"|\s*[\r\n]+|\s+(?!\S)|\s+", "nfc": True, "ignore_merges": False},
+    "command-r": {"digits": True, "nfc": True, "ignore_merges": False},  # digits apart, then GPT-2's split
+    "starcoder": {"digits": True, "nfc": False, "ignore_merges": False},
+}
 
 
-def convert(models: Path, name: str) -> bytes:
-    """The tokenizer.json (minified) of one GGUF vocabulary."""
+def convert_spm(models: Path, name: str) -> bytes:
+    """The tokenizer.json (minified) of one GGUF vocabulary, through transformers' GGUF loader.
+
+    For llama-spm that loader writes a Metaspace pre-tokenizer, which adds no "▁" before text that
+    already starts with a space; Llama 2's own tokenizer.json always prepends one (" Hello" is
+    "▁", "▁Hello"), as llama.cpp's test ids show, so its normalizer is put back (phi-3's has it)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(models), gguf_file=f"ggml-vocab-{name}.gguf")
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.backend_tokenizer.save(str(Path(tmp) / "tokenizer.json"), pretty=False)
-        return (Path(tmp) / "tokenizer.json").read_bytes()
+        data = json.loads((Path(tmp) / "tokenizer.json").read_text(encoding="utf-8"))
+    if data["pre_tokenizer"] and data["pre_tokenizer"]["type"] == "Metaspace":
+        data["pre_tokenizer"] = None
+        data["normalizer"] = {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def convert_bpe(models: Path, name: str) -> bytes:
+    """The tokenizer.json (minified) of one byte-level BPE GGUF vocabulary, split as its model splits."""
+    import gguf
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers import models as tk_models
+
+    fields = gguf.GGUFReader(models / f"ggml-vocab-{name}.gguf").fields
+    tokens, types = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()
+    pre = PRE[fields["tokenizer.ggml.pre"].contents()]
+    keep = [(t, kind) for i, (t, kind) in enumerate(zip(tokens, types)) if not (kind == 4 and t == f"[PAD{i}]")]
+    vocab = {t: i for i, (t, _) in enumerate(keep)}
+    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]
+    tokenizer = Tokenizer(tk_models.BPE(vocab=vocab, merges=merges, ignore_merges=pre["ignore_merges"]))
+    if pre["nfc"]:
+        tokenizer.normalizer = normalizers.NFC()
+    if "split" in pre:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pre["split"]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = _bos_template(fields, tokens)
+    # control tokens (type 3) are special; user-defined ones (type 4) are added tokens, matched whole
+    tokenizer.add_tokens([AddedToken(t, special=kind == 3, normalized=False) for t, kind in keep if kind in (3, 4)])
+    return tokenizer.to_str(pretty=False).encode("utf-8")
+
+
+def _bos_template(fields: Any, tokens: list[str]) -> Any:
+    """The post-processor that puts BOS before `encode(text)`, where the model's own tokenizer does
+    (the GGUF's add_bos_token; llama.cpp sets it for Llama 3's pre-tokenizer); None where it does not."""
+    from tokenizers import processors
+
+    add = fields["tokenizer.ggml.add_bos_token"].contents() if "tokenizer.ggml.add_bos_token" in fields else False
+    if not (add or fields["tokenizer.ggml.pre"].contents() == "llama-bpe"):
+        return None
+    bos_id = int(fields["tokenizer.ggml.bos_token_id"].contents())
+    bos = tokens[bos_id]
+    return processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1",
+                                         special_tokens=[(bos, bos_id)])
 
 
 def main(models: Path) -> None:
-    """Write one gzipped tokenizer.json per vocabulary."""
+    """Write the vocabularies that are not there yet, and copy their tokenizer test cases."""
     OUT.mkdir(parents=True, exist_ok=True)
-    for name in VOCABS:
-        data = gzip.compress(convert(models, name), compresslevel=9, mtime=0)
-        (OUT / f"{name}.json.gz").write_bytes(data)
-        print(f"{name}: {len(data) / 1e6:.2f} MB")
+    for name in SPM_VOCABS:
+        path = OUT / f"{name}.json.gz"
+        if name == "llama-spm" or not path.exists():
+            path.write_bytes(gzip.compress(convert_spm(models, name), compresslevel=9, mtime=0))
+        print(f"{name}: {path.stat().st_size / 1e6:.2f} MB")
+    for name in BPE_VOCABS:
+        path = OUT / f"{name}.json.xz"
+        path.write_bytes(lzma.compress(convert_bpe(models, name), preset=9 | lzma.PRESET_EXTREME))
+        print(f"{name}: {path.stat().st_size / 1e6:.2f} MB")
+    for name in SPM_VOCABS + BPE_VOCABS:
+        for ext in ("inp", "out"):
+            shutil.copyfile(models / f"ggml-vocab-{name}.gguf.{ext}", OUT / f"{name}.{ext}")
 
 
 if __name__ == "__main__":

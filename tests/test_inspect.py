@@ -89,7 +89,7 @@ def test_inspect_shows_per_turn_splits_folds_and_refusals(tmp_path: Path) -> Non
             {"messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "no reasoning"}]}]
     path = tmp_path / "r1.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    model = family_model_dir(tmp_path, "deepseek-r1-distill")
+    model = family_model_dir(tmp_path, "deepseek-r1-distill-qwen")
     out = io.StringIO()
     with pytest.raises(UserError, match="1 samples cannot be trained the way inference renders them"):
         inspect_data(DataOptions(data=str(path)), model=str(model), console=Console(file=out, width=200))

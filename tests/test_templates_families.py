@@ -25,13 +25,13 @@ USERS = ["Hi there", "  and then?  ", "more, please\n", "last one 🙂"]
 THINK = "<think>\nLet me think about it.\n</think>\n\n"
 SYSTEM = "You are terse.\nAnswer in English."
 # what each family's template makes of multi-turn data, measured (the README's table says the same)
-SPLIT = {"qwen2.5", "qwen3", "qwq", "deepseek-r1-distill", "smollm2", "olmo-2"}  # split per turn when needed
+SPLIT = {"qwen2.5", "qwen3", "qwq", "deepseek-r1-distill-qwen", "deepseek-r1-distill-llama", "smollm2", "olmo-2"}  # split per turn when needed
 FOLDS = {"gemma-2", "mistral-7b"}  # no system role: the system prompt is folded into the first user turn
 
 
 def conversation(family: str, system: bool) -> Conversation:
     """Four turns with awkward replies; reasoning families get reasoning in every reply."""
-    think = THINK if "opens" in FAMILIES[family] else ""
+    think = THINK if "opens" in FAMILIES[family] or FAMILIES[family].get("reasoning") else ""
     turns = [Turn("system", SYSTEM)] if system else []
     for user, reply in zip(USERS, REPLIES):
         turns += [Turn("user", user), Turn("assistant", think + reply)]
@@ -116,10 +116,11 @@ def test_trained_tokens_are_exactly_the_inference_targets(family: tuple[str, Any
 
 
 def test_families_that_rewrite_history_are_split_and_those_that_do_not_are_one_sample() -> None:
-    for name in ("qwen3", "qwq", "deepseek-r1-distill"):  # reasoning dropped from earlier turns: one sample per turn
+    for name in ("qwen3", "qwq", "deepseek-r1-distill-qwen", "deepseek-r1-distill-llama"):  # reasoning dropped from earlier turns: one sample per turn
         samples, report = tokenize_all([conversation(name, True)], make_tokenizer(name), max_length=4096)
         assert len(samples) == 4 and report.split_conversations == 1 and report.split_samples == 4
-    for name in ("llama-3.1", "gemma-3", "phi-3.5", "mistral-small", "tinyllama", "granite-3", "command-r7b"):
+    for name in ("llama-3.1", "gemma-3", "phi-3.5", "mistral-small", "tinyllama", "granite-3", "command-r7b",
+                 "command-r", "smollm3"):
         samples, report = tokenize_all([conversation(name, True)], make_tokenizer(name), max_length=4096)
         assert len(samples) == 1 and report.split_conversations == 0, name
 
@@ -139,6 +140,18 @@ def test_qwen25_reply_starting_with_newlines_is_trained_after_the_prompts_own_ne
     assert tok.decode(third.target_ids) == REPLIES[2] + "<|im_end|>"  # no stray token started inside the prompt
 
 
+def test_smollm3_no_think_mode_trains_the_reply_after_the_empty_think_block() -> None:
+    tok = make_tokenizer("smollm3")
+    turns = [Turn("system", "/no_think Be brief.")] + [Turn(role, text) for pair in zip(USERS[:2], REPLIES[:2])
+                                                        for role, text in zip(("user", "assistant"), pair)]
+    conv = Conversation(turns=turns, source="smol.jsonl:1")
+    expected = reference(tok, "smollm3", conv.messages())
+    got = inference_turns(conv, tok)
+    assert [(t.prompt_ids, t.target_ids) for t in got] == expected
+    assert all(tok.decode(t.prompt_ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n") for t in got)
+    assert [tok.decode(t.target_ids) for t in got] == [r + "<|im_end|>" for r in REPLIES[:2]]
+
+
 def test_no_fold_system_refuses_with_file_line_turn_and_reason() -> None:
     from tunesmith.errors import UserError
 
@@ -153,7 +166,7 @@ def test_a_reasoning_template_refuses_replies_that_do_not_continue_its_think_ope
 
     plain = Conversation(turns=[Turn("user", "Hi"), Turn("assistant", "Hello")], source="r1.jsonl:7")
     with pytest.raises(UserError) as err:
-        tokenize_all([plain], make_tokenizer("deepseek-r1-distill"), 4096)
+        tokenize_all([plain], make_tokenizer("deepseek-r1-distill-qwen"), 4096)
     assert err.value.problems[0].startswith("r1.jsonl:7: turn 2: the chat template renders this assistant turn "
                                             "differently at inference")
     assert "'<think>\\n'" in err.value.problems[0]

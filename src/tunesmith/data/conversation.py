@@ -27,6 +27,8 @@ class Turn:
     """OpenAI-style calls on an assistant turn: {"type": "function", "id", "function": {"name", "arguments"}}."""
     tool_call_id: str | None = None
     """On a `tool` turn: the id of the call it answers."""
+    name: str | None = None
+    """On a `tool` turn: the name of the tool that answered (OpenAI's optional `name`)."""
 
 
 @dataclass(slots=True)
@@ -69,4 +71,6 @@ def message(turn: Turn) -> dict[str, Any]:
         out["tool_calls"] = [dict(call) for call in turn.tool_calls]
     if turn.tool_call_id is not None:
         out["tool_call_id"] = turn.tool_call_id
+    if turn.name is not None:
+        out["name"] = turn.name
     return out

@@ -7,6 +7,8 @@ messages (messages: [{role, content}]) · qa (question, answer) ·
 prompt-completion (prompt, completion) · preference (prompt, chosen, rejected) · text (text).
 Message content may also be a list of parts (`[{"type": "text", "text": ...}]`, as the
 OpenAI format writes it): the text parts are joined with newlines; other part types are refused.
+Tool calls, tool results and a sample's `tools` (messages and sharegpt) are read by
+`tunesmith.data.toolcalls`.
 """
 from __future__ import annotations
 
@@ -15,11 +17,21 @@ from typing import Any
 from tunesmith.data.columns import COLUMN_NAMES, mapped_row
 from tunesmith.data.conversation import Conversation, Turn
 from tunesmith.data.jsonscan import describe
+from tunesmith.data.toolcalls import (
+    ToolProblem,
+    check_tool_order,
+    sharegpt_calls,
+    tool_calls,
+    tool_definitions,
+    tool_result,
+)
 from tunesmith.errors import UserError
 
 COLUMN_KEYS = tuple(COLUMN_NAMES)  # the names --columns accepts
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant"}
+                  "assistant": "assistant", "function_call": "assistant", "observation": "tool", "tool": "tool"}
+MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool",
+                 "function": "tool"}  # "function": the result of OpenAI's older function_call
 
 
 class RowProblem(Exception):
@@ -58,6 +70,14 @@ def row_to_conversation(row: Any, format: str, where: str, columns: dict[str, st
 
     Raises `RowProblem` naming the user's column and what was expected.
     """
+    try:
+        return _parse_row(row, format, where, columns, system)
+    except ToolProblem as problem:
+        raise RowProblem(str(problem)) from None
+
+
+def _parse_row(row: Any, format: str, where: str, columns: dict[str, str], system: str | None) -> Conversation:
+    """`row_to_conversation` without the tool problems' translation."""
     if not isinstance(row, dict):
         raise RowProblem(not_a_record(row))
     fields = Fields(mapped_row(row, columns), columns, row)
@@ -66,7 +86,7 @@ def row_to_conversation(row: Any, format: str, where: str, columns: dict[str, st
     if format == "preference":
         conv = _preference(fields)
     elif format in ("messages", "sharegpt"):
-        conv = Conversation(turns=_message_list(fields, format))
+        conv = Conversation(turns=_message_list(fields, format), tools=tool_definitions(row.get("tools"), "tools"))
     else:
         conv = Conversation(turns=_single_turn(fields, format))
     _check_order(conv.turns, needs_assistant=format != "preference")
@@ -149,7 +169,7 @@ def _message_list(fields: Fields, format: str, generic: str | None = None) -> li
     if not isinstance(items, list) or not items:
         raise RowProblem(f"field {key!r} must be a non-empty list of messages (found {describe(items)})")
     role_key, text_key = ("from", "value") if format == "sharegpt" else ("role", "content")
-    roles = SHAREGPT_ROLES if format == "sharegpt" else {r: r for r in ("system", "user", "assistant")}
+    roles = SHAREGPT_ROLES if format == "sharegpt" else MESSAGE_ROLES
     turns = []
     for n, item in enumerate(items, start=1):
         if not isinstance(item, dict):
@@ -157,17 +177,37 @@ def _message_list(fields: Fields, format: str, generic: str | None = None) -> li
         role = item.get(role_key, item.get("role"))
         if role not in roles:
             raise RowProblem(f"{key}[{n}]: unknown role {role!r} (expected {' | '.join(roles)})")
-        raw = item.get(text_key, item.get("content"))
-        content = content_text(raw, f"{key}[{n}]: {text_key!r}")
-        if not content.strip():
-            raise RowProblem(f"{key}[{n}]: empty {text_key!r} in a {role} message")
-        turns.append(Turn(roles[role], content))
+        turns.append(_turn(item, roles[role], role, f"{key}[{n}]", text_key))
     return turns
 
 
+def _turn(item: dict[str, Any], role: str, named: str, where: str, text_key: str) -> Turn:
+    """One message; an assistant's tool calls (its text may then be empty) and a tool's result included."""
+    raw = item.get(text_key, item.get("content"))
+    if named == "function_call":  # ShareGPT (LLaMA-Factory): the value is the call itself
+        return Turn(role, "", tool_calls=sharegpt_calls(raw, where))
+    calls = tool_calls(item["tool_calls"], where) if item.get("tool_calls") not in (None, []) else ()  # [] = none
+    if not calls and isinstance(item.get("function_call"), dict):  # OpenAI's older single-call field
+        calls = tool_calls([{"type": "function", "function": item["function_call"]}], where)
+    content = "" if calls and raw is None else content_text(raw, f"{where}: {text_key!r}")
+    if not content.strip() and not calls:
+        raise RowProblem(f"{where}: empty {text_key!r} in a {named} message")
+    if calls and role != "assistant":
+        raise RowProblem(f"{where}: 'tool_calls' on a {named} message (only assistant messages call tools)")
+    if role == "tool":
+        return tool_result(item, content, where)
+    return Turn(role, content, tool_calls=calls)
+
+
 def _check_order(turns: list[Turn], needs_assistant: bool) -> None:
-    """An optional system turn first, then user/assistant alternating, ending on assistant."""
+    """An optional system turn first, then user/assistant alternating, ending on assistant; tool results
+    (and the assistant turns answering them) sit between a tool-calling assistant turn and the next user turn."""
     body = turns[1:] if turns and turns[0].role == "system" else turns
+    if any(t.role == "tool" or t.tool_calls for t in body):
+        problem = check_tool_order(body, first=1 + len(turns) - len(body))
+        if problem:
+            raise RowProblem(f"roles out of order: {problem}")
+        body = _without_tool_exchanges(body)
     for n, turn in enumerate(body):
         expected = "user" if n % 2 == 0 else "assistant"
         if turn.role != expected:
@@ -180,6 +220,17 @@ def _check_order(turns: list[Turn], needs_assistant: bool) -> None:
         raise RowProblem("no assistant turn (nothing to train on)")
     if body[-1].role != "assistant":
         raise RowProblem("the conversation ends with a user turn (expected it to end with the assistant reply)")
+
+
+def _without_tool_exchanges(body: list[Turn]) -> list[Turn]:
+    """The turns with each tool exchange (calls, results, and the replies between them) collapsed into
+    the assistant turn that ends it, so the usual user/assistant alternation can be checked."""
+    out: list[Turn] = []
+    for turn in body:
+        if turn.role == "tool" or (out and out[-1].role == "assistant" and turn.role == "assistant"):
+            continue
+        out.append(turn)
+    return out
 
 
 def _preference(fields: Fields) -> Conversation:

@@ -274,4 +274,6 @@ def write_jsonl(conversations: list[Conversation], path: Path) -> None:
                           "rejected": [{"role": t.role, "content": t.content} for t in conv.rejected or []]}
             else:
                 record = {"messages": conv.messages()}
+                if conv.tools:
+                    record["tools"] = conv.tools
             out.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -1,0 +1,45 @@
+"""The shipped vocabularies are the real ones: llama.cpp's tokenizer test cases give exactly the ids
+the models' own Hugging Face tokenizers gave (the .out files were written by those tokenizers), and
+each family's special tokens sit at the ids of the real model's tokenizer."""
+from __future__ import annotations
+
+import pytest
+from template_families import FAMILIES, VOCABS, vocab_cases, vocab_text
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_converted_vocabulary_reproduces_the_models_own_token_ids(vocab: str) -> None:
+    from tokenizers import Tokenizer
+
+    tokenizer, cases = Tokenizer.from_str(vocab_text(vocab)), vocab_cases(vocab)  # as converted (no stand-in re-split)
+    assert len(cases) >= 40
+    wrong = [(text, ids, tokenizer.encode(text, add_special_tokens=False).ids) for text, ids in cases
+             if tokenizer.encode(text, add_special_tokens=False).ids != ids]
+    assert not wrong, wrong[:3]
+
+
+def test_the_cases_are_not_trivial() -> None:  # the BPE words that real split regexes disagree on are there
+    texts = [text for text, _ in vocab_cases("llama-bpe")]
+    assert any("\n\n\n" in t for t in texts) and any("🦙" in t for t in texts) and any("3333333" in t for t in texts)
+    assert vocab_cases("qwen2")[-1][1] != vocab_cases("llama-bpe")[-1][1]
+
+
+@pytest.mark.parametrize("family", [f for f, spec in FAMILIES.items() if "ids" in spec])
+def test_family_special_tokens_have_the_real_models_ids(family: str) -> None:
+    from template_families import make_tokenizer
+
+    spec, tok = FAMILIES[family], make_tokenizer(family)
+    assert {t: tok.convert_tokens_to_ids(t) for t in spec["ids"]} == spec["ids"]
+    assert len(tok) == spec.get("size", len(tok))  # nothing appended past the real vocabulary
+    for token in [*spec["ids"], spec["eot"]]:
+        assert len(tok(token, add_special_tokens=False)["input_ids"]) == 1, token  # never split as text
+
+
+@pytest.mark.parametrize(("vocab", "bos"), [("llama-bpe", 128000), ("command-r", 5), ("llama-spm", 1), ("phi-3", 1),
+                                            ("qwen2", None)])
+def test_encoding_with_special_tokens_adds_bos_where_the_model_does(vocab: str, bos: int | None) -> None:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(vocab_text(vocab))
+    plain = tokenizer.encode("Hello world", add_special_tokens=False).ids
+    assert tokenizer.encode("Hello world").ids == ([bos] if bos is not None else []) + plain
