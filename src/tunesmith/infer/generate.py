@@ -8,6 +8,7 @@ have none.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Iterator
@@ -125,6 +126,32 @@ def _prompt_record(record: Any) -> Prompt:
     raise TypeError(f"{expected} (found {json.dumps(record)[:60]})")
 
 
+# Below this size a CPU decoding step is too small for torch's thread pool to pay off: on the
+# starter (14M parameters) one thread decoded 35-40 tokens/s and two threads 5 tokens/s on two
+# shared cores, and the first forward alone spent ~1 s waking the pool.
+ONE_THREAD_BELOW_PARAMETERS = 50_000_000
+
+
+@contextlib.contextmanager
+def decoding_threads(model: Any) -> Iterator[None]:
+    """Decode a small model on CPU with one intra-op thread, restoring the caller's setting after.
+
+    A step of a small model is a few microsecond-sized matmuls, so handing them to a thread
+    pool costs more than it saves, and far more when the cores are shared with other work.
+    """
+    device = getattr(model, "device", None)
+    small = sum(p.numel() for p in model.parameters()) < ONE_THREAD_BELOW_PARAMETERS
+    if getattr(device, "type", None) != "cpu" or not small or torch.get_num_threads() == 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def context_window(model: Any) -> int | None:
     """The longest sequence the model was built for (None when its config does not say)."""
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -196,7 +223,8 @@ def generate_batch(model: Any, tokenizer: Any, prompts: list[str] | list[list[di
     for start in range(0, len(order), batch_size):
         chunk = order[start: start + batch_size]
         kwargs = _generate_kwargs(model, tokenizer, [rows[i] for i in chunk], sampling, stop_ids)
-        out = model.generate(**kwargs)  # (B, T + new)
+        with decoding_threads(model):
+            out = model.generate(**kwargs)  # (B, T + new)
         new = out[:, kwargs["input_ids"].shape[1]:].tolist()
         for i, new_ids in zip(chunk, new):
             results[i] = _completion(tokenizer, new_ids, set(stop_ids))
@@ -231,7 +259,7 @@ def stream_text(model: Any, tokenizer: Any, prompt: Prompt, sampling: SamplingOp
 
     def work() -> None:
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), decoding_threads(model):
                 model.generate(**kwargs, streamer=streamer, stopping_criteria=StoppingCriteriaList([flag]))
         except BaseException as exc:  # re-raised in the reader's thread below
             failure.append(exc)
