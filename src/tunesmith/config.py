@@ -453,3 +453,16 @@ def to_flat_dict(config: Any) -> dict[str, Any]:
         else:
             out[f.name] = value
     return out
+
+
+def run_record(config: Any, origins: dict[str, str]) -> dict[str, Any]:
+    """What a run's config.yaml holds: the options with the values actually used, and where each came from.
+
+    The lr left to the recipe is written as the rate that ran (not `null`), so
+    `tunesmith train --config OUT/config.yaml` trains the same way even where the
+    defaults have changed since; `sources` is read back as a record only.
+    """
+    out = to_flat_dict(config)
+    out["lr"] = config.peak_lr()
+    out["sources"] = dict(origins)
+    return out
