@@ -174,7 +174,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     prompts = read_prompts(args.prompts) if args.prompts else None  # bad files fail before loading
     _quiet_transformers()
-    model = load(args.model)
+    model = load(args.model, light=True)  # the starter and plain Llama dirs skip transformers' model code
     model.sampling = sampling
     if prompts is None:
         for piece in model.stream(args.prompt, raw=args.raw, system=args.system):
@@ -205,7 +205,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from tunesmith.infer.generate import load
 
     _quiet_transformers()
-    loaded = load(args.model)
+    loaded = load(args.model, light=True)
     loaded.sampling = sampling
     repl(Chat(loaded, system=args.system))
     return 0

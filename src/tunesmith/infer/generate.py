@@ -1,7 +1,9 @@
 """Text generation for any model tunesmith can load: batched, streamed, stopping at end-of-turn.
 
 `model.generate` from transformers does the decoding loop (KV cache, left-padded
-batches); the distribution is shaped only by our processors (`tunesmith.infer.sampling`),
+batches), or, for a local plain-Llama checkpoint loaded with `light=True` (the CLI, so the
+starter answers without importing transformers' model code), `infer.llama`'s decoder with
+the same arguments and results; the distribution is shaped only by our processors (`tunesmith.infer.sampling`),
 and generation stops at every token that can end a turn. Prompts are rendered with the
 model's own chat template (the one training saved), or used raw for base models that
 have none.
@@ -299,13 +301,24 @@ class Model:
         return stream_text(self.model, self.tokenizer, prompt, options, raw=raw, system=system)
 
 
-def load(model: str | None = None, *, device: str | None = None) -> Model:
-    """Load a hub id, local directory or tunesmith output directory (LoRA adapters merged in) for inference."""
-    from tunesmith.model.load import load_model, load_tokenizer, pick_device_dtype
+def load(model: str | None = None, *, device: str | None = None, light: bool = False) -> Model:
+    """Load a hub id, local directory or tunesmith output directory (LoRA adapters merged in) for inference.
+
+    `light=True` (the CLI's generate and chat) decodes a local plain-Llama checkpoint, such
+    as the starter, with `infer.llama` instead of transformers' model class, which saves
+    about 2 s of imports at startup; `.model` is then not a transformers model.
+    """
+    from tunesmith.model.load import load_model, load_tokenizer, pick_device_dtype, resolve_model_name
 
     dev, dtype = pick_device_dtype(device)
     tokenizer = load_tokenizer(model)
-    network = load_model(model, device=dev, dtype=dtype, merge_adapter=True).eval()
+    network: Any = None
+    if light:
+        from tunesmith.infer.llama import load_plain_llama
+
+        network = load_plain_llama(resolve_model_name(model), dev, dtype)  # None: not a plain Llama directory
+    if network is None:
+        network = load_model(model, device=dev, dtype=dtype, merge_adapter=True).eval()
     return Model(network, tokenizer, model or "starter")
 
 
