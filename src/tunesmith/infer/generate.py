@@ -1,8 +1,8 @@
 """Text generation for any model tunesmith can load: batched, streamed, stopping at end-of-turn.
 
 `model.generate` from transformers does the decoding loop (KV cache, left-padded
-batches), or, for a local plain-Llama checkpoint loaded with `light=True` (the CLI, so the
-starter answers without importing transformers' model code), `infer.llama`'s decoder with
+batches), or, for a local plain-Llama checkpoint loaded on CPU with `light=True` (the CLI, so
+the starter answers without importing transformers' model code), `infer.llama`'s decoder with
 the same arguments and results; the distribution is shaped only by our processors (`tunesmith.infer.sampling`),
 and generation stops at every token that can end a turn. Prompts are rendered with the
 model's own chat template (the one training saved), or used raw for base models that
@@ -305,15 +305,16 @@ def load(model: str | None = None, *, device: str | None = None, light: bool = F
     """Load a hub id, local directory or tunesmith output directory (LoRA adapters merged in) for inference.
 
     `light=True` (the CLI's generate and chat) decodes a local plain-Llama checkpoint, such
-    as the starter, with `infer.llama` instead of transformers' model class, which saves
-    about 2 s of imports at startup; `.model` is then not a transformers model.
+    as the starter, on CPU with `infer.llama` instead of transformers' model class, which
+    saves about 2 s of imports at startup; `.model` is then not a transformers model. On a
+    GPU the import is a small part of the start, and transformers' benchmarked path is kept.
     """
     from tunesmith.model.load import load_model, load_tokenizer, pick_device_dtype, resolve_model_name
 
     dev, dtype = pick_device_dtype(device)
     tokenizer = load_tokenizer(model)
     network: Any = None
-    if light:
+    if light and dev.type == "cpu":
         from tunesmith.infer.llama import load_plain_llama
 
         network = load_plain_llama(resolve_model_name(model), dev, dtype)  # None: not a plain Llama directory
