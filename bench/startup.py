@@ -6,7 +6,8 @@
 
 Each command runs as a fresh subprocess (`python -m tunesmith.cli ...`, offline); the
 clock stops at the first byte on stdout or stderr, which is what a user waits for. The
-median of the runs is printed with the machine's CPU count, then the five slowest
+median and the minimum of the runs (the minimum is the one to compare on a shared machine)
+are printed with the machine's CPU count, then the five slowest
 top-level imports of each command from `python -X importtime` (self + children, ms).
 A benchmark, not a test: numbers depend on the machine and its load.
 """
@@ -88,7 +89,8 @@ def main() -> None:
         runs = [first_output_seconds(args) for _ in range(opts.runs)]
         first = statistics.median(r[0] for r in runs)
         total = statistics.median(r[1] for r in runs)
-        print(f"{name:14s} first output {first:5.2f} s   exit {total:5.2f} s")
+        print(f"{name:14s} first output {first:5.2f} s (min {min(r[0] for r in runs):5.2f})   "
+              f"exit {total:5.2f} s (min {min(r[1] for r in runs):5.2f})")
         for module, ms in slowest_imports(args):
             print(f"    {module:28s} {ms:8.0f} ms")
 

@@ -130,3 +130,28 @@ def test_starter_defaults_are_named_and_never_beat_the_user() -> None:
     text = " ".join(describe_settings(config, {"method": "--method"}, set(starter)).split())
     assert "lr 0.0002 (default for lora x sft)" in text
     assert "batch_tokens 2048 (starter default)" in text and "model the bundled starter (default)" in text
+
+
+def test_run_record_holds_the_values_used_and_their_sources() -> None:
+    from tunesmith.config import run_record, starter_defaults
+    from tunesmith.config_file import setting_origins
+
+    starter = set(starter_defaults({}))
+    config = train_config({})  # the zero-argument job: the starter's own defaults
+    record = run_record(config, setting_origins(config, {}, starter))
+    assert record["lr"] == 1e-3 and record["sources"]["lr"] == "starter default"
+    assert record["sources"]["model"] == "default" and record["sources"]["epochs"] == "starter default"
+    config = train_config({"model": "org/model", "objective": "orpo", "max_steps": 3})
+    origins = setting_origins(config, {"max_steps": "run.yaml:4"}, set())
+    record = run_record(config, origins)
+    assert record["lr"] == 1e-5 and origins["lr"] == "default for lora x orpo"
+    assert origins["max_steps"] == "config run.yaml:4" and origins["method"] == "default"
+    assert origins["objective"] == "given"  # set, but by no flag or line known (a Python caller)
+
+
+def test_a_recorded_sources_mapping_reads_back_as_a_record(tmp_path: Path) -> None:
+    from tunesmith.config import read_options_file
+
+    path = write(tmp_path, "lr: 0.001\nsources:\n  lr: starter default\n")
+    read = read_options_file(path, TrainConfig)
+    assert read.values == {"lr": 0.001} and not read.notices

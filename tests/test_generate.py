@@ -252,3 +252,28 @@ def test_system_prompt_with_raw_is_refused(llama3_tokenizer, base_tokenizer) -> 
         prompt_ids(llama3_tokenizer, "Hi", raw=True, system="Be brief")
     with pytest.raises(UserError, match="base model"):
         prompt_ids(base_tokenizer, "Hi", system="Be brief")
+
+
+def test_small_cpu_models_decode_on_one_thread_and_restore_the_setting(random_model: Model,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import tunesmith.infer.generate as generate_module
+
+    seen: list[int] = []
+    embed = random_model.model.get_input_embeddings()
+    handle = embed.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        options = SamplingOptions(greedy=True, max_new_tokens=3)
+        generate_batch(random_model.model, random_model.tokenizer, ["hello"], options)
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        list(stream_text(random_model.model, random_model.tokenizer, "hello", options))
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        monkeypatch.setattr(generate_module, "ONE_THREAD_BELOW_PARAMETERS", 0)  # a "large" model keeps the pool
+        generate_batch(random_model.model, random_model.tokenizer, ["hello"], options)
+        assert set(seen) == {2}
+    finally:
+        handle.remove()
+        torch.set_num_threads(before)

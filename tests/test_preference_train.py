@@ -142,3 +142,38 @@ def test_wrong_data_for_the_objective_is_refused_in_one_line(tiny_model_dir, tmp
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("tunesmith:")]
     assert errors == [f"tunesmith: {chat}: chat data cannot train with --objective dpo"]  # after the settings block
+
+
+def test_live_reference_gives_the_cached_reference_loss(tiny_model_dir, tmp_path, monkeypatch, one_thread):
+    import tunesmith.train.reference as reference
+    from tunesmith.train.api import finetune
+
+    data = write_pairs(tmp_path / "p.jsonl", 16)
+    options = dict(model=str(tiny_model_dir), data=str(data), objective="dpo", method="full", lr=3e-3, max_steps=4,
+                   batch_tokens=192, eval_every=2, test_split=0.25, report=False)
+    finetune(**options, output=str(tmp_path / "cached"))
+    calls = []
+    monkeypatch.setattr(reference, "score_pairs", lambda *a, **k: calls.append(1))  # live: no pass before training
+    finetune(**options, reference="live", output=str(tmp_path / "live"))
+    assert calls == [] and not list((tmp_path / "live" / ".cache").glob("*/reference-*.npz"))
+    keys = ("train_loss", "eval_loss", "margin", "chosen_reward", "rejected_reward", "eval_margin")
+    curve = {out: {(r["step"], k): r[k] for r in records(tmp_path / out) for k in keys if k in r}
+             for out in ("cached", "live")}
+    assert curve["cached"].keys() == curve["live"].keys()
+    assert len([k for k in curve["cached"] if k[1] == "train_loss"]) == 4
+    assert curve["cached"][(1, "margin")] == pytest.approx(0.0, abs=1e-6)  # step 1: policy == reference
+    assert curve["cached"][(4, "train_loss")] != pytest.approx(curve["cached"][(1, "train_loss")], abs=1e-3)  # it moved
+    for key, value in curve["cached"].items():  # the live copy stays the starting weights: same rewards, same loss
+        assert curve["live"][key] == pytest.approx(value, abs=1e-5), key
+
+
+@pytest.mark.parametrize("options, needle", [
+    (dict(method="lora", objective="dpo"), "already live"),
+    (dict(method="full", objective="orpo"), "has no reference model"),
+    (dict(method="full", objective="dpo", reference="copy"), "allowed: cached | live"),
+])
+def test_live_reference_is_refused_where_it_means_nothing(options, needle):
+    from tunesmith.config import train_config
+
+    with pytest.raises(UserError, match=needle):
+        train_config({"model": "org/m", "reference": "live", **options})

@@ -18,7 +18,7 @@ from tunesmith import __version__
 from tunesmith.cli_parse import Parser, fix_argv, usage_error
 from tunesmith.config import (DataOptions, Option, TrainConfig, build_config, options_of, read_options_file,
                               starter_defaults, train_config)
-from tunesmith.config_file import describe_settings
+from tunesmith.config_file import describe_settings, setting_origins
 from tunesmith.errors import UserError
 from tunesmith.train.files import MERGED_DIR
 
@@ -83,7 +83,8 @@ def run_train(args: argparse.Namespace) -> int:
     from tunesmith.model.load import resolve_model_name
 
     resolve_model_name(config.model.model)  # a mistyped model path is refused before anything else
-    print(describe_settings(config, sources, set(starter_defaults(values))), file=sys.stderr)
+    starter = set(starter_defaults(values))
+    print(describe_settings(config, sources, starter), file=sys.stderr)
     from tunesmith.train.distributed import launch, under_torchrun
 
     if config.distributed.gpus > 1 and not under_torchrun():
@@ -91,7 +92,7 @@ def run_train(args: argparse.Namespace) -> int:
     from tunesmith.train.api import finetune
 
     _quiet_transformers()
-    result = finetune(config)
+    result = finetune(config, origins=setting_origins(config, sources, starter))
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun, rank 0 speaks for the run
     print(f"output: {result.output_dir}")
@@ -173,7 +174,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     prompts = read_prompts(args.prompts) if args.prompts else None  # bad files fail before loading
     _quiet_transformers()
-    model = load(args.model)
+    model = load(args.model, light=True)  # the starter and plain Llama dirs skip transformers' model code
     model.sampling = sampling
     if prompts is None:
         for piece in model.stream(args.prompt, raw=args.raw, system=args.system):
@@ -204,7 +205,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from tunesmith.infer.generate import load
 
     _quiet_transformers()
-    loaded = load(args.model)
+    loaded = load(args.model, light=True)
     loaded.sampling = sampling
     repl(Chat(loaded, system=args.system))
     return 0

@@ -151,6 +151,8 @@ class MethodOptions:
     """DPO: how far the tuned model may move from the reference (higher: stays closer); sigmoid loss."""
     orpo_lambda: float = 0.1
     """ORPO: weight of the odds-ratio term beside the NLL of the chosen reply."""
+    reference: str = "cached"
+    """DPO with --method full, where the reference log-probs come from: cached (one no-grad pass over the pairs before training, stored with the tokenized data and reused by reruns; no second model in memory) | live (a frozen copy of the starting weights scores each batch during training: one more copy of the weights in memory and one more no-grad forward per batch, every epoch; no pass before training, nothing cached). LoRA's reference is always the base with the adapter switched off."""
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, tuple(PARAMETER_SETS))
@@ -163,7 +165,7 @@ class MethodOptions:
 
     def recipe(self) -> Recipe:
         """The parameter set x objective this run trains with."""
-        return recipe(self.method, self.objective, merge=self.merge)
+        return recipe(self.method, self.objective, merge=self.merge, reference=self.reference)
 
 
 @dataclass
@@ -452,4 +454,17 @@ def to_flat_dict(config: Any) -> dict[str, Any]:
                            if dataclasses.is_dataclass(item) else item for item in value]
         else:
             out[f.name] = value
+    return out
+
+
+def run_record(config: Any, origins: dict[str, str]) -> dict[str, Any]:
+    """What a run's config.yaml holds: the options with the values actually used, and where each came from.
+
+    The lr left to the recipe is written as the rate that ran (not `null`), so
+    `tunesmith train --config OUT/config.yaml` trains the same way even where the
+    defaults have changed since; `sources` is read back as a record only.
+    """
+    out = to_flat_dict(config)
+    out["lr"] = config.peak_lr()
+    out["sources"] = dict(origins)
     return out

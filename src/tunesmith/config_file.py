@@ -185,6 +185,9 @@ def _mapping_with_lines(path: Path) -> tuple[dict[str, Any], dict[str, int], lis
     return {str(k): v for k, v in data.items()}, lines, problems
 
 
+RECORD_ONLY_KEYS = ("sources",)  # written into config.yaml by a run, not options
+
+
 def read_config_file(path: str | Path, known: dict[str, Callable[[Any], Any]],
                      max_length: int = 2048) -> ConfigFile:
     """Read `path` against the options in `known` (name -> coercer raising UserError); all problems at once.
@@ -200,6 +203,8 @@ def read_config_file(path: str | Path, known: dict[str, Callable[[Any], Any]],
         line = raw_lines.get(key, 1)
         name = key.strip().replace("-", "_").lower()
         where = f"{p}:{line}"
+        if name in RECORD_ONLY_KEYS and name not in known:
+            continue  # a run's config.yaml records where its settings came from; a rerun records its own
         if name not in known and name in ALIASES and ALIASES[name].target in known:
             alias = ALIASES[name]
             out.notices.append(f"{where}: {key} read as {alias.target} ({alias.note})")
@@ -241,33 +246,58 @@ def read_config_file(path: str | Path, known: dict[str, Callable[[Any], Any]],
 
 
 def _origin(name: str, sources: dict[str, str], starter: set[str]) -> str:
-    """`--lr`, `run.yaml:3`, `starter default` or `default`."""
+    """`flag --lr`, `config run.yaml:3`, `starter default` or `default`."""
     if name in sources:
         where = sources[name]
         return f"flag {where}" if where.startswith("-") else f"config {where}"
     return "starter default" if name in starter else "default"
 
 
+KEY_SETTINGS = ("model", "method", "objective", "lr", "epochs", "max_steps", "batch_tokens")
+
+
+def setting_origins(config: Any, sources: dict[str, str], starter: set[str]) -> dict[str, str]:
+    """Where each setting of a `TrainConfig` came from: the key settings always, others when not a default.
+
+    `sources` maps an option to its flag or `FILE:LINE`; `starter` holds the options the
+    bundled starter's defaults supplied. An option that differs from its default with
+    neither is "given" (set by a Python caller). An unset lr comes from the recipe
+    (method x objective) and an unset batch_tokens from the memory plan, and say so.
+    """
+    from tunesmith.config import options_of, to_flat_dict
+
+    values = to_flat_dict(config)
+    out: dict[str, str] = {}
+    for opt in options_of(type(config)):
+        origin = _origin(opt.name, sources, starter)
+        if origin == "default" and values.get(opt.name) != opt.default:
+            origin = "given"
+        if opt.name in KEY_SETTINGS or origin != "default":
+            out[opt.name] = origin
+    if config.loop.lr is None:
+        out["lr"] = f"default for {config.method.method} x {config.method.objective}"
+    if config.loop.batch_tokens is None:
+        out["batch_tokens"] = "default: the memory plan picks it on CUDA, 8192 on CPU"
+    return out
+
+
 def describe_settings(config: Any, sources: dict[str, str], starter: set[str]) -> str:
     """The key settings of a `TrainConfig` and where each came from: a flag, the config file, a default.
 
-    `starter` holds the options the bundled starter's defaults supplied. The learning rate
-    left unset comes from the recipe (method x objective), and says so.
+    The same origins are recorded in the run's config.yaml (`sources:`), so what was
+    printed at the start can be read again after the run.
     """
-    recipe_name = f"{config.method.method} x {config.method.objective}"
-    lr_origin = (_origin("lr", sources, starter) if config.loop.lr is not None
-                 else f"default for {recipe_name}")
+    origins = setting_origins(config, sources, starter)
     length = (("max_steps", config.loop.max_steps) if config.loop.max_steps is not None
               else ("epochs", f"{config.loop.epochs:g}"))
     rows = [
-        ("model", config.model.model or "the bundled starter", _origin("model", sources, starter)),
-        ("method", config.method.method, _origin("method", sources, starter)),
-        ("objective", config.method.objective, _origin("objective", sources, starter)),
-        ("lr", f"{config.peak_lr():g}", lr_origin),
-        (length[0], length[1], _origin(length[0], sources, starter)),
+        ("model", config.model.model or "the bundled starter", origins["model"]),
+        ("method", config.method.method, origins["method"]),
+        ("objective", config.method.objective, origins["objective"]),
+        ("lr", f"{config.peak_lr():g}", origins["lr"]),
+        (length[0], length[1], origins[length[0]]),
         ("batch_tokens", config.loop.batch_tokens if config.loop.batch_tokens is not None else "auto",
-         _origin("batch_tokens", sources, starter) if config.loop.batch_tokens is not None
-         else "default: the memory plan picks it on CUDA, 8192 on CPU"),
+         origins["batch_tokens"]),
     ]
     width = max(len(str(r[1])) for r in rows)
     return "settings:\n" + "\n".join(f"  {name:13s} {str(value):{width}s}  ({origin})" for name, value, origin in rows)

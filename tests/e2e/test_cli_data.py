@@ -66,3 +66,39 @@ def test_bad_input_exits_2_naming_file_and_line(tmp_path: Path, name: str, conte
     assert "Traceback" not in result.stderr and result.stdout == ""
     assert needle in result.stderr and str(path) in result.stderr
     assert result.stderr.startswith("tunesmith: ")
+
+
+PAIRS = [
+    {"prompt": "What is the capital of France?", "chosen": "Paris.", "rejected": "I think it is Berlin."},
+    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "two plus two"}],
+     "chosen": [{"role": "assistant", "content": "Four."}],
+     "rejected": [{"role": "assistant", "content": "Five, I guess."}]},
+    {"prompt": "same?", "chosen": "Yes.", "rejected": "Yes."},  # nothing to prefer: refused
+]
+
+
+def test_inspect_preference_pairs_shows_prompt_chosen_and_rejected(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PAIRS), encoding="utf-8")
+    result = tunesmith("data", "inspect", str(path), "--model", str(tiny_model_dir), "--skip-invalid")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    # each reply is trained through its end-of-turn token, chosen before rejected; the prompts never
+    assert re.findall(r"(chosen|rejected): \[\[(.*?)\]\]", out, flags=re.S) == [
+        ("chosen", "Paris.<|eot_id|>"), ("rejected", "I think it is Berlin.<|eot_id|>"),
+        ("chosen", "Four.<|eot_id|>"), ("rejected", "Five, I guess.<|eot_id|>")]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)  # the prompt as transformers renders it for inference
+    for messages in ([{"role": "user", "content": PAIRS[0]["prompt"]}], PAIRS[1]["prompt"]):
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert prompt + "\nchosen: [[" in out
+    assert f"{path}:1 · pair: prompt" in out and f"{path}:2 · pair: prompt" in out
+    rows = {" ".join(line.split()[:2]): " ".join(line.split()) for line in out.splitlines() if line.startswith("  ")}
+    assert rows["pairs 2"] == "pairs 2 trainable" and rows["refused pairs"] == "refused pairs 1 (listed below)"
+    assert f"{path}:3: chosen and rejected replies are identical (nothing to prefer)" in out
+    assert "pre-flight: ok" in out
+
+    refused = tunesmith("data", "inspect", str(path), "--model", str(tiny_model_dir))  # as training would
+    assert refused.returncode == 2 and "pre-flight: FAILED" in refused.stdout
+    assert refused.stderr.startswith("tunesmith: 1 of 3 preference pairs cannot train") and "Traceback" not in refused.stderr

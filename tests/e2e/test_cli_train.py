@@ -62,3 +62,35 @@ def test_bad_paths_and_values_exit_2_with_a_clear_line(tiny_model_dir, data_file
 def test_resume_without_checkpoint_exits_2(tiny_model_dir, data_file, tmp_path):
     proc = train("--model", str(tiny_model_dir), "--data", str(data_file), "--output", str(tmp_path), "--resume")
     assert proc.returncode == 2 and "no checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_config_yaml_records_the_lr_used_and_sources_and_reruns_the_same(tiny_model_dir, data_file, tmp_path):
+    import yaml
+
+    settings = tmp_path / "run.yaml"
+    settings.write_text("max_steps: 2\nseed: 3\n", encoding="utf-8")
+    out, again = tmp_path / "out", tmp_path / "again"
+    proc = train("--config", str(settings), "--model", str(tiny_model_dir), "--data", str(data_file),
+                 "--method", "lora", "--no-report", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    saved = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+    assert saved["lr"] == 2e-4  # the recipe's LoRA rate that ran, not null
+    assert saved["sources"]["lr"] == "default for lora x sft"
+    assert saved["sources"]["method"] == "flag --method" and saved["sources"]["report"] == "flag --no-report"
+    assert saved["sources"]["max_steps"] == f"config {settings}:1" and saved["sources"]["seed"] == f"config {settings}:2"
+    assert saved["sources"]["objective"] == "default" and "weight_decay" not in saved["sources"]  # plain defaults
+    assert saved["batch_tokens"] == 8192 and saved["sources"]["batch_tokens"].startswith("default: the memory plan")
+
+    proc = train("--config", str(out / "config.yaml"), "--output", str(again))
+    assert proc.returncode == 0, proc.stderr
+    rerun = yaml.safe_load((again / "config.yaml").read_text(encoding="utf-8"))
+    assert {k: v for k, v in rerun.items() if k not in ("output", "sources")} == \
+        {k: v for k, v in saved.items() if k not in ("output", "sources")}
+    line = next(n for n, text in enumerate((out / "config.yaml").read_text().splitlines(), 1) if text.startswith("lr:"))
+    assert rerun["sources"]["lr"] == f"config {out / 'config.yaml'}:{line}"
+
+    def losses(directory: Path) -> list[float]:
+        rows = [json.loads(r) for r in (directory / "metrics.jsonl").read_text().splitlines()]
+        return [r["train_loss"] for r in rows if "train_loss" in r]
+
+    assert losses(again) == losses(out) and len(losses(out)) == 2  # the rerun reproduces the run

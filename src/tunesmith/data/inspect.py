@@ -5,7 +5,8 @@ highlighted (colours on a terminal, `[[...]]` markers when piped), then the numb
 catch mistakes early: rows read/invalid, token lengths, the share of tokens trained, how
 many samples exceed --max-length, how many conversations were split per turn or had their
 system prompt folded, and which samples are refused (FILE:LINE, turn, reason); and runs the
-same pre-flight checks as training.
+same pre-flight checks as training. Preference data (prompt/chosen/rejected) is shown pair by
+pair, as DPO and ORPO train it (`data.inspect_pairs`).
 """
 from __future__ import annotations
 
@@ -45,20 +46,20 @@ def inspect_data(options: DataOptions, model: str | None, samples: int = 3, time
     tokenizer = load_tokenizer(model)
     template = choose_template(tokenizer, options.template)
     eot = end_of_turn_ids(tokenizer)
+    pairs = bool(convs) and all(c.kind == "preference" for c in convs)
+    print_header(console, tokenizer, template, eot, read_report.format, mix.lines())
+    if pairs:  # what --objective dpo / orpo train: prompt, chosen and rejected of each pair
+        from tunesmith.data.inspect_pairs import inspect_pairs
+
+        for line in messages:
+            console.print(Text(line, style="yellow"))
+        stats = inspect_pairs(console, tokenizer, convs, read_report, options, samples, eot)
+        stats["datasets"] = mix.as_stats()
+        return stats
     convs = [_as_chat(c) for c in convs]
     start = time.perf_counter()
     tokenized, report = tokenize_fitting(convs, tokenizer, options, messages.append, skip_invalid=True)
     seconds = time.perf_counter() - start
-    console.print(Text.assemble(("template: ", "bold"), template, ("  end of turn: ", "bold"),
-                                ", ".join(tokenizer.convert_ids_to_tokens(eot)), ("  format: ", "bold"),
-                                read_report.format))
-    for line in mix.lines():  # each dataset: rows, format and which column was read as what
-        console.print(Text.assemble(("data: ", "bold"), line))
-    if console.is_terminal and not console.no_color:
-        console.print(Text.assemble(("trained", TRAINED_STYLE), "  ", ("context only", PROMPT_STYLE), "  ",
-                                    ("special token", SPECIAL_STYLE)))
-    else:
-        console.print(Text("trained tokens (the loss) are shown between double square brackets"))
     for line in messages + [n for n in report.notices() if n.startswith("note:")]:  # refusals: below
         console.print(Text(line, style="yellow"))
     for sample in tokenized[:samples]:
@@ -82,6 +83,21 @@ def inspect_data(options: DataOptions, model: str | None, samples: int = 3, time
     return stats
 
 
+def print_header(console: Console, tokenizer: Any, template: str, eot: list[int], data_format: str,
+                 dataset_lines: list[str]) -> None:
+    """The template, end-of-turn token(s) and format; each dataset's line; the legend of the markup."""
+    console.print(Text.assemble(("template: ", "bold"), template, ("  end of turn: ", "bold"),
+                                ", ".join(tokenizer.convert_ids_to_tokens(eot)), ("  format: ", "bold"),
+                                data_format))
+    for line in dataset_lines:  # each dataset: rows, format and which column was read as what
+        console.print(Text.assemble(("data: ", "bold"), line))
+    if console.is_terminal and not console.no_color:
+        console.print(Text.assemble(("trained", TRAINED_STYLE), "  ", ("context only", PROMPT_STYLE), "  ",
+                                    ("special token", SPECIAL_STYLE)))
+    else:
+        console.print(Text("trained tokens (the loss) are shown between double square brackets"))
+
+
 def _print_refusals(console: Console, report: TokenizeReport, options: DataOptions) -> None:
     """Samples that cannot be trained as inference renders them: each with its FILE:LINE, turn and reason.
 
@@ -102,7 +118,8 @@ def _print_refusals(console: Console, report: TokenizeReport, options: DataOptio
 
 
 def _as_chat(conv: Conversation) -> Conversation:
-    """Preference pairs are shown as prompt + chosen reply (what SFT on them would train)."""
+    """A preference pair mixed into other data is shown as prompt + chosen reply (pure preference data is
+    shown pair by pair, `data.inspect_pairs`)."""
     if conv.kind != "preference":
         return conv
     return Conversation(turns=conv.turns + list(conv.chosen or []), source=f"{conv.source} (chosen)")

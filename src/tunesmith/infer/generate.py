@@ -1,13 +1,16 @@
 """Text generation for any model tunesmith can load: batched, streamed, stopping at end-of-turn.
 
 `model.generate` from transformers does the decoding loop (KV cache, left-padded
-batches); the distribution is shaped only by our processors (`tunesmith.infer.sampling`),
+batches), or, for a local plain-Llama checkpoint loaded on CPU with `light=True` (the CLI, so
+the starter answers without importing transformers' model code), `infer.llama`'s decoder with
+the same arguments and results; the distribution is shaped only by our processors (`tunesmith.infer.sampling`),
 and generation stops at every token that can end a turn. Prompts are rendered with the
 model's own chat template (the one training saved), or used raw for base models that
 have none.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Iterator
@@ -125,6 +128,32 @@ def _prompt_record(record: Any) -> Prompt:
     raise TypeError(f"{expected} (found {json.dumps(record)[:60]})")
 
 
+# Below this size a CPU decoding step is too small for torch's thread pool to pay off: on the
+# starter (14M parameters) one thread decoded 35-40 tokens/s and two threads 5 tokens/s on two
+# shared cores, and the first forward alone spent ~1 s waking the pool.
+ONE_THREAD_BELOW_PARAMETERS = 50_000_000
+
+
+@contextlib.contextmanager
+def decoding_threads(model: Any) -> Iterator[None]:
+    """Decode a small model on CPU with one intra-op thread, restoring the caller's setting after.
+
+    A step of a small model is a few microsecond-sized matmuls, so handing them to a thread
+    pool costs more than it saves, and far more when the cores are shared with other work.
+    """
+    device = getattr(model, "device", None)
+    small = sum(p.numel() for p in model.parameters()) < ONE_THREAD_BELOW_PARAMETERS
+    if getattr(device, "type", None) != "cpu" or not small or torch.get_num_threads() == 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def context_window(model: Any) -> int | None:
     """The longest sequence the model was built for (None when its config does not say)."""
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -196,7 +225,8 @@ def generate_batch(model: Any, tokenizer: Any, prompts: list[str] | list[list[di
     for start in range(0, len(order), batch_size):
         chunk = order[start: start + batch_size]
         kwargs = _generate_kwargs(model, tokenizer, [rows[i] for i in chunk], sampling, stop_ids)
-        out = model.generate(**kwargs)  # (B, T + new)
+        with decoding_threads(model):
+            out = model.generate(**kwargs)  # (B, T + new)
         new = out[:, kwargs["input_ids"].shape[1]:].tolist()
         for i, new_ids in zip(chunk, new):
             results[i] = _completion(tokenizer, new_ids, set(stop_ids))
@@ -231,7 +261,7 @@ def stream_text(model: Any, tokenizer: Any, prompt: Prompt, sampling: SamplingOp
 
     def work() -> None:
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), decoding_threads(model):
                 model.generate(**kwargs, streamer=streamer, stopping_criteria=StoppingCriteriaList([flag]))
         except BaseException as exc:  # re-raised in the reader's thread below
             failure.append(exc)
@@ -271,13 +301,25 @@ class Model:
         return stream_text(self.model, self.tokenizer, prompt, options, raw=raw, system=system)
 
 
-def load(model: str | None = None, *, device: str | None = None) -> Model:
-    """Load a hub id, local directory or tunesmith output directory (LoRA adapters merged in) for inference."""
-    from tunesmith.model.load import load_model, load_tokenizer, pick_device_dtype
+def load(model: str | None = None, *, device: str | None = None, light: bool = False) -> Model:
+    """Load a hub id, local directory or tunesmith output directory (LoRA adapters merged in) for inference.
+
+    `light=True` (the CLI's generate and chat) decodes a local plain-Llama checkpoint, such
+    as the starter, on CPU with `infer.llama` instead of transformers' model class, which
+    saves about 2 s of imports at startup; `.model` is then not a transformers model. On a
+    GPU the import is a small part of the start, and transformers' benchmarked path is kept.
+    """
+    from tunesmith.model.load import load_model, load_tokenizer, pick_device_dtype, resolve_model_name
 
     dev, dtype = pick_device_dtype(device)
     tokenizer = load_tokenizer(model)
-    network = load_model(model, device=dev, dtype=dtype, merge_adapter=True).eval()
+    network: Any = None
+    if light and dev.type == "cpu":
+        from tunesmith.infer.llama import load_plain_llama
+
+        network = load_plain_llama(resolve_model_name(model), dev, dtype)  # None: not a plain Llama directory
+    if network is None:
+        network = load_model(model, device=dev, dtype=dtype, merge_adapter=True).eval()
     return Model(network, tokenizer, model or "starter")
 
 

@@ -45,6 +45,8 @@ class Objective:
     """`(samples, padded=, pad_id=) -> Batch`; None: `data.packing.collate`."""
     before_training: Callable[[Any], None] | None = None
     """`(train.api.Run) -> None`, run once the model is ready and before any step (e.g. a reference pass)."""
+    uses_reference: bool = False
+    """Its loss compares with a reference model (`--reference` picks how full fine-tuning provides one)."""
 
     def default_lr(self, adapter: bool) -> float:
         """The learning rate a run uses when none is given."""
@@ -87,7 +89,7 @@ def collate_pairs(pairs: Any, *, padded: bool = False, pad_id: int = 0) -> Any:
 
 
 def reference_pass(run: Any) -> None:
-    """DPO's reference log-probs before training, when the reference is not the same weights with the adapter off."""
+    """DPO's reference when it is not the same weights with the adapter off: the cached pass, or a live copy."""
     from tunesmith.train.reference import prepare_reference
 
     prepare_reference(run)
@@ -103,7 +105,7 @@ PAIR_METRICS = ("reward_accuracy", "chosen_reward", "rejected_reward", "margin",
 DPO = Objective("dpo", "direct preference optimisation on chosen/rejected pairs (sigmoid loss, --beta 0.1)",
                 PAIR, ("preference",), lr_full=5e-7, lr_adapter=5e-6, make_loss=dpo_loss, metrics=PAIR_METRICS,
                 bar_metrics=("reward_accuracy", "margin"), tokenize=tokenize_pairs, collate=collate_pairs,
-                before_training=reference_pass)
+                before_training=reference_pass, uses_reference=True)
 ORPO = Objective("orpo", "odds-ratio preference optimisation: NLL on chosen + --orpo-lambda 0.1 x odds-ratio term; "
                  "no reference model", PAIR, ("preference",), lr_full=1e-6, lr_adapter=1e-5, make_loss=orpo_loss,
                  metrics=(*PAIR_METRICS, "chosen_nll", "log_odds"), bar_metrics=("reward_accuracy", "margin"),

@@ -39,13 +39,25 @@ class Recipe:
                                 [f'fix: pip install "tunesmith[{extra}]"'])
 
 
-def recipe(method: str, objective: str, *, merge: bool = False) -> Recipe:
+REFERENCE_MODES = ("cached", "live")  # how full fine-tuning gets a reference model's log-probs (train.reference)
+
+
+def recipe(method: str, objective: str, *, merge: bool = False, reference: str = "cached") -> Recipe:
     """The registry entries for `--method` x `--objective`; impossible combinations refused here."""
     if method not in PARAMETER_SETS:
         raise UserError(f"invalid value for method: {method!r} (allowed: {' | '.join(PARAMETER_SETS)})")
     if objective not in OBJECTIVES:
         raise UserError(f"invalid value for objective: {objective!r} (allowed: {' | '.join(OBJECTIVES)})")
+    if reference not in REFERENCE_MODES:
+        raise UserError(f"invalid value for reference: {reference!r} (allowed: {' | '.join(REFERENCE_MODES)})")
     chosen = Recipe(PARAMETER_SETS[method], OBJECTIVES[objective])
+    if reference == "live" and not chosen.objective.uses_reference:
+        raise UserError(f"--reference live: --objective {objective} has no reference model",
+                        ["fix: drop --reference (it applies to --objective dpo)"])
+    if reference == "live" and chosen.params.adapter:
+        raise UserError(f"--reference live: with --method {method} the reference is already live: the same "
+                        "weights with the adapter switched off (no copy)",
+                        ["fix: drop --reference, or use --method full"])
     if merge and not chosen.params.adapter:
         raise UserError(f"--merge: --method {method} trains every weight, so there is no adapter to merge",
                         ["fix: drop --merge (the output already holds full weights), or use --method lora"])

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tunesmith.config import TrainConfig, to_flat_dict, train_config
+from tunesmith.config import TrainConfig, run_record, starter_defaults, to_flat_dict, train_config
 from tunesmith.errors import UserError
 from tunesmith.methods import Recipe
 from tunesmith.train.checkpoint import TrainState, checkpoint_dirs, load_checkpoint, save_checkpoint, write_failed
@@ -68,6 +68,7 @@ class Run:
     notices: list[str]
     dist: Dist = field(default_factory=Dist)  # this process's rank and world (one process: a no-op)
     dtype: torch.dtype = torch.float32  # the run's dtype (what the saved model is written in)
+    origins: dict[str, str] = field(default_factory=dict)  # option -> where it came from (config.yaml's sources)
 
 
 def resolve_config(config: TrainConfig | None, options: dict[str, Any]) -> TrainConfig:
@@ -221,21 +222,27 @@ def peak_memory_gib(device: torch.device) -> float:
     return rss_kib / 2**20
 
 
-def finetune(config: TrainConfig | None = None, **options: Any) -> TrainResult:
+def finetune(config: TrainConfig | None = None, *, origins: dict[str, str] | None = None,
+             **options: Any) -> TrainResult:
     """Fine-tune a model; returns the output directory and final metrics.
 
     `finetune(model="x", data="y.jsonl", method="lora", max_steps=10)` takes the same
-    option names as the CLI flags and YAML keys.
+    option names as the CLI flags and YAML keys. `origins` (option -> "flag --lr", ...,
+    from the CLI) is recorded in config.yaml; without it, options that differ from their
+    defaults are recorded as "given".
     """
+    from tunesmith.config_file import setting_origins
     from tunesmith.model.load import pick_device_dtype
     from tunesmith.train.distributed import start
 
+    starter = set(starter_defaults(options)) if config is None else set()
     config = resolve_config(config, options)
+    origins = origins if origins is not None else setting_origins(config, {}, starter)
     output_dir = Path(config.output.output).expanduser()
     dist = start(pick_device_dtype()[0].type)
     try:
         with output_lock(output_dir), failure_guard(dist, output_dir / CHECKPOINTS_DIR):  # one run per output dir
-            metrics, run = train_and_save(config, output_dir, dist)
+            metrics, run = train_and_save(config, output_dir, dist, origins)
     finally:
         dist.close()
     if config.output.report and dist.is_main:
@@ -247,7 +254,8 @@ def finetune(config: TrainConfig | None = None, **options: Any) -> TrainResult:
     return TrainResult(output_dir, metrics)
 
 
-def train_and_save(config: TrainConfig, output_dir: Path, dist: Dist) -> tuple[dict[str, float], Run]:
+def train_and_save(config: TrainConfig, output_dir: Path, dist: Dist,
+                   origins: dict[str, str] | None = None) -> tuple[dict[str, float], Run]:
     """Set up, train and write the outputs; out-of-memory, a full disk and Ctrl-C become advice."""
     resume_from = dist.on_main(lambda: start_output(output_dir, config.loop.resume))
     if resume_from is not None:
@@ -255,6 +263,7 @@ def train_and_save(config: TrainConfig, output_dir: Path, dist: Dist) -> tuple[d
     started = time.perf_counter()
     try:
         run = setup_run(config, output_dir, dist)
+        run.origins = dict(origins or {})
         if run.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(run.device)  # this run's peak, not an earlier one's in this process
         history, state, final = train_run(run, resume_from)
@@ -317,7 +326,7 @@ def train_run(run: Run, resume_from: Path | None) -> tuple[list[dict[str, Any]],
     if resume_from is not None:
         state = load_checkpoint(resume_from, run.model, engine.optimizer, engine.scheduler, run.dist)
     if run.dist.is_main:
-        save_config(out, to_flat_dict(config))
+        save_config(out, run_record(config, run.origins))
         write_jsonl(run.prepared.eval_conversations, out / HELD_OUT_FILE)
     log = RunLog(out, steps, start_step=state.step, history=state.history, enabled=run.dist.is_main,
                  bar_metrics=run.recipe.objective.bar_metrics)

@@ -95,10 +95,14 @@ def logps_for(fast: Any) -> LogpsFn:
 
 
 @torch.no_grad()
-def reference_logps(model: Any, batch: Batch, logps: LogpsFn = sequence_logps) -> torch.Tensor:
-    """The reference's summed log-probs `(P, 2)`: cached on the batch, else this model with its adapter off."""
+def reference_logps(model: Any, batch: Batch, logps: LogpsFn = sequence_logps,
+                    reference: Any = None) -> torch.Tensor:
+    """The reference's summed log-probs `(P, 2)`: cached on the batch, else the live `reference` model
+    (a frozen copy of the starting weights), else this model with its adapter off."""
     if batch.reference_logps is not None:
         return batch.reference_logps
+    if reference is not None:
+        return logps(reference, batch)[0]
     if not hasattr(model, "disable_adapter"):
         raise RuntimeError("DPO without an adapter needs reference log-probs from the reference pass")
     with model.disable_adapter():
@@ -115,15 +119,20 @@ def pair_metrics(chosen_reward: torch.Tensor, rejected_reward: torch.Tensor,
 
 
 def make_dpo_loss(beta: float, logps_fn: LogpsFn = sequence_logps) -> LossFn:
-    """The DPO sigmoid loss at `beta`, summed over the batch's pairs."""
+    """The DPO sigmoid loss at `beta`, summed over the batch's pairs.
+
+    Its `reference_model` attribute (None: cached log-probs or the adapter off) is where the
+    reference hook puts a live frozen copy (`train.reference.keep_live_reference`).
+    """
     def dpo_loss_sum(model: Any, batch: Batch) -> LossSum:
         logps, _counts = logps_fn(model, batch)  # (P, 2)
-        ref = reference_logps(model, batch, logps_fn).to(logps.device)  # (P, 2)
+        ref = reference_logps(model, batch, logps_fn, dpo_loss_sum.reference_model).to(logps.device)  # (P, 2)
         rewards = beta * (logps - ref)  # (P, 2)
         losses = -F.logsigmoid(rewards[:, 0] - rewards[:, 1])  # (P,)
         return LossSum(losses.sum(), batch.num_targets, pair_metrics(rewards[:, 0], rewards[:, 1], logps))
 
     dpo_loss_sum.logps = logps_fn  # type: ignore[attr-defined]  # the reference pass scores the same way
+    dpo_loss_sum.reference_model = None  # type: ignore[attr-defined]
     return dpo_loss_sum
 
 

@@ -1,4 +1,5 @@
-"""DPO's reference log-probs for full fine-tuning: one pass before training, cached with the tokenized data.
+"""DPO's reference log-probs for full fine-tuning: one pass before training, cached with the tokenized data
+(`--reference cached`, the default), or a frozen copy of the starting weights scoring each batch (`live`).
 
 With an adapter, the reference is the same weights with the adapter switched off (computed
 live in the loss, no second copy). Training every weight would need a frozen second copy
@@ -10,6 +11,7 @@ weights (or dtype or device kind) give another fingerprint, other data another c
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import tempfile
@@ -105,13 +107,30 @@ def score_shared(run: Any, pairs: list[Any]) -> np.ndarray:
     return out
 
 
+def keep_live_reference(run: Any) -> None:
+    """`--reference live`: a frozen copy of the starting weights, which the loss scores each batch with.
+
+    Taken before the first step and before any checkpoint is loaded, so a resumed run
+    compares with the same starting weights. Costs the weights' memory once more and one
+    no-grad forward per step; no pass before training, nothing cached.
+    """
+    frozen = copy.deepcopy(run.model).eval().requires_grad_(False)
+    run.loss_fn.reference_model = frozen
+    count = sum(p.numel() for p in frozen.parameters())
+    run.notices.append(f"reference: live, a frozen copy of the starting weights ({count:,} parameters more in "
+                       "memory) scores each batch")
+
+
 def prepare_reference(run: Any) -> None:
-    """The `before_training` hook of DPO: nothing with an adapter; else load or compute the reference pass.
+    """The `before_training` hook of DPO: nothing with an adapter; else the live copy, or load or compute the pass.
 
     Rank 0 reads and writes the cache and tells the others what it found, so every rank
     takes the same branch (a rank scoring alone would wait for the others forever).
     """
     if run.recipe.params.adapter:
+        return
+    if run.config.method.reference == "live":
+        keep_live_reference(run)
         return
     prepared, say, dist = run.prepared, run.notices.append, run.dist
     fingerprint = model_fingerprint(run.model)
