@@ -1,6 +1,7 @@
 """Build tests/fixtures/templates/vocab/ from llama.cpp's real vocabularies (run once, offline).
 
     python scripts/build_template_fixtures.py /path/to/llama.cpp/models
+    python scripts/build_template_fixtures.py --mistral /path/to/tokenizer.model.v1
 
 Each `ggml-vocab-NAME.gguf` in llama.cpp's repository is a real model's vocabulary without
 weights, with `.inp`/`.out` files beside it: test strings and the ids the model's own Hugging Face
@@ -16,6 +17,12 @@ tokenizer gives them. Two kinds of conversion:
 
 The `.inp`/`.out` pairs are copied next to the vocabularies; tests/test_template_vocabs.py checks
 that every converted vocabulary reproduces them exactly.
+
+Mistral 7B's own SentencePiece model (`tokenizer.model.v1` in the mistral-common wheel: Mistral 7B
+v0.1/v0.2, 32000 pieces) is not in llama.cpp; `--mistral` converts it as transformers converts
+Mistral's slow tokenizer (LlamaConverter, legacy, BOS before the text) and writes its `.out` with
+the `sentencepiece` library itself (needs `sentencepiece` and `protobuf`; neither is a project or
+test dependency).
 """
 from __future__ import annotations
 
@@ -95,15 +102,79 @@ def convert_bpe(models: Path, name: str) -> bytes:
 def _bos_template(fields: Any, tokens: list[str]) -> Any:
     """The post-processor that puts BOS before `encode(text)`, where the model's own tokenizer does
     (the GGUF's add_bos_token; llama.cpp sets it for Llama 3's pre-tokenizer); None where it does not."""
-    from tokenizers import processors
-
     add = fields["tokenizer.ggml.add_bos_token"].contents() if "tokenizer.ggml.add_bos_token" in fields else False
     if not (add or fields["tokenizer.ggml.pre"].contents() == "llama-bpe"):
         return None
     bos_id = int(fields["tokenizer.ggml.bos_token_id"].contents())
-    bos = tokens[bos_id]
-    return processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1",
-                                         special_tokens=[(bos, bos_id)])
+    return bos_processor(tokens[bos_id], bos_id)
+
+
+def convert_mistral(model: Path) -> bytes:
+    """The tokenizer.json (minified) of Mistral 7B's SentencePiece model, as transformers converts it.
+
+    transformers 5's SpmConverter hands the piece scores to an extractor that now expects a model
+    type, so the extractor is the v4 one (merges ranked by piece score, as SentencePiece's BPE
+    merges). The post-processor puts <s> first, as Mistral's LlamaTokenizerFast does (add_bos_token);
+    <unk> is a special added token there too."""
+    import sentencepiece as spm
+    from tokenizers import AddedToken
+    from transformers.convert_slow_tokenizer import LlamaConverter
+    from transformers.tokenization_utils_base import generate_merges
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    class ScoreRankedExtractor:
+        def __init__(self, path: str) -> None:
+            self.sp = spm.SentencePieceProcessor(model_file=path)
+
+        def extract(self, vocab_scores: list[tuple[str, float]]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+            vocab = {self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size())}
+            return vocab, generate_merges(vocab, vocab_scores)
+
+    class MistralConverter(LlamaConverter):
+        SpmExtractor = ScoreRankedExtractor
+
+    slow = SentencePieceBackend(vocab_file=str(model), legacy=True, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    slow.add_prefix_space = True  # Mistral's tokenizer_config: legacy, dummy prefix (LlamaTokenizer's defaults)
+    tokenizer = MistralConverter(slow).converted()
+    tokenizer.add_special_tokens([AddedToken("<unk>", special=True, normalized=False)])
+    tokenizer.post_processor = bos_processor("<s>", 1)
+    return tokenizer.to_str(pretty=False).encode("utf-8")
+
+
+def bos_processor(bos: str, bos_id: int) -> Any:
+    """A post-processor that puts `bos` before every encoded text (and before each of a pair)."""
+    from tokenizers import processors
+
+    return processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, bos_id)])
+
+
+def mistral_cases(model: Path, texts: list[str]) -> str:
+    """The `.out` text of llama.cpp's test strings under Mistral's model, from `sentencepiece` itself.
+
+    Ids are written without the BOS, like llama.cpp's `.out` files; sentencepiece's add_bos=True gives
+    <s> (1) and then exactly these, which the test asks of encode() with special tokens."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    assert (sp.vocab_size(), sp.unk_id(), sp.bos_id(), sp.eos_id()) == (32000, 0, 1, 2), "not Mistral 7B's v1 model"
+    assert sp.piece_to_id("[INST]") == sp.unk_id(), "[INST] is a piece: a v2+ (instruct) model, not v1"
+    lines = []
+    for text in texts:
+        with_bos = sp.encode(text, add_bos=True)
+        assert with_bos[0] == sp.bos_id()
+        lines.append("".join(f" {i}" for i in with_bos[1:]))
+    return "\n".join(lines) + "\n"
+
+
+def build_mistral(model: Path) -> None:
+    """Write mistral-spm.json.xz and its test cases (llama.cpp's strings, sentencepiece's ids)."""
+    path = OUT / "mistral-spm.json.xz"
+    path.write_bytes(lzma.compress(convert_mistral(model), preset=9 | lzma.PRESET_EXTREME))
+    print(f"mistral-spm: {path.stat().st_size / 1e6:.2f} MB")
+    raw = (OUT / "llama-spm.inp").read_bytes()
+    (OUT / "mistral-spm.inp").write_bytes(raw)
+    texts = raw.decode("utf-8").split("\n__ggml_vocab_test__\n")[:-1]
+    (OUT / "mistral-spm.out").write_text(mistral_cases(model, texts), encoding="utf-8")
 
 
 def main(models: Path) -> None:
@@ -124,4 +195,7 @@ def main(models: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[1] == "--mistral":
+        build_mistral(Path(sys.argv[2]))
+    else:
+        main(Path(sys.argv[1]))

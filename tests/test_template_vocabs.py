@@ -1,6 +1,8 @@
 """The shipped vocabularies are the real ones: llama.cpp's tokenizer test cases give exactly the ids
 the models' own Hugging Face tokenizers gave (the .out files were written by those tokenizers), and
-each family's special tokens sit at the ids of the real model's tokenizer."""
+each family's special tokens sit at the ids of the real model's tokenizer. mistral-spm's .out is not
+llama.cpp's: the `sentencepiece` library wrote it from Mistral 7B's own model (see
+scripts/build_template_fixtures.py), so that vocabulary is checked against the model, not a converter."""
 from __future__ import annotations
 
 import pytest
@@ -22,6 +24,19 @@ def test_the_cases_are_not_trivial() -> None:  # the BPE words that real split r
     texts = [text for text, _ in vocab_cases("llama-bpe")]
     assert any("\n\n\n" in t for t in texts) and any("🦙" in t for t in texts) and any("3333333" in t for t in texts)
     assert vocab_cases("qwen2")[-1][1] != vocab_cases("llama-bpe")[-1][1]
+    assert vocab_cases("mistral-spm")[0][1] != vocab_cases("llama-spm")[0][1]  # not Llama 2's ids
+
+
+def test_mistral_vocabulary_encodes_and_decodes_as_sentencepiece_does() -> None:
+    """With special tokens every case is <s> then sentencepiece's ids (its add_bos=True), and decoding
+    gives the text back; [INST] is text in Mistral 7B v0.1/v0.2's model, not a piece."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(vocab_text("mistral-spm"))
+    for text, ids in vocab_cases("mistral-spm"):
+        assert tokenizer.encode(text).ids == [1, *ids], text
+        assert tokenizer.decode(ids) == text
+    assert tokenizer.get_vocab_size() == 32000 and tokenizer.token_to_id("[INST]") is None
 
 
 @pytest.mark.parametrize("family", [f for f, spec in FAMILIES.items() if "ids" in spec])
@@ -36,7 +51,7 @@ def test_family_special_tokens_have_the_real_models_ids(family: str) -> None:
 
 
 @pytest.mark.parametrize(("vocab", "bos"), [("llama-bpe", 128000), ("command-r", 5), ("llama-spm", 1), ("phi-3", 1),
-                                            ("qwen2", None)])
+                                            ("mistral-spm", 1), ("qwen2", None)])
 def test_encoding_with_special_tokens_adds_bos_where_the_model_does(vocab: str, bos: int | None) -> None:
     from tokenizers import Tokenizer
 
