@@ -111,7 +111,7 @@ def test_estimate_is_within_40_percent_of_measured_cpu_memory(tmp_path, method, 
     """Measured: peak RSS growth of one real training step (tests/measure_step_memory.py, a fresh
     process) at 2048 tokens, fp32 and the plain loss as on CPU. Tolerance: 0.6x-1.4x (CPU kernels
     keep somewhat different temporaries than the CUDA path the plan is written for, and RSS
-    varies by ~20% between runs on a busy machine)."""
+    varies by ~20% between runs on a busy machine, upwards only: the smaller of two runs counts)."""
     if method == "qlora":
         pytest.importorskip("bitsandbytes")
     import torch
@@ -122,10 +122,12 @@ def test_estimate_is_within_40_percent_of_measured_cpu_memory(tmp_path, method, 
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(tmp_path)
     script = Path(__file__).parent / "measure_step_memory.py"
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), method, "2048", str(int(checkpointing))],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    measured = int(proc.stdout.split()[-1])
+    measured = None
+    for _ in range(2):  # RSS noise only adds (allocator arenas, other work): the smaller of two runs
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path), method, "2048", str(int(checkpointing))],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        measured = min(int(proc.stdout.split()[-1]), measured or 2**62)
     from tunesmith.methods import PARAMETER_SETS
 
     params = PARAMETER_SETS[method]
