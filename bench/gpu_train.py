@@ -472,8 +472,24 @@ def loss_parity(a: list[float], b: list[float], steps: int = 50) -> dict[str, fl
             "mean_rel_diff": sum(abs(x - y) / x for x, y in zip(a, b)) / n}
 
 
+class SavedRows(dict):  # type: ignore[type-arg]
+    """A comparison's rows: each one is printed and the partial table saved as it lands."""
+
+    def __init__(self, head: dict[str, Any], save: Any) -> None:
+        super().__init__()
+        self.head, self.save = head, save
+
+    def __setitem__(self, key: str, row: Result) -> None:
+        super().__setitem__(key, row)
+        print(f"[{key}] {row.name}: {row.tokens_per_s:,.0f} tok/s, MFU {100 * row.mfu:.1f}%, peak "
+              f"{row.peak_gib:.1f} GiB" + (f", {row.error}" if row.error else ""), flush=True)
+        if self.save:
+            self.save({**self.head, "runs": {k: asdict(v) for k, v in self.items()}})
+
+
 def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, profile: bool,
-            peers: bool = True, eager: bool = True, repeats: int = 1, variants: bool = False) -> dict[str, Any]:
+            peers: bool = True, eager: bool = True, repeats: int = 1, variants: bool = False,
+            save: Any = None) -> dict[str, Any]:
     """Baselines (Trainer, TRL) and tunesmith (full, LoRA; compiled layers, and eager liger layers) on one shape.
 
     Order matters: liger's instance patches also replace a few module-level functions of
@@ -483,7 +499,8 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
     config = model_config(shape)
     samples = synth_samples(n_samples, regime, config.vocab_size)
     budget = REGIMES[regime][3]
-    rows: dict[str, Result] = {}
+    head = {"shape": shape, "regime": regime, "samples": n_samples, "real_tokens": sum(map(len, samples))}
+    rows = SavedRows(head, save)  # a run cut short by its time limit keeps the rows it finished
     rows["base_full"] = guarded("Trainer full", run_trainer, config, samples, False, rate)
     rows["base_lora"] = guarded("Trainer+peft LoRA", run_trainer, config, samples, True, rate)
     if parity:
@@ -508,8 +525,7 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
     if peers:
         rows["trl_full"] = guarded("TRL SFT full", run_trl, config, samples, False, rate, budget)
         rows["trl_lora"] = guarded("TRL SFT LoRA", run_trl, config, samples, True, rate, budget)
-    out: dict[str, Any] = {"shape": shape, "regime": regime, "samples": n_samples,
-                           "real_tokens": sum(map(len, samples)), "runs": {k: asdict(v) for k, v in rows.items()}}
+    out: dict[str, Any] = {**head, "runs": {k: asdict(v) for k, v in rows.items()}}
     ok = {k for k, v in rows.items() if not v.error}
     if {"plain_full", "fast_full"} <= ok:
         out["parity"] = loss_parity(rows["plain_full"].losses, rows["fast_full"].losses)
@@ -636,14 +652,16 @@ def main() -> None:
         for shape, regime in SWEEP:
             n = REGIMES[regime][4] // 3 if regime == "short" else REGIMES[regime][4] // 2
             results.append(compare(shape, regime, rate, n, parity=False, profile=False,
-                                   peers=(shape, regime) == ("llama-3b", "short"), eager=False))
+                                   peers=(shape, regime) == ("llama-3b", "short"), eager=False,
+                                   save=lambda part: write_json({**report, "results": [*results, part]}, args.out)))
             print("\n".join(table(results[-1])), flush=True)
             report["results"] = results
             write_json(report, args.out)  # after each shape: a run cut short still leaves its rows
         return
     report["fused_adamw_max_ulp"] = check_fused_adamw()
     results = [compare("llama-1b", "short", rate, REGIMES["short"][4], parity=True, profile=True,
-                       repeats=REPEATS, variants=True, eager=args.eager)]
+                       repeats=REPEATS, variants=True, eager=args.eager,
+                       save=lambda part: write_json({**report, "results": [part]}, args.out))]
     print("\n".join(table(results[0])), flush=True)
     policy = report["optimizer_policy"] = check_optimizer_policy()
     report["results"] = results
