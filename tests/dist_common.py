@@ -16,8 +16,7 @@ SCENARIOS = {
 # On preference data: full-FT DPO under FSDP2, whose reference pass the ranks share out.
 # LoRA DPO under DDP: the reference is the adapter switched off inside the wrapped forward.
 PREFERENCE_SCENARIOS = {"fsdp-dpo": dict(method="full", parallel="fsdp", objective="dpo", lr=1e-3, batch_tokens=256),
-                        "ddp-lora-dpo": dict(method="lora", parallel="ddp", objective="dpo", lr=1e-2,
-                                             batch_tokens=256)}
+                        "ddp-lora-dpo": dict(method="lora", parallel="ddp", objective="dpo", batch_tokens=256)}
 
 
 def interrupted_copy(source: Path, target: Path) -> None:
