@@ -376,7 +376,9 @@ def _compile_decoder_layers(lm: Any, backend: str = "inductor") -> int:
     # (eval, DPO's reference with the adapter off), the first layer's frozen input. dynamo's
     # default of 8 entries is reached by a DPO run with long rows, and the layers would then
     # fall back to eager for the rest of the run.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6's name
+    setattr(config, limit, max(getattr(config, limit), RECOMPILE_LIMIT))
     layers = getattr(lm.get_decoder(), "layers", None) or []
     for layer in layers:
         layer.compile(dynamic=False, backend=backend, mode=COMPILE_MODE)
