@@ -2,6 +2,7 @@
 
     python scripts/build_template_fixtures.py /path/to/llama.cpp/models
     python scripts/build_template_fixtures.py --mistral /path/to/tokenizer.model.v1
+    python scripts/build_template_fixtures.py --phi4 /path/to/cl100k_base.tiktoken
 
 Each `ggml-vocab-NAME.gguf` in llama.cpp's repository is a real model's vocabulary without
 weights, with `.inp`/`.out` files beside it: test strings and the ids the model's own Hugging Face
@@ -23,10 +24,18 @@ v0.1/v0.2, 32000 pieces) is not in llama.cpp; `--mistral` converts it as transfo
 Mistral's slow tokenizer (LlamaConverter, legacy, BOS before the text) and writes its `.out` with
 the `sentencepiece` library itself (needs `sentencepiece` and `protobuf`; neither is a project or
 test dependency).
+
+Phi-4's vocabulary is OpenAI's cl100k_base BPE (not in llama.cpp) with Phi-4's own special tokens at
+100256-100351. `--phi4` converts a local `cl100k_base.tiktoken` (checked against tiktoken's published
+sha256) with transformers' TikTokenConverter (ranks -> merges, cl100k's split regex), appends those
+tokens, and writes its `.out` with tiktoken itself (`encode_ordinary`; needs `tiktoken`, which is not a
+project or test dependency).
 """
 from __future__ import annotations
 
 import gzip
+import hashlib
+import os
 import json
 import lzma
 import shutil
@@ -177,6 +186,65 @@ def build_mistral(model: Path) -> None:
     (OUT / "mistral-spm.out").write_text(mistral_cases(model, texts), encoding="utf-8")
 
 
+# tiktoken_ext/openai_public.py (tiktoken 0.14.0): where cl100k_base is published and its sha256
+CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
+
+
+def phi4_specials() -> dict[str, int]:
+    """Phi-4's added tokens and their ids, as pytorch/torchtune's phi4 tokenizer lays them out
+    (torchtune/models/phi4/_tokenizer.py): cl100k's own <|endoftext|>, FIM and <|endofprompt|> ids,
+    ChatML's three at 100264-100266, and <|dummy_N|> fillers in every other slot up to 100351."""
+    named = {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259, "<|fim_suffix|>": 100260,
+             "<|im_start|>": 100264, "<|im_end|>": 100265, "<|im_sep|>": 100266, "<|endofprompt|>": 100276}
+    by_id, dummy = {i: t for t, i in named.items()}, 0
+    for i in range(100256, 100352):
+        if i not in by_id:
+            by_id[i], dummy = f"<|dummy_{dummy}|>", dummy + 1
+    return {by_id[i]: i for i in sorted(by_id)}
+
+
+def cl100k_encoding(ranks_file: Path) -> Any:
+    """tiktoken's own cl100k_base, read offline from `ranks_file` (tiktoken checks its sha256 too)."""
+    import tiktoken
+
+    data = ranks_file.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == CL100K_SHA256, "not tiktoken's cl100k_base.tiktoken"
+    cache = Path(tempfile.mkdtemp(prefix="cl100k-"))
+    (cache / hashlib.sha1(CL100K_URL.encode()).hexdigest()).write_bytes(data)  # tiktoken's cache layout
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+    encoding = tiktoken.get_encoding("cl100k_base")
+    assert encoding.n_vocab == 100277 and len(data.splitlines()) == 100256
+    return encoding
+
+
+def convert_phi4(ranks_file: Path) -> bytes:
+    """The tokenizer.json (minified) of Phi-4: cl100k's ranks as byte-level BPE merges (transformers'
+    TikTokenConverter, whole words looked up first as tiktoken does), Phi-4's tokens appended as special."""
+    from tokenizers import AddedToken
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    tokenizer = TikTokenConverter(vocab_file=str(ranks_file)).converted()
+    assert tokenizer.get_vocab_size() == 100256
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in phi4_specials()])
+    for token, i in phi4_specials().items():
+        assert tokenizer.token_to_id(token) == i, token
+    return tokenizer.to_str(pretty=False).encode("utf-8")
+
+
+def build_phi4(ranks_file: Path) -> None:
+    """Write phi-4.json.xz and its test cases (llama.cpp's strings, tiktoken's cl100k ids)."""
+    encoding = cl100k_encoding(ranks_file)
+    path = OUT / "phi-4.json.xz"
+    path.write_bytes(lzma.compress(convert_phi4(ranks_file), preset=9 | lzma.PRESET_EXTREME))
+    print(f"phi-4: {path.stat().st_size / 1e6:.2f} MB")
+    raw = (OUT / "llama-bpe.inp").read_bytes()
+    (OUT / "phi-4.inp").write_bytes(raw)
+    texts = raw.decode("utf-8").split("\n__ggml_vocab_test__\n")[:-1]
+    lines = ["".join(f" {i}" for i in encoding.encode_ordinary(text)) for text in texts]
+    (OUT / "phi-4.out").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
 def main(models: Path) -> None:
     """Write the vocabularies that are not there yet, and copy their tokenizer test cases."""
     OUT.mkdir(parents=True, exist_ok=True)
@@ -197,5 +265,7 @@ def main(models: Path) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "--mistral":
         build_mistral(Path(sys.argv[2]))
+    elif sys.argv[1] == "--phi4":
+        build_phi4(Path(sys.argv[2]))
     else:
         main(Path(sys.argv[1]))

@@ -1,14 +1,15 @@
 """Real chat templates on real vocabularies, for the per-family tests (no network).
 
 tests/fixtures/templates/ holds the models' chat templates (jinja/), seven real vocabularies converted
-from llama.cpp's ggml-vocab-*.gguf and Mistral 7B's own SentencePiece model (vocab/, built by
+from llama.cpp's ggml-vocab-*.gguf, Mistral 7B's own SentencePiece model and Phi-4's (cl100k_base with
+its own tokens) (vocab/, built by
 scripts/build_template_fixtures.py and checked against llama.cpp's tokenizer test cases by
 tests/test_template_vocabs.py) and families.json: per
 family its template, vocabulary, special tokens and the end-of-turn token its tokenizer_config /
 generation_config declare.
 
 A family on its own model's vocabulary (Llama 3.x, Qwen2.5/3, QwQ, the R1 distills, SmolLM3,
-Command R, Phi-3.5, TinyLlama, Mistral 7B) gets that vocabulary with the family's special tokens where the model
+Command R, Phi-3.5, Phi-4, TinyLlama, Mistral 7B) gets that vocabulary with the family's special tokens where the model
 has them: `rename` gives a reserved token the family's name for it (Llama 3.1's `<|eom_id|>` is Llama
 3's `<|reserved_special_token_4|>`), `specials`/`added` are appended in order, and `ids` lists ids the
 real model's tokenizer has, which tests/test_template_vocabs.py checks. Families whose vocabulary is
@@ -29,7 +30,7 @@ from typing import Any
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "templates"
 FAMILIES: dict[str, dict[str, Any]] = json.loads((FIXTURES / "families.json").read_text(encoding="utf-8"))
-VOCABS = ("gpt-2", "llama-spm", "phi-3", "mistral-spm", "llama-bpe", "qwen2", "command-r", "starcoder")
+VOCABS = ("gpt-2", "llama-spm", "phi-3", "mistral-spm", "llama-bpe", "qwen2", "command-r", "starcoder", "phi-4")
 # the split regex of Llama 3 / OLMo 2 / Mistral's tekken style tokenizers (GPT-4's, cl100k)
 MODERN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")

@@ -2,7 +2,8 @@
 the models' own Hugging Face tokenizers gave (the .out files were written by those tokenizers), and
 each family's special tokens sit at the ids of the real model's tokenizer. mistral-spm's .out is not
 llama.cpp's: the `sentencepiece` library wrote it from Mistral 7B's own model (see
-scripts/build_template_fixtures.py), so that vocabulary is checked against the model, not a converter."""
+scripts/build_template_fixtures.py), so that vocabulary is checked against the model, not a converter;
+phi-4's .out was written by tiktoken's own cl100k_base (Phi-4's BPE), not by our conversion of it."""
 from __future__ import annotations
 
 import pytest
@@ -25,6 +26,8 @@ def test_the_cases_are_not_trivial() -> None:  # the BPE words that real split r
     assert any("\n\n\n" in t for t in texts) and any("🦙" in t for t in texts) and any("3333333" in t for t in texts)
     assert vocab_cases("qwen2")[-1][1] != vocab_cases("llama-bpe")[-1][1]
     assert vocab_cases("mistral-spm")[0][1] != vocab_cases("llama-spm")[0][1]  # not Llama 2's ids
+    # Llama 3's first 100256 tokens are cl100k's, but its merges and digits differ on some cases
+    assert [ids for _, ids in vocab_cases("phi-4")] != [ids for _, ids in vocab_cases("llama-bpe")]
 
 
 def test_mistral_vocabulary_encodes_and_decodes_as_sentencepiece_does() -> None:
@@ -39,6 +42,21 @@ def test_mistral_vocabulary_encodes_and_decodes_as_sentencepiece_does() -> None:
     assert tokenizer.get_vocab_size() == 32000 and tokenizer.token_to_id("[INST]") is None
 
 
+def test_phi4_vocabulary_is_cl100k_with_phi4s_tokens_after_it() -> None:
+    """tiktoken's ids (the .out) round-trip; every id from 100256 to 100351 is one special token (the
+    named ones, the rest <|dummy_N|>), matched whole inside text, so the vocabulary is 100352 long."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(vocab_text("phi-4"))
+    for text, ids in vocab_cases("phi-4"):
+        assert tokenizer.encode(text).ids == ids and tokenizer.decode(ids) == text, text  # no BOS, no EOS
+    added = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items()}
+    assert sorted(added.values()) == list(range(100256, 100352)) and tokenizer.get_vocab_size() == 100352
+    assert sum(t.startswith("<|dummy_") for t in added) == 88
+    ids = tokenizer.encode("<|im_start|>user<|im_sep|>Hi<|im_end|>").ids
+    assert ids[0] == 100264 and ids[2] == 100266 and ids[-1] == 100265 and len(ids) == 5
+
+
 @pytest.mark.parametrize("family", [f for f, spec in FAMILIES.items() if "ids" in spec])
 def test_family_special_tokens_have_the_real_models_ids(family: str) -> None:
     from template_families import make_tokenizer
@@ -51,7 +69,7 @@ def test_family_special_tokens_have_the_real_models_ids(family: str) -> None:
 
 
 @pytest.mark.parametrize(("vocab", "bos"), [("llama-bpe", 128000), ("command-r", 5), ("llama-spm", 1), ("phi-3", 1),
-                                            ("mistral-spm", 1), ("qwen2", None)])
+                                            ("mistral-spm", 1), ("qwen2", None), ("phi-4", None)])
 def test_encoding_with_special_tokens_adds_bos_where_the_model_does(vocab: str, bos: int | None) -> None:
     from tokenizers import Tokenizer
 

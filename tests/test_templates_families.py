@@ -211,7 +211,7 @@ def test_templates_without_tool_support_refuse_tool_samples() -> None:
                                             "tool calls")
 
 
-LORA_FAMILIES = ["llama-3.1", "qwen3", "gemma-2", "mistral-nemo", "phi-3.5", "tinyllama"]
+LORA_FAMILIES = ["llama-3.1", "qwen3", "gemma-2", "mistral-nemo", "phi-3.5", "phi-4", "tinyllama"]
 
 
 @pytest.mark.parametrize("name", LORA_FAMILIES)
