@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import json
 import lzma
+import os
 import shutil
 import sys
 import tempfile
