@@ -175,15 +175,21 @@ def mistral_cases(model: Path, texts: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_vocab_fixture(name: str, tokenizer_json: bytes, inp_from: str, ids_for: Any) -> None:
+    """NAME.json.xz, and its test cases: llama.cpp's strings of INP_FROM.inp with the ids
+    `ids_for(texts)` gives (the reference tokenizer, outside transformers) as NAME.out."""
+    path = OUT / f"{name}.json.xz"
+    path.write_bytes(lzma.compress(tokenizer_json, preset=9 | lzma.PRESET_EXTREME))
+    print(f"{name}: {path.stat().st_size / 1e6:.2f} MB")
+    raw = (OUT / f"{inp_from}.inp").read_bytes()
+    (OUT / f"{name}.inp").write_bytes(raw)
+    texts = raw.decode("utf-8").split("\n__ggml_vocab_test__\n")[:-1]
+    (OUT / f"{name}.out").write_text(ids_for(texts), encoding="utf-8")
+
+
 def build_mistral(model: Path) -> None:
     """Write mistral-spm.json.xz and its test cases (llama.cpp's strings, sentencepiece's ids)."""
-    path = OUT / "mistral-spm.json.xz"
-    path.write_bytes(lzma.compress(convert_mistral(model), preset=9 | lzma.PRESET_EXTREME))
-    print(f"mistral-spm: {path.stat().st_size / 1e6:.2f} MB")
-    raw = (OUT / "llama-spm.inp").read_bytes()
-    (OUT / "mistral-spm.inp").write_bytes(raw)
-    texts = raw.decode("utf-8").split("\n__ggml_vocab_test__\n")[:-1]
-    (OUT / "mistral-spm.out").write_text(mistral_cases(model, texts), encoding="utf-8")
+    write_vocab_fixture("mistral-spm", convert_mistral(model), "llama-spm", lambda texts: mistral_cases(model, texts))
 
 
 # tiktoken_ext/openai_public.py (tiktoken 0.14.0): where cl100k_base is published and its sha256
@@ -235,14 +241,11 @@ def convert_phi4(ranks_file: Path) -> bytes:
 def build_phi4(ranks_file: Path) -> None:
     """Write phi-4.json.xz and its test cases (llama.cpp's strings, tiktoken's cl100k ids)."""
     encoding = cl100k_encoding(ranks_file)
-    path = OUT / "phi-4.json.xz"
-    path.write_bytes(lzma.compress(convert_phi4(ranks_file), preset=9 | lzma.PRESET_EXTREME))
-    print(f"phi-4: {path.stat().st_size / 1e6:.2f} MB")
-    raw = (OUT / "llama-bpe.inp").read_bytes()
-    (OUT / "phi-4.inp").write_bytes(raw)
-    texts = raw.decode("utf-8").split("\n__ggml_vocab_test__\n")[:-1]
-    lines = ["".join(f" {i}" for i in encoding.encode_ordinary(text)) for text in texts]
-    (OUT / "phi-4.out").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def ids_for(texts: list[str]) -> str:
+        return "\n".join("".join(f" {i}" for i in encoding.encode_ordinary(text)) for text in texts) + "\n"
+
+    write_vocab_fixture("phi-4", convert_phi4(ranks_file), "llama-bpe", ids_for)
 
 
 def main(models: Path) -> None:
