@@ -100,3 +100,13 @@ def make_tokenizer(family: str) -> Any:
     if spec["vocab"] in ("llama-spm", "phi-3", "mistral-spm"):
         tokenizer.unk_token = "<unk>"
     return tokenizer
+
+
+def family_model_dir(root: Path, family: str) -> Path:
+    """ROOT/FAMILY: a real family's tokenizer (template + vocabulary) and a config, so it loads as a model directory."""
+    from transformers import LlamaConfig
+
+    tok = make_tokenizer(family)
+    tok.save_pretrained(root / family)
+    LlamaConfig(vocab_size=len(tok)).save_pretrained(root / family)
+    return root / family

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
+from template_families import family_model_dir
 
 from tunesmith.config import DataOptions
 from tunesmith.data.inspect import inspect_data
@@ -68,17 +69,6 @@ def test_skipped_rows_and_failed_preflight_are_shown(tiny_base_model_dir: Path, 
         inspect_data(DataOptions(data=str(path), max_length=64), model=str(tiny_base_model_dir),
                      console=Console(file=out, force_terminal=False))
     assert "pre-flight: FAILED" in out.getvalue() and "[[" in out.getvalue()
-
-
-def family_model_dir(tmp_path: Path, family: str) -> Path:
-    """A directory with a real family's tokenizer (and a config, so it loads as a model directory)."""
-    from template_families import make_tokenizer
-    from transformers import LlamaConfig
-
-    tok = make_tokenizer(family)
-    tok.save_pretrained(tmp_path / family)
-    LlamaConfig(vocab_size=len(tok)).save_pretrained(tmp_path / family)
-    return tmp_path / family
 
 
 def test_inspect_shows_per_turn_splits_folds_and_refusals(tmp_path: Path) -> None:

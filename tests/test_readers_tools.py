@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from template_families import family_model_dir
 from test_readers_cli import tunesmith
 
 from tunesmith.data.readers import read_conversations
@@ -107,20 +108,9 @@ def test_bad_tool_shapes_name_file_line_and_field(tmp_path: Path, row: dict[str,
     assert len(convs) == 1 and report.rows_invalid == 1
 
 
-def family_dir(tmp_path: Path, family: str) -> Path:
-    """A model directory with a real family's tokenizer (template + vocabulary) and a config."""
-    from template_families import make_tokenizer
-    from transformers import LlamaConfig
-
-    tok = make_tokenizer(family)
-    tok.save_pretrained(tmp_path / family)
-    LlamaConfig(vocab_size=len(tok)).save_pretrained(tmp_path / family)
-    return tmp_path / family
-
-
 def test_inspect_trains_the_tool_call_and_masks_the_result_on_qwen25(tmp_path: Path) -> None:
     path = write(tmp_path, [chat()])
-    result = tunesmith("data", "inspect", str(path), "--model", str(family_dir(tmp_path, "qwen2.5")), "--samples", "1")
+    result = tunesmith("data", "inspect", str(path), "--model", str(family_model_dir(tmp_path, "qwen2.5")), "--samples", "1")
     assert result.returncode == 0, result.stderr
     trained = re.findall(r"\[\[(.*?)\]\]", result.stdout, flags=re.DOTALL)
     assert trained == ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
@@ -131,7 +121,7 @@ def test_inspect_trains_the_tool_call_and_masks_the_result_on_qwen25(tmp_path: P
 
 def test_inspect_refuses_tool_data_on_a_template_without_tools(tmp_path: Path) -> None:
     path = write(tmp_path, [chat()])
-    result = tunesmith("data", "inspect", str(path), "--model", str(family_dir(tmp_path, "gemma-2")))
+    result = tunesmith("data", "inspect", str(path), "--model", str(family_model_dir(tmp_path, "gemma-2")))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert f"{path}:1: turn 3: this model's chat template does not render tool calls" in result.stderr
     assert "refused: 1 samples" in result.stdout  # inspect lists the refusal with the rendered samples
