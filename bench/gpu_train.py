@@ -475,16 +475,21 @@ def loss_parity(a: list[float], b: list[float], steps: int = 50) -> dict[str, fl
 class SavedRows(dict):  # type: ignore[type-arg]
     """A comparison's rows: each one is printed and the partial table saved as it lands."""
 
-    def __init__(self, head: dict[str, Any], save: Any) -> None:
+    def __init__(self, head: dict[str, Any], save: Any, tag: str | None = None, notes: bool = False) -> None:
         super().__init__()
-        self.head, self.save = head, save
+        self.head, self.save, self.tag, self.notes = head, save, tag, notes
 
     def __setitem__(self, key: str, row: Result) -> None:
         super().__setitem__(key, row)
-        print(f"[{key}] {row.name}: {row.tokens_per_s:,.0f} tok/s, MFU {100 * row.mfu:.1f}%, peak "
-              f"{row.peak_gib:.1f} GiB" + (f", {row.error}" if row.error else ""), flush=True)
+        print(f"[{self.tag or key}] {row.name}: {row.tokens_per_s:,.0f} tok/s, MFU {100 * row.mfu:.1f}%, peak "
+              f"{row.peak_gib:.2f} GiB" + (f", {row.error}" if row.error else "")
+              + ("".join(f"\n  {n}" for n in row.notes) if self.notes else ""), flush=True)
         if self.save:
-            self.save({**self.head, "runs": {k: asdict(v) for k, v in self.items()}})
+            self.save(self.table())
+
+    def table(self) -> dict[str, Any]:
+        """The head and every row so far, as the JSON holds them."""
+        return {**self.head, "runs": {k: asdict(v) for k, v in self.items()}}
 
 
 def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, profile: bool,
@@ -525,7 +530,7 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
     if peers:
         rows["trl_full"] = guarded("TRL SFT full", run_trl, config, samples, False, rate, budget)
         rows["trl_lora"] = guarded("TRL SFT LoRA", run_trl, config, samples, True, rate, budget)
-    out: dict[str, Any] = {**head, "runs": {k: asdict(v) for k, v in rows.items()}}
+    out: dict[str, Any] = rows.table()
     ok = {k for k, v in rows.items() if not v.error}
     if {"plain_full", "fast_full"} <= ok:
         out["parity"] = loss_parity(rows["plain_full"].losses, rows["fast_full"].losses)

@@ -127,37 +127,30 @@ def unsloth_qlora_model(path: Path) -> Any:
 def qlora_rows(rate: float, n_samples: int, path: Path, save: Any = None) -> dict[str, Any]:
     """tunesmith QLoRA vs Trainer+peft+bitsandbytes QLoRA (vs Unsloth QLoRA) on the 8B shape saved at `path`.
 
-    Each row is printed (and `save(out)` called) as soon as it ends, so a run cut short keeps them.
+    Each row is printed (with its notes) and saved as soon as it ends (`SavedRows`), so a run cut short keeps them.
     """
     import importlib.util
 
     config = shape_config(LLAMA_8B, tied=False)
     samples = bench.synth_samples(n_samples, "short", config.vocab_size)
-    out: dict[str, Any] = {"shape": "llama-8b", "regime": "short", "samples": n_samples,
-                           "real_tokens": sum(map(len, samples)), "runs": {}}
-
-    def done(key: str, r: Any) -> None:
-        out["runs"][key] = bench.asdict(r)
-        print(f"[qlora] {r.name}: {r.tokens_per_s:,.0f} tok/s, MFU {100 * r.mfu:.1f}%, peak {r.peak_gib:.2f} GiB"
-              + (f", {r.error}" if r.error else "") + "".join(f"\n  {n}" for n in r.notes), flush=True)
-        if save:
-            save(out)
+    head = {"shape": "llama-8b", "regime": "short", "samples": n_samples, "real_tokens": sum(map(len, samples))}
+    rows = bench.SavedRows(head, save, tag="qlora", notes=True)
 
     if importlib.util.find_spec("unsloth") is None:
-        done("unsloth", bench.Result("Unsloth QLoRA", error="skipped: `unsloth` is not importable here"))
+        rows["unsloth"] = bench.Result("Unsloth QLoRA", error="skipped: `unsloth` is not importable here")
     else:  # before the others: Unsloth patches transformers process-wide when imported
-        done("unsloth", bench.guarded("Unsloth QLoRA", bench.run_trainer, config, samples, True, rate,
-                                      make_model=lambda: unsloth_qlora_model(path), label="Unsloth QLoRA",
-                                      n_params=n_params(config)))
+        rows["unsloth"] = bench.guarded("Unsloth QLoRA", bench.run_trainer, config, samples, True, rate,
+                                        make_model=lambda: unsloth_qlora_model(path), label="Unsloth QLoRA",
+                                        n_params=n_params(config))
     # tunesmith first: the Trainer recipe's prepare_model_for_kbit_training must not leave anything behind
-    done("fast_qlora", bench.guarded("tunesmith qlora", run_tunesmith_adapter, config, samples, "qlora", rate,
-                                     QLORA_TOKENS, path))
-    done("fast_qlora_ckpt", bench.guarded("tunesmith qlora (checkpointing)", run_tunesmith_adapter, config,
-                                          samples, "qlora", rate, QLORA_TOKENS, path, True))
-    done("base_qlora", bench.guarded("Trainer+peft+bnb QLoRA", bench.run_trainer, config, samples, True, rate,
-                                     make_model=lambda: trainer_qlora_model(path), label="Trainer+peft+bnb QLoRA",
-                                     n_params=n_params(config)))
-    return out
+    rows["fast_qlora"] = bench.guarded("tunesmith qlora", run_tunesmith_adapter, config, samples, "qlora", rate,
+                                       QLORA_TOKENS, path)
+    rows["fast_qlora_ckpt"] = bench.guarded("tunesmith qlora (checkpointing)", run_tunesmith_adapter, config,
+                                            samples, "qlora", rate, QLORA_TOKENS, path, True)
+    rows["base_qlora"] = bench.guarded("Trainer+peft+bnb QLoRA", bench.run_trainer, config, samples, True, rate,
+                                       make_model=lambda: trainer_qlora_model(path), label="Trainer+peft+bnb QLoRA",
+                                       n_params=n_params(config))
+    return rows.table()
 
 
 def plan_check(rate: float, saved: dict[str, Path], save: Any = None) -> list[dict[str, Any]]:
