@@ -70,6 +70,11 @@ class Run:
     dtype: torch.dtype = torch.float32  # the run's dtype (what the saved model is written in)
     origins: dict[str, str] = field(default_factory=dict)  # option -> where it came from (config.yaml's sources)
 
+    @property
+    def pad_id(self) -> int:
+        """The id padding is filled with: the tokenizer's pad token, else 0 (masked either way)."""
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
 
 def resolve_config(config: TrainConfig | None, options: dict[str, Any]) -> TrainConfig:
     """A config from a `TrainConfig`, flat option names, or a config overridden by options."""
@@ -304,7 +309,7 @@ def data_plan(run: Run) -> tuple[DataPlan, list[Batch]]:
     from tunesmith.train.loop import DataPlan
 
     loop = run.config.loop
-    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
+    pad_id = run.pad_id
     collate_fn = run.recipe.objective.collate
     plan = DataPlan(run.prepared.train, loop.batch_tokens, loop.seed, padded=run.padded, pad_id=pad_id,
                     rank=run.dist.rank, world=run.dist.world, collate_fn=collate_fn)

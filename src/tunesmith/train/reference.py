@@ -98,9 +98,8 @@ def score_shared(run: Any, pairs: list[Any]) -> np.ndarray:
     share = list(range(dist.rank, len(pairs), dist.world))
     out = np.zeros((len(pairs), 2), dtype=np.float64)
     if share:
-        pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
         out[share] = score_pairs(run.model, [pairs[i] for i in share], run.config.loop.batch_tokens, run.device,
-                                 run.padded, pad_id, getattr(run.loss_fn, "logps", None))
+                                 run.padded, run.pad_id, getattr(run.loss_fn, "logps", None))
     if dist.enabled:
         total = dist.sum(torch.from_numpy(out).to(run.device))
         out = total.cpu().numpy()
