@@ -280,7 +280,7 @@ def run_trl(config: Any, samples: list[list[int]], lora: bool, rate: float, max_
 
 
 def run_tunesmith(config: Any, samples: list[list[int]], method: str, fast: bool, batch_tokens: int | None, rate: float,
-                  max_steps: int | None = None, profile: bool = False, label: str = "") -> Result:
+                  max_steps: int | None = None, profile: bool | str = False, label: str = "") -> Result:
     """Train through `tunesmith.train.loop.train`; time real tokens after the warm-up steps."""
     from tunesmith.config import MethodOptions
     from tunesmith.data.tokenize import TokenizedSample
@@ -316,48 +316,81 @@ def run_tunesmith(config: Any, samples: list[list[int]], method: str, fast: bool
                     setup.notices + [f"attention={setup.attention} liger={setup.liger} batch_tokens={batch_tokens} "
                                      f"checkpointing={setup.checkpointing} optimizer={type(optimizer).__name__}"])
     if profile:
-        result.notes.append(profile_steps(model, optimizer, plan, loss_fn))
+        result.notes.append(profile_steps(model, optimizer, plan, loss_fn, host=profile == "host"))
     del model, optimizer, scheduler, setup, loss_fn, engine
     return result
 
 
-def profile_steps(model: Any, optimizer: Any, plan: Any, loss_fn: Any, steps: int = 3) -> str:
+def profile_steps(model: Any, optimizer: Any, plan: Any, loss_fn: Any, steps: int = 3, host: bool = False) -> str:
     """Where a fast step's time goes: GPU busy share and top kernels of a few profiled steps
-    (issued as the loop issues them: no host reads inside), and host vs GPU time per step."""
+    (issued as the loop issues them: no host reads inside), and host vs GPU time per step.
+
+    `host`: also where the host's time goes: each phase's issue time (unprofiled, no sync
+    added), the calls that make the host wait for the GPU (`aten::item` and other device-to-host
+    reads, stream/device syncs) with their count and host time, and the top host-side ops.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     from tunesmith.train.loop import accumulate
 
     device = torch.device(DEVICE)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    phases: dict[str, float] = {}
+
+    def timed(phase: str, fn: Any) -> Any:
+        started = time.perf_counter()
+        out = fn()
+        phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - started
+        return out
 
     def issue(batches: list[Any]) -> list[torch.Tensor]:
         losses = []
         for b in batches:
-            losses.append(accumulate(model, [b], loss_fn, device)[0])
-            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-            optimizer.step()
+            if host:  # accumulate's steps one by one, so each phase's issue time shows
+                b = timed("copy to GPU", lambda: b.to(device))
+                result = timed("forward + loss", lambda: loss_fn(model, b))
+                timed("backward", lambda: (result.total / max(1, b.num_targets)).backward())
+                losses.append(result.total.detach())
+            else:
+                losses.append(accumulate(model, [b], loss_fn, device)[0])
+            timed("clip", lambda: torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True))
+            timed("optimizer", optimizer.step)
             optimizer.zero_grad(set_to_none=True)
         return losses
 
     batches = [plan.collate(group) for group in plan.groups(1)[:2 * steps]]
     torch.cuda.synchronize()
     started = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if host else [])
+    with profile(activities=activities) as prof:
         issue(batches[:steps])
         torch.cuda.synchronize()
     wall_us = (time.perf_counter() - started) * 1e6
+    phases.clear()
     started = time.perf_counter()  # unprofiled: how long the host takes to issue a step vs the GPU to run it
     issue(batches[steps:])
     issued = time.perf_counter() - started
     torch.cuda.synchronize()
     done = time.perf_counter() - started
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    averages = prof.key_averages()
+    events = [e for e in averages if e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in events)
     top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
-    return (f"profile: GPU busy {100 * total / wall_us:.0f}% of {wall_us / 1e3 / steps:.0f} ms/step (profiled); "
+    note = (f"profile: GPU busy {100 * total / wall_us:.0f}% of {wall_us / 1e3 / steps:.0f} ms/step (profiled); "
             f"unprofiled: host issues a step in {1e3 * issued / steps:.0f} ms, GPU done after {1e3 * done / steps:.0f} ms/step; "
             "top kernels: " + "; ".join(f"{e.key[:60]} {100 * e.self_device_time_total / total:.1f}%" for e in top))
+    if host:
+        waits = [e for e in averages if any(k in e.key for k in ("item", "_local_scalar_dense", "Synchronize",
+                                                                    "cudaMemcpy", "is_nonzero", "nonzero"))]
+        cpu_top = sorted((e for e in averages if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)[:15]
+        note += ("\nhost phases (issue ms/step, unprofiled): "
+                 + ", ".join(f"{k} {1e3 * v / steps:.1f}" for k, v in phases.items())
+                 + "\nhost waits (calls/step, host ms/step): "
+                 + "; ".join(f"{e.key} {e.count / steps:.1f}x {e.cpu_time_total / 1e3 / steps:.1f}" for e in waits)
+                 + "\ntop host ops (self ms/step): "
+                 + "; ".join(f"{e.key[:50]} {e.count // steps}x {e.self_cpu_time_total / 1e3 / steps:.1f}"
+                             for e in cpu_top))
+    return note
 
 
 # ------------------------------------------------------------------------------------------------
@@ -438,16 +471,17 @@ def guarded(name: str, fn: Any, *args: Any, **kwargs: Any) -> Result:
 
 
 def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, compile_mode: str | None = None,
-                       **kwargs: Any) -> Result:
-    """`fn` with the fast path's layer compilation switched (off: eager liger layers; a torch.compile mode)."""
+                       document_mask: bool = True, **kwargs: Any) -> Result:
+    """`fn` with the fast path's switches set: layer compilation (off: eager liger layers), its
+    torch.compile mode, and who builds the flex block mask (off: transformers)."""
     from tunesmith.model import fast
 
-    saved = fast.COMPILE_LAYERS, fast.COMPILE_MODE
-    fast.COMPILE_LAYERS, fast.COMPILE_MODE = compile_layers, compile_mode
+    saved = fast.COMPILE_LAYERS, fast.COMPILE_MODE, fast.DOCUMENT_MASK
+    fast.COMPILE_LAYERS, fast.COMPILE_MODE, fast.DOCUMENT_MASK = compile_layers, compile_mode, document_mask
     try:
         return fn(*args, **kwargs)
     finally:
-        fast.COMPILE_LAYERS, fast.COMPILE_MODE = saved
+        fast.COMPILE_LAYERS, fast.COMPILE_MODE, fast.DOCUMENT_MASK = saved
 
 
 def repeated(name: str, times: int, fn: Any, *args: Any, **kwargs: Any) -> Result:
@@ -614,6 +648,8 @@ def main() -> None:
     parser.add_argument("--qlora", action="store_true",
                         help="instead: QLoRA on the Llama-3.1-8B shape vs Trainer+peft+bitsandbytes (and Unsloth)")
     parser.add_argument("--eager", action="store_true", help="headline: also the eager liger-layer rows (round 1)")
+    parser.add_argument("--host-profile", action="store_true",
+                        help="instead: where the host's time goes in a tunesmith full and LoRA step (1B, short)")
     parser.add_argument("--plan-check", action="store_true",
                         help="instead: measured peak memory vs `tunesmith plan`'s estimate, 1B/3B/8B shapes")
     args = parser.parse_args()
@@ -650,6 +686,27 @@ def main() -> None:
         finally:
             for path in saved.values():
                 shutil.rmtree(path.parent, ignore_errors=True)
+        write_json(report, args.out)
+        return
+    if args.host_profile:  # the same batches with transformers' block mask and with ours
+        config, samples = model_config("llama-1b"), synth_samples(REGIMES["short"][4], "short", SHAPES["llama-1b"]["vocab_size"])
+        rows = SavedRows({"shape": "llama-1b", "regime": "short", "samples": len(samples),
+                          "real_tokens": sum(map(len, samples))},
+                         lambda part: write_json({**report, "results": [part]}, args.out), notes=True)
+        for mask in (False, True):
+            for method in ("full", "lora"):
+                label = " (mask: ours)" if mask else " (mask: transformers')"
+                rows[f"{method}_{'ours' if mask else 'hf'}_mask"] = guarded(
+                    f"tunesmith {method}{label}", with_fast_settings, run_tunesmith, config, samples, method, True,
+                    REGIMES["short"][3], rate, max_steps=40, profile="host", label=label, document_mask=mask)
+        out = rows.table()
+        for method in ("full", "lora"):
+            a, b = rows[f"{method}_hf_mask"], rows[f"{method}_ours_mask"]
+            if not (a.error or b.error):
+                out[f"parity_mask_{method}"] = parity = loss_parity(a.losses, b.losses)
+                print(f"loss parity {method}, transformers' vs our block mask: max rel diff "
+                      f"{100 * parity['max_rel_diff']:.3f}% over {parity['steps']} steps; speed x{b.tokens_per_s / a.tokens_per_s:.3f}")
+        report["results"] = [out]
         write_json(report, args.out)
         return
     if args.sweep:  # the other shapes and regimes; the headline (1B, short) is the plain run

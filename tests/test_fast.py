@@ -178,3 +178,29 @@ def test_compiled_decoder_layers_give_the_loss_and_gradients_of_eager_layers():
     assert eager_grads.keys() == compiled_grads.keys() and eager_grads
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5)
+
+
+def test_document_block_mask_is_transformers_packed_causal_mask():
+    """The flex mask the fast path builds (without reading the GPU) allows exactly the pairs
+    transformers' own packed-sequence mask allows: causal, within each document."""
+    from transformers.masking_utils import (and_masks, causal_mask_function, find_packed_sequence_indices,
+                                            packed_sequence_mask_function)
+
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 0], [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 0, 0, 1, 2]])
+    ours = fast.document_block_mask(pos).mask_mod
+    theirs = and_masks(causal_mask_function, packed_sequence_mask_function(find_packed_sequence_indices(pos)))
+    b, q, kv = torch.meshgrid(torch.arange(2), torch.arange(16), torch.arange(16), indexing="ij")
+    h = torch.zeros_like(b)
+    got, want = ours(b, h, q, kv), theirs(b, h, q, kv)
+    assert got.dtype == torch.bool and torch.equal(got, want)
+    assert int(got[0].sum()) == 6 + 3 + 10 + 21 + 1  # documents of 3, 2, 4, 6, 1 tokens
+
+
+def test_only_full_attention_models_get_the_document_mask():
+    from transformers import Gemma2Config, MistralConfig, Qwen2Config
+
+    assert fast.full_attention_only(LlamaConfig())
+    assert fast.full_attention_only(Qwen2Config())  # use_sliding_window False by default
+    assert fast.full_attention_only(MistralConfig(sliding_window=None))
+    assert not fast.full_attention_only(MistralConfig(sliding_window=4096))
+    assert not fast.full_attention_only(Gemma2Config())

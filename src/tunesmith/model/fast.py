@@ -2,8 +2,9 @@
 
 What it changes, and why each piece pays on a packed batch of T tokens:
 - attention: flex attention with a block mask built from the restarting `position_ids`
-  (transformers builds it when attention_mask is None). Only the blocks inside one
-  document are computed, where sdpa with a (T, T) mask computes all of them.
+  (`document_block_mask`: transformers would build the same one, but reads the GPU first).
+  Only the blocks inside one document are computed, where sdpa with a (T, T) mask computes
+  all of them.
 - the decoder layers are compiled one by one (regional torch.compile): inductor fuses RMSNorm,
   RoPE, SwiGLU and the LoRA adds, and each layer is one autograd node, which removes the host
   overhead that bound LoRA. With gradient checkpointing on, layers stay eager and get
@@ -54,6 +55,10 @@ COMPILE_LAYERS = True
 # until it is measured faster with the same losses.
 COMPILE_MODE: str | None = None
 RECOMPILE_LIMIT = 64  # compiled-layer variants kept per run (see _compile_decoder_layers)
+# Build the per-document flex block mask here (`document_block_mask`) instead of letting
+# transformers build it: its packed-row check is a Python `if` on a GPU tensor, so the host
+# waits for the GPU at the start of every forward. bench/gpu_train.py --host-profile times both.
+DOCUMENT_MASK = True
 PAD_MULTIPLE = 1024  # packed rows are padded up to the batch budget, longer ones to this multiple
 
 
@@ -100,6 +105,46 @@ def padded_length(tokens: int, budget: int) -> int:
     return math.ceil(tokens / PAD_MULTIPLE) * PAD_MULTIPLE
 
 
+def full_attention_only(config: Any) -> bool:
+    """True when every layer attends causally to its whole document (no sliding-window layers)."""
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+    return set(layer_types) == {"full_attention"} and not sliding
+
+
+def document_block_mask(position_ids: torch.Tensor) -> Any:
+    """The flex-attention BlockMask of packed rows: causal, and only within each document.
+
+    Documents are where `position_ids` restart (any step other than +1), as transformers
+    finds them; the same mask it builds, without its host-side "is this row packed?" read of
+    the GPU. position_ids (B, L).
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    docs = (torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1).cumsum(-1)  # (B, L)
+
+    def same_document_causal(b: Any, h: Any, q: Any, kv: Any) -> Any:
+        return (kv <= q) & (docs[b, q] == docs[b, kv])
+
+    batch, length = position_ids.shape
+    return create_block_mask(same_document_causal, B=batch, H=None, Q_LEN=length, KV_LEN=length,
+                             device=position_ids.device, _compile=position_ids.is_cuda)
+
+
+def decoder_hidden(lm: Any, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states (B, L, H) of packed rows, no cache.
+
+    With flex attention on full-attention layers the block mask is built here
+    (`document_block_mask`); otherwise transformers builds its mask from the positions.
+    """
+    mask = None
+    if (DOCUMENT_MASK and lm.config._attn_implementation == "flex_attention"
+            and full_attention_only(lm.config)):
+        mask = document_block_mask(position_ids)
+    return lm.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+                            use_cache=False).last_hidden_state
+
+
 def _ce_chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
               softcap: float | None) -> torch.Tensor:
     """Summed CE of one chunk; its (chunk, V) logits live only inside this call."""
@@ -143,8 +188,7 @@ def make_fused_loss(budget: int, use_liger: bool) -> LossFn:
         lm = causal_lm(model)
         length = padded_length(batch.input_ids.shape[1], budget)
         ids, pos, tgt = pad_packed(batch.input_ids, batch.position_ids, batch.targets, length)  # (1, L)
-        out = lm.get_decoder()(input_ids=ids, position_ids=pos, attention_mask=None, use_cache=False)
-        hidden = out.last_hidden_state  # (1, L, H)
+        hidden = decoder_hidden(lm, ids, pos)  # (1, L, H)
         head = lm.get_output_embeddings()
         softcap = getattr(lm.config, "final_logit_softcapping", None)
         loss = linear_ce(hidden.reshape(-1, hidden.shape[-1]), head.weight, tgt.reshape(-1), softcap)

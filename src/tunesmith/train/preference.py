@@ -61,14 +61,14 @@ def fused_sequence_logps(model: Any, batch: Batch, budget: int = 0) -> tuple[tor
     materialises (T, T) scores (the out-of-memory of the first GPU run of the DPO rows)."""
     from torch.utils.checkpoint import checkpoint
 
-    from tunesmith.model.fast import causal_lm, pad_packed, padded_length
+    from tunesmith.model.fast import causal_lm, decoder_hidden, pad_packed, padded_length
 
     if batch.input_ids.shape[0] != 1:
         return sequence_logps(model, batch)
     lm = causal_lm(model)
     length = padded_length(batch.input_ids.shape[1], budget)
     ids, pos, tgt = pad_packed(batch.input_ids, batch.position_ids, batch.targets, length)  # (1, L)
-    hidden = lm.get_decoder()(input_ids=ids, position_ids=pos, attention_mask=None, use_cache=False).last_hidden_state
+    hidden = decoder_hidden(lm, ids, pos)  # (1, L, H)
     hidden, tgt = hidden.reshape(-1, hidden.shape[-1]), tgt.reshape(-1)  # (L, H), (L,)
     weight, softcap = lm.get_output_embeddings().weight, getattr(lm.config, "final_logit_softcapping", None)
     parts = []
