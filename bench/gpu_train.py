@@ -648,6 +648,8 @@ def main() -> None:
     parser.add_argument("--qlora", action="store_true",
                         help="instead: QLoRA on the Llama-3.1-8B shape vs Trainer+peft+bitsandbytes (and Unsloth)")
     parser.add_argument("--eager", action="store_true", help="headline: also the eager liger-layer rows (round 1)")
+    parser.add_argument("--default-budget", action="store_true",
+                        help="instead: tunesmith full/LoRA at the plan's token budget and TRL SFT full (1B, short)")
     parser.add_argument("--host-profile", action="store_true",
                         help="instead: where the host's time goes in a tunesmith full and LoRA step (1B, short)")
     parser.add_argument("--plan-check", action="store_true",
@@ -687,6 +689,20 @@ def main() -> None:
             for path in saved.values():
                 shutil.rmtree(path.parent, ignore_errors=True)
         write_json(report, args.out)
+        return
+    if args.default_budget:  # what `tunesmith train` runs without --batch-tokens, beside the best full peer
+        config = model_config("llama-1b")
+        samples = synth_samples(REGIMES["short"][4], "short", config.vocab_size)
+        rows = SavedRows({"shape": "llama-1b", "regime": "short", "samples": len(samples),
+                          "real_tokens": sum(map(len, samples))},
+                         lambda part: write_json({**report, "results": [part]}, args.out))
+        for method in ("full", "lora"):  # before TRL: liger's patches of transformers stay for the process
+            rows[f"auto_{method}"] = guarded(f"tunesmith {method} (default budget)", run_tunesmith, config, samples,
+                                             method, True, None, rate, label=" (budget: the plan's)")
+        rows["trl_full"] = guarded("TRL SFT full", run_trl, config, samples, False, rate, REGIMES["short"][3])
+        report["results"] = [rows.table()]
+        write_json(report, args.out)
+        print("\n".join(table(report["results"][0])))
         return
     if args.host_profile:  # the same batches with transformers' block mask and with ours
         config, samples = model_config("llama-1b"), synth_samples(REGIMES["short"][4], "short", SHAPES["llama-1b"]["vocab_size"])
