@@ -7,6 +7,8 @@ One command, one run, on one CUDA GPU, no network (random weights, synthetic tok
     python bench/gpu_train.py --dpo      # instead: DPO LoRA/full vs TRL's DPOTrainer (bench/dpo_rows.py)
     python bench/gpu_train.py --qlora    # instead: QLoRA, Llama-3.1-8B shape (bench/qlora.py; needs bitsandbytes)
     python bench/gpu_train.py --plan-check  # instead: measured peak vs `tunesmith plan`, 1B/3B/8B shapes
+    python bench/gpu_train.py --host-profile  # instead: host time of a full / LoRA step, both block masks
+    python bench/gpu_train.py --default-budget  # instead: the plan's budget rows beside TRL SFT full
 
 Measures the GPU's bf16 matmul rate (8192^3), then on the same synthetic samples (Alpaca-like
 lengths: log-normal, median ~200, clipped to 32..1024) runs: Trainer full (fp32 weights + bf16
@@ -470,18 +472,18 @@ def guarded(name: str, fn: Any, *args: Any, **kwargs: Any) -> Result:
         return Result(name, error=kind)
 
 
-def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, compile_mode: str | None = None,
-                       document_mask: bool = True, **kwargs: Any) -> Result:
-    """`fn` with the fast path's switches set: layer compilation (off: eager liger layers), its
-    torch.compile mode, and who builds the flex block mask (off: transformers)."""
+def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, document_mask: bool = True,
+                       **kwargs: Any) -> Result:
+    """`fn` with the fast path's switches set: layer compilation (off: eager liger layers) and
+    who builds the flex block mask (off: transformers)."""
     from tunesmith.model import fast
 
-    saved = fast.COMPILE_LAYERS, fast.COMPILE_MODE, fast.DOCUMENT_MASK
-    fast.COMPILE_LAYERS, fast.COMPILE_MODE, fast.DOCUMENT_MASK = compile_layers, compile_mode, document_mask
+    saved = fast.COMPILE_LAYERS, fast.DOCUMENT_MASK
+    fast.COMPILE_LAYERS, fast.DOCUMENT_MASK = compile_layers, document_mask
     try:
         return fn(*args, **kwargs)
     finally:
-        fast.COMPILE_LAYERS, fast.COMPILE_MODE, fast.DOCUMENT_MASK = saved
+        fast.COMPILE_LAYERS, fast.DOCUMENT_MASK = saved
 
 
 def repeated(name: str, times: int, fn: Any, *args: Any, **kwargs: Any) -> Result:
@@ -548,14 +550,10 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
     for method in ("full", "lora"):
         rows[f"fast_{method}"] = repeated(f"tunesmith {method}", repeats, run_tunesmith, config, samples, method,
                                           True, budget, rate, profile=profile)
-    if variants:  # what the plan picks on this GPU without --batch-tokens; CUDA graphs over the compiled layers
+    if variants:  # what the plan picks on this GPU without --batch-tokens (`tunesmith train`'s default)
         for method in ("full", "lora"):
             rows[f"auto_{method}"] = guarded(f"tunesmith {method} (default budget)", run_tunesmith, config, samples,
                                              method, True, None, rate, label=" (budget: the plan's)")
-        for method in ("full", "lora"):
-            rows[f"graphs_{method}"] = guarded(f"tunesmith {method} (CUDA graphs)", with_fast_settings, run_tunesmith,
-                                               config, samples, method, True, budget, rate,
-                                               compile_mode="reduce-overhead", label=" (CUDA graphs)")
     if eager:
         for method in ("full", "lora"):
             rows[f"eager_{method}"] = guarded(f"tunesmith {method} (eager layers)", with_fast_settings,
@@ -572,9 +570,6 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
         if {f"eager_{method}", f"fast_{method}"} <= ok:
             out[f"parity_compiled_{method}"] = loss_parity(rows[f"eager_{method}"].losses,
                                                            rows[f"fast_{method}"].losses)
-        if {f"graphs_{method}", f"fast_{method}"} <= ok:
-            out[f"parity_graphs_{method}"] = loss_parity(rows[f"fast_{method}"].losses,
-                                                         rows[f"graphs_{method}"].losses)
     return out
 
 
@@ -604,9 +599,7 @@ def table(result: dict[str, Any]) -> list[str]:
                                                  f"{sorted(spread)[len(spread) // 2]:,.0f} max {max(spread):,.0f}"
                                                  if len(spread) > 1 else ""))
     for key, label in (("parity", "fast vs plain"), ("parity_compiled_full", "full: eager vs compiled layers"),
-                       ("parity_compiled_lora", "LoRA: eager vs compiled layers"),
-                       ("parity_graphs_full", "full: compiled vs CUDA graphs"),
-                       ("parity_graphs_lora", "LoRA: compiled vs CUDA graphs")):
+                       ("parity_compiled_lora", "LoRA: eager vs compiled layers")):
         if key in result:
             p = result[key]
             lines.append(f"loss parity, {label}, first {p['steps']} steps, same batches (bf16): max rel diff "

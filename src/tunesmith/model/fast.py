@@ -49,15 +49,14 @@ FUSED_LOSS_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", 
 LIGER_CE_CHUNK_MEM = 16
 # Regional torch.compile of the decoder layers: measured on an H200 (bench/gpu_train.py, which
 # also runs it off): LoRA 43.4k -> 61.4k tok/s, full 55.4k -> 57.8k, losses within 0.02%.
+# inductor's default mode: CUDA graphs over the layers ("reduce-overhead") measured slower
+# (session 4: full 34.9k vs 61.1k, LoRA 25.1k vs 71.0k tok/s, same losses), so not offered.
 COMPILE_LAYERS = True
-# torch.compile mode of those layers: None (inductor's default). bench/gpu_train.py also times
-# "reduce-overhead" (CUDA graphs per layer), the lever against LoRA's host time; not the default
-# until it is measured faster with the same losses.
-COMPILE_MODE: str | None = None
 RECOMPILE_LIMIT = 64  # compiled-layer variants kept per run (see _compile_decoder_layers)
 # Build the per-document flex block mask here (`document_block_mask`) instead of letting
 # transformers build it: its packed-row check is a Python `if` on a GPU tensor, so the host
-# waits for the GPU at the start of every forward. bench/gpu_train.py --host-profile times both.
+# waits for the GPU at the start of every forward. Measured on an H200 (bench/gpu_train.py
+# --host-profile, same batches): full 56.7k -> 60.9k tok/s, LoRA 67.3k -> 69.4k, losses equal.
 DOCUMENT_MASK = True
 PAD_MULTIPLE = 1024  # packed rows are padded up to the batch budget, longer ones to this multiple
 
@@ -425,7 +424,7 @@ def _compile_decoder_layers(lm: Any, backend: str = "inductor") -> int:
     setattr(config, limit, max(getattr(config, limit), RECOMPILE_LIMIT))
     layers = getattr(lm.get_decoder(), "layers", None) or []
     for layer in layers:
-        layer.compile(dynamic=False, backend=backend, mode=COMPILE_MODE)
+        layer.compile(dynamic=False, backend=backend)
     return len(layers)
 
 
