@@ -13,9 +13,12 @@ SCENARIOS = {
     "ddp-full": dict(method="full", parallel="ddp"),
     "fsdp-lora": dict(method="lora", parallel="fsdp"),
 }
-# On preference data: full-FT DPO under FSDP2, whose reference pass the ranks share out.
+# On preference data: full-FT DPO under FSDP2, whose reference pass the ranks share out, and
+# with `--reference live` (each rank keeps an unsharded frozen copy that scores its batches).
 # LoRA DPO under DDP: the reference is the adapter switched off inside the wrapped forward.
 PREFERENCE_SCENARIOS = {"fsdp-dpo": dict(method="full", parallel="fsdp", objective="dpo", lr=1e-3, batch_tokens=256),
+                        "fsdp-dpo-live": dict(method="full", parallel="fsdp", objective="dpo", lr=1e-3,
+                                              batch_tokens=256, reference="live"),
                         "ddp-lora-dpo": dict(method="lora", parallel="ddp", objective="dpo", batch_tokens=256)}
 
 

@@ -229,12 +229,14 @@ def _lora_forward(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Te
                   scale: float) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """y = x W^T + s (x A^T) B^T in x's dtype, and what the backward needs: (x2, A, B, h) cast.
 
-    The scale is applied on the (N, r) side and the add is fused into the matmul (`addmm`).
+    The scale is applied on the (N, r) side and the add is fused into the matmul: `addmm_` in
+    place on the fresh base product (out-of-place `addmm` first copies its (N, out) input into
+    a new buffer: one device-to-device copy per adapted layer and pass).
     """
     a_c, b_c = a.to(x.dtype), b.to(x.dtype)  # (r, in), (out, r)
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     h = (x2 @ a_c.t()) * scale  # (N, r)
-    y = torch.addmm(x2 @ w.t(), h, b_c.t())  # (N, out)
+    y = (x2 @ w.t()).addmm_(h, b_c.t())  # (N, out)
     return y.view(*x.shape[:-1], w.shape[0]), (x2, a_c, b_c, h)
 
 
@@ -247,7 +249,7 @@ def _lora_backward(ctx: Any, grad: torch.Tensor, weight: Callable[[], torch.Tens
     grad_x = None
     if ctx.needs_input_grad[0]:
         w = weight()  # (out, in)
-        grad_x = torch.addmm(g @ w, gh, a_c).view(*grad.shape[:-1], w.shape[1])  # (..., in)
+        grad_x = (g @ w).addmm_(gh, a_c).view(*grad.shape[:-1], w.shape[1])  # (..., in), in place as above
     grad_a = (gh.t() @ x2).to(ctx.dtypes[0])  # (r, in)
     grad_b = (g.t() @ h).to(ctx.dtypes[1])  # (out, r)
     return grad_x, grad_a, grad_b
