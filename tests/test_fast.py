@@ -204,3 +204,30 @@ def test_only_full_attention_models_get_the_document_mask():
     assert fast.full_attention_only(MistralConfig(sliding_window=None))
     assert not fast.full_attention_only(MistralConfig(sliding_window=4096))
     assert not fast.full_attention_only(Gemma2Config())
+
+
+def test_the_decoder_hands_our_block_mask_to_every_attention_layer(monkeypatch):
+    """transformers passes a ready BlockMask through to flex attention as it is (so the
+    packed-row check that reads the GPU is skipped): each layer's attention gets ours."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    built, seen = [], []
+    real = fast.document_block_mask
+    monkeypatch.setattr(fast, "document_block_mask", lambda pos: built.append(real(pos)) or built[-1])
+
+    def spy(module, query, key, value, attention_mask, **kwargs):  # (B, H, T, D) in, (B, T, H, D) out
+        seen.append(attention_mask)
+        return query.transpose(1, 2).contiguous(), None
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "flex_attention", spy)
+    model = _tiny()
+    model.config._attn_implementation = "flex_attention"
+    batch = _packed([5, 9, 2])
+    with torch.no_grad():
+        hidden = fast.decoder_hidden(model, batch.input_ids, batch.position_ids)
+    assert hidden.shape == (1, 16, 32)
+    assert len(built) == 1 and len(seen) == 2 and all(m is built[0] for m in seen)
+    monkeypatch.setattr(fast, "DOCUMENT_MASK", False)  # switched off: transformers builds its own
+    with torch.no_grad():
+        fast.decoder_hidden(model, batch.input_ids, batch.position_ids)
+    assert len(built) == 1 and len(seen) == 4 and seen[2] is not built[0]

@@ -27,6 +27,8 @@ a model family liger does not cover, a head the fused loss cannot express.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable
 from types import MethodType
@@ -118,16 +120,27 @@ def document_block_mask(position_ids: torch.Tensor) -> Any:
     finds them; the same mask it builds, without its host-side "is this row packed?" read of
     the GPU. position_ids (B, L).
     """
-    from torch.nn.attention.flex_attention import create_block_mask
-
     docs = (torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1).cumsum(-1)  # (B, L)
 
     def same_document_causal(b: Any, h: Any, q: Any, kv: Any) -> Any:
         return (kv <= q) & (docs[b, q] == docs[b, kv])
 
     batch, length = position_ids.shape
-    return create_block_mask(same_document_causal, B=batch, H=None, Q_LEN=length, KV_LEN=length,
-                             device=position_ids.device, _compile=position_ids.is_cuda)
+    return _block_mask_builder(position_ids.is_cuda)(same_document_causal, B=batch, H=None, Q_LEN=length,
+                                                     KV_LEN=length, device=position_ids.device)
+
+
+@functools.lru_cache(maxsize=2)
+def _block_mask_builder(compiled: bool) -> Callable[..., Any]:
+    """`create_block_mask`, compiled on CUDA as transformers compiles it (its `_compile` flag
+    where torch still has it, measured on the GPU; else `torch.compile` of it, as torch now advises)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if not compiled:
+        return create_block_mask
+    if "_compile" in inspect.signature(create_block_mask).parameters:
+        return functools.partial(create_block_mask, _compile=True)
+    return torch.compile(create_block_mask)
 
 
 def decoder_hidden(lm: Any, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
