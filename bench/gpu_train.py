@@ -550,10 +550,17 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
     for method in ("full", "lora"):
         rows[f"fast_{method}"] = repeated(f"tunesmith {method}", repeats, run_tunesmith, config, samples, method,
                                           True, budget, rate, profile=profile)
-    if variants:  # what the plan picks on this GPU without --batch-tokens (`tunesmith train`'s default)
+    if variants:  # what the plan picks on this GPU without --batch-tokens (`tunesmith train`'s default),
+        # and twice the plan's cap (train/plan.py AUTO_MAX_TOKENS): does a bigger micro-batch still pay?
+        from tunesmith.train.plan import AUTO_MAX_TOKENS
+
         for method in ("full", "lora"):
             rows[f"auto_{method}"] = guarded(f"tunesmith {method} (default budget)", run_tunesmith, config, samples,
                                              method, True, None, rate, label=" (budget: the plan's)")
+        for method in ("full", "lora"):
+            rows[f"big_{method}"] = guarded(f"tunesmith {method} ({2 * AUTO_MAX_TOKENS} tokens)", run_tunesmith,
+                                            config, samples, method, True, 2 * AUTO_MAX_TOKENS, rate,
+                                            label=f" ({2 * AUTO_MAX_TOKENS} tokens)")
     if eager:
         for method in ("full", "lora"):
             rows[f"eager_{method}"] = guarded(f"tunesmith {method} (eager layers)", with_fast_settings,
