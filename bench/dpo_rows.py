@@ -1,4 +1,5 @@
-"""DPO rows of `bench/gpu_train.py --dpo`: tunesmith DPO (LoRA, full) vs TRL's DPOTrainer, same pairs.
+"""Preference rows of `bench/gpu_train.py --dpo`: tunesmith DPO (LoRA, full) vs TRL's DPOTrainer,
+and ORPO LoRA vs TRL's (experimental) ORPOTrainer, same pairs.
 
 Synthetic pairs on a random model of the Llama-3.2-1B shape (no network): prompt lengths
 log-normal (median 160), chosen/rejected replies log-normal (median 120), ids from a
@@ -7,8 +8,8 @@ exactly the ids tunesmith trains on. tunesmith runs its real loop (`train.loop.t
 the DPO objective of the registry: LoRA uses the adapter switched off as the reference; full
 runs the reference pass first (timed apart, as TRL's `precompute_ref_log_probs`). TRL:
 DPOTrainer, bf16, batch 8 pairs, LoRA through peft (reference = adapter off, as ours) and full
-with a reference model copy in memory (its default without precompute_ref_log_probs).
-Pairs/s after warm-up steps and peak memory.
+with a reference model copy in memory (its default without precompute_ref_log_probs); ORPO
+LoRA (no reference) through `trl.experimental.orpo`. Pairs/s after warm-up steps and peak memory.
 """
 from __future__ import annotations
 
@@ -55,8 +56,10 @@ def as_tokenized(pairs: list[tuple[list[int], list[int], list[int]]]) -> list[An
     return out
 
 
-def run_tunesmith_dpo(bench: Any, config: Any, pairs: list[Any], method: str, rate: float) -> Any:
-    """tunesmith DPO through the one loop; pairs/s after warm-up (reference pass timed apart for full)."""
+def run_tunesmith_dpo(bench: Any, config: Any, pairs: list[Any], method: str, rate: float,
+                      objective: str = "dpo") -> Any:
+    """tunesmith DPO (or ORPO) through the one loop; pairs/s after warm-up (DPO's reference pass
+    timed apart for full)."""
     from tunesmith.config import MethodOptions
     from tunesmith.data.packing import collate_pairs
     from tunesmith.methods import OBJECTIVES, PARAMETER_SETS
@@ -69,18 +72,18 @@ def run_tunesmith_dpo(bench: Any, config: Any, pairs: list[Any], method: str, ra
     device = torch.device(bench.DEVICE)
     bench.free_gpu()
     model = bench.build_model(config, torch.bfloat16)
-    options = MethodOptions(method=method, objective="dpo", lora_r=16, lora_alpha=32)
+    options = MethodOptions(method=method, objective=objective, lora_r=16, lora_alpha=32)
     model = PARAMETER_SETS[method].wrap(model, options)
     setup = prepare_for_training(model, device=device, batch_tokens=BATCH_TOKENS)
     samples = as_tokenized(pairs)
     notes = list(setup.notices)
-    loss_fn = OBJECTIVES["dpo"].make_loss(setup, options)
-    if not PARAMETER_SETS[method].adapter:  # what `tunesmith train` does before training (train/reference.py)
+    loss_fn = OBJECTIVES[objective].make_loss(setup, options)
+    if objective == "dpo" and not PARAMETER_SETS[method].adapter:  # as `tunesmith train` does (train/reference.py)
         start = time.perf_counter()
         attach(samples, score_pairs(model, samples, BATCH_TOKENS, device, logps=loss_fn.logps))
         notes.append(f"reference pass: {len(samples) / (time.perf_counter() - start):,.0f} pairs/s")
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad],
-                               lr=OBJECTIVES["dpo"].default_lr(PARAMETER_SETS[method].adapter), weight_decay=0.0, seed=0)
+                               lr=OBJECTIVES[objective].default_lr(PARAMETER_SETS[method].adapter), weight_decay=0.0, seed=0)
     plan = DataPlan(samples, BATCH_TOKENS, seed=0, collate_fn=collate_pairs)
     steps = total_steps(plan, 1, 1.0, None)
     scheduler = cosine_schedule(optimizer, steps)
@@ -90,7 +93,7 @@ def run_tunesmith_dpo(bench: Any, config: Any, pairs: list[Any], method: str, ra
     timed = sum(len(g) for g in groups[bench.WARMUP_STEPS:steps])
     history = [r for r in records if "train_loss" in r]
     notes.append(f"reward accuracy last step {history[-1].get('reward_accuracy', float('nan')):.2f}")
-    result = bench.Result(f"tunesmith DPO {method}", tokens / seconds,
+    result = bench.Result(f"tunesmith {objective.upper()} {method}", tokens / seconds,
                           torch.cuda.max_memory_allocated() / 2**30, 0.0, steps, tokens,
                           seconds, [r["train_loss"] for r in history], notes)
     result.notes.insert(0, f"pairs/s {timed / seconds:,.1f}")
@@ -109,12 +112,19 @@ def words_tokenizer(vocab: int) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"t{EOS}", pad_token="t0", unk_token="t0")
 
 
-def run_trl_dpo(bench: Any, config: Any, pairs: list[tuple[list[int], list[int], list[int]]], lora: bool) -> Any:
-    """TRL's DPOTrainer on the same pairs (bf16, batch 8 pairs); pairs/s after warm-up, peak memory."""
+def run_trl_dpo(bench: Any, config: Any, pairs: list[tuple[list[int], list[int], list[int]]], lora: bool,
+                objective: str = "dpo") -> Any:
+    """TRL's DPOTrainer (or ORPOTrainer) on the same pairs (bf16, batch 8 pairs); pairs/s after warm-up, peak memory."""
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
 
-    name = "TRL DPOTrainer " + ("LoRA" if lora else "full")
+    if objective == "orpo":
+        from trl.experimental.orpo import ORPOConfig as Config
+        from trl.experimental.orpo import ORPOTrainer as Trainer
+    else:
+        from trl import DPOConfig as Config
+        from trl import DPOTrainer as Trainer
+
+    name = f"TRL {Trainer.__name__} " + ("LoRA" if lora else "full")
     bench.free_gpu()
     model = bench.build_model(config, torch.bfloat16)
     text = lambda ids: " ".join(f"t{i}" for i in ids)  # noqa: E731
@@ -129,14 +139,14 @@ def run_trl_dpo(bench: Any, config: Any, pairs: list[tuple[list[int], list[int],
     marks: dict[int, float] = {}
 
     with tempfile.TemporaryDirectory() as tmp:
-        args = DPOConfig(output_dir=tmp, per_device_train_batch_size=TRL_BATCH, bf16=bench.DEVICE == "cuda",
-                         num_train_epochs=1, learning_rate=5e-6 if lora else 5e-7, beta=0.1, max_length=2048,
-                         logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
-                         dataloader_num_workers=0)
-        reference = None if lora else bench.build_model(config, torch.bfloat16)  # same seed: the same weights
-        trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=data,
-                             processing_class=words_tokenizer(config.vocab_size), peft_config=peft_config,
-                             callbacks=[bench.step_clock(marks)])
+        args = Config(output_dir=tmp, per_device_train_batch_size=TRL_BATCH, bf16=bench.DEVICE == "cuda",
+                      num_train_epochs=1, learning_rate=5e-6 if lora else 5e-7, beta=0.1, max_length=2048,
+                      logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
+                      dataloader_num_workers=0)
+        reference = None if lora or objective == "orpo" else bench.build_model(config, torch.bfloat16)  # same seed
+        extra = {} if objective == "orpo" else {"ref_model": reference}
+        trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=words_tokenizer(config.vocab_size),
+                          peft_config=peft_config, callbacks=[bench.step_clock(marks)], **extra)
         trainer.train()
     steps = max(marks)
     seconds = marks[steps] - marks[bench.WARMUP_STEPS]
@@ -150,7 +160,7 @@ def run_trl_dpo(bench: Any, config: Any, pairs: list[tuple[list[int], list[int],
 
 
 def dpo_rows(bench: Any, shape: str = "llama-1b", n_pairs: int = 800, save: Any = None) -> dict[str, Any]:
-    """tunesmith DPO LoRA and full, and TRL's DPOTrainer (if importable) on the same pairs.
+    """tunesmith DPO LoRA and full and ORPO LoRA, and TRL's trainers (if importable) on the same pairs.
 
     Each row is printed (and `save(out)` called) when it ends, so a run cut short keeps its rows.
     """
@@ -163,10 +173,12 @@ def dpo_rows(bench: Any, shape: str = "llama-1b", n_pairs: int = 800, save: Any 
     out: dict[str, Any] = {"shape": shape, "pairs": n_pairs, "runs": {},
                            "skipped": None if have_trl else "TRL rows skipped: trl is not importable (pip install trl)"}
     jobs = [("ours_lora", "tunesmith DPO lora", run_tunesmith_dpo, (bench, config, pairs, "lora", 0.0)),
-            ("ours_full", "tunesmith DPO full", run_tunesmith_dpo, (bench, config, pairs, "full", 0.0))]
-    if have_trl:
+            ("ours_full", "tunesmith DPO full", run_tunesmith_dpo, (bench, config, pairs, "full", 0.0)),
+            ("ours_orpo_lora", "tunesmith ORPO lora", run_tunesmith_dpo, (bench, config, pairs, "lora", 0.0, "orpo"))]
+    if have_trl:  # after ours: TRL's trainers may patch transformers for the rest of the process
         jobs += [("trl_lora", "TRL DPOTrainer LoRA", run_trl_dpo, (bench, config, pairs, True)),
-                 ("trl_full", "TRL DPOTrainer full", run_trl_dpo, (bench, config, pairs, False))]
+                 ("trl_full", "TRL DPOTrainer full", run_trl_dpo, (bench, config, pairs, False)),
+                 ("trl_orpo_lora", "TRL ORPOTrainer LoRA", run_trl_dpo, (bench, config, pairs, True, "orpo"))]
     for key, name, fn, args in jobs:
         r = bench.guarded(name, fn, *args)
         out["runs"][key] = {**asdict(r), "pairs_per_s": getattr(r, "pairs_per_s", 0.0)}
@@ -180,9 +192,9 @@ def dpo_rows(bench: Any, shape: str = "llama-1b", n_pairs: int = 800, save: Any 
 def dpo_table(result: dict[str, Any]) -> list[str]:
     """pairs/s, real tokens/s, peak memory and ratios vs TRL."""
     runs = result["runs"]
-    lines = [f"== DPO, {result['shape']}, {result['pairs']} synthetic pairs",
+    lines = [f"== DPO / ORPO, {result['shape']}, {result['pairs']} synthetic pairs",
              f"{'run':26} {'pairs/s':>9} {'tok/s':>9} {'peak GiB':>9} {'speed x':>8} {'mem x':>7}"]
-    base_of = {"ours_lora": "trl_lora", "ours_full": "trl_full"}
+    base_of = {"ours_lora": "trl_lora", "ours_full": "trl_full", "ours_orpo_lora": "trl_orpo_lora"}
     for key, r in runs.items():
         if r["error"]:
             lines.append(f"{r['name']:26} {r['error']}")
