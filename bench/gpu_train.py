@@ -473,17 +473,17 @@ def guarded(name: str, fn: Any, *args: Any, **kwargs: Any) -> Result:
 
 
 def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, document_mask: bool = True,
-                       **kwargs: Any) -> Result:
-    """`fn` with the fast path's switches set: layer compilation (off: eager liger layers) and
-    who builds the flex block mask (off: transformers)."""
-    from tunesmith.model import fast
+                       lora_custom_op: bool = False, **kwargs: Any) -> Result:
+    """`fn` with the fast path's switches set: layer compilation (off: eager liger layers), who
+    builds the flex block mask (off: transformers), and the LoRA node's form (custom op or Function)."""
+    from tunesmith.model import fast, lora_node
 
-    saved = fast.COMPILE_LAYERS, fast.DOCUMENT_MASK
-    fast.COMPILE_LAYERS, fast.DOCUMENT_MASK = compile_layers, document_mask
+    saved = fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.CUSTOM_OP
+    fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.CUSTOM_OP = compile_layers, document_mask, lora_custom_op
     try:
         return fn(*args, **kwargs)
     finally:
-        fast.COMPILE_LAYERS, fast.DOCUMENT_MASK = saved
+        fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.CUSTOM_OP = saved
 
 
 def repeated(name: str, times: int, fn: Any, *args: Any, **kwargs: Any) -> Result:
@@ -557,6 +557,8 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
         for method in ("full", "lora"):
             rows[f"auto_{method}"] = guarded(f"tunesmith {method} (default budget)", run_tunesmith, config, samples,
                                              method, True, None, rate, label=" (budget: the plan's)")
+        rows["op_lora"] = guarded("tunesmith lora (LoRA custom op)", with_fast_settings, run_tunesmith, config, samples,
+                                  "lora", True, budget, rate, lora_custom_op=True, label=" (LoRA node as custom op)")
         for method in ("full", "lora"):
             rows[f"big_{method}"] = guarded(f"tunesmith {method} ({2 * AUTO_MAX_TOKENS} tokens)", run_tunesmith,
                                             config, samples, method, True, 2 * AUTO_MAX_TOKENS, rate,
@@ -574,6 +576,8 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
     if {"plain_full", "fast_full"} <= ok:
         out["parity"] = loss_parity(rows["plain_full"].losses, rows["fast_full"].losses)
     for method in ("full", "lora"):
+        if method == "lora" and {"op_lora", "fast_lora"} <= ok:
+            out["parity_op_lora"] = loss_parity(rows["fast_lora"].losses, rows["op_lora"].losses)
         if {f"eager_{method}", f"fast_{method}"} <= ok:
             out[f"parity_compiled_{method}"] = loss_parity(rows[f"eager_{method}"].losses,
                                                            rows[f"fast_{method}"].losses)
@@ -606,7 +610,8 @@ def table(result: dict[str, Any]) -> list[str]:
                                                  f"{sorted(spread)[len(spread) // 2]:,.0f} max {max(spread):,.0f}"
                                                  if len(spread) > 1 else ""))
     for key, label in (("parity", "fast vs plain"), ("parity_compiled_full", "full: eager vs compiled layers"),
-                       ("parity_compiled_lora", "LoRA: eager vs compiled layers")):
+                       ("parity_compiled_lora", "LoRA: eager vs compiled layers"),
+                       ("parity_op_lora", "LoRA: Function vs custom-op node")):
         if key in result:
             p = result[key]
             lines.append(f"loss parity, {label}, first {p['steps']} steps, same batches (bf16): max rel diff "
@@ -715,7 +720,16 @@ def main() -> None:
                 rows[f"{method}_{'ours' if mask else 'hf'}_mask"] = guarded(
                     f"tunesmith {method}{label}", with_fast_settings, run_tunesmith, config, samples, method, True,
                     REGIMES["short"][3], rate, max_steps=40, profile="host", label=label, document_mask=mask)
+        rows["lora_ours_mask_op"] = guarded("tunesmith lora (mask: ours, LoRA custom op)", with_fast_settings,
+                                            run_tunesmith, config, samples, "lora", True, REGIMES["short"][3], rate,
+                                            max_steps=40, profile="host", label=" (mask: ours, LoRA custom op)",
+                                            lora_custom_op=True)
         out = rows.table()
+        a, b = rows["lora_ours_mask"], rows["lora_ours_mask_op"]
+        if not (a.error or b.error):
+            out["parity_op_lora"] = parity = loss_parity(a.losses, b.losses)
+            print(f"loss parity lora, Function vs custom-op node: max rel diff {100 * parity['max_rel_diff']:.3f}% "
+                  f"over {parity['steps']} steps; speed x{b.tokens_per_s / a.tokens_per_s:.3f}")
         for method in ("full", "lora"):
             a, b = rows[f"{method}_hf_mask"], rows[f"{method}_ours_mask"]
             if not (a.error or b.error):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tunesmith.model import fast
+from tunesmith.model import fast, lora_node
 
 
 def _tiny() -> LlamaForCausalLM:
@@ -105,9 +105,11 @@ def test_checkpointing_is_chosen_by_the_memory_plan_when_activations_do_not_fit(
     assert plan.choose(shape, setting, (plain - 1) / plan.HEADROOM, 1000).checkpointing
 
 
-def test_fused_lora_forward_matches_peft():
+@pytest.mark.parametrize("custom_op", [False, True])
+def test_fused_lora_forward_matches_peft(custom_op, monkeypatch):
     from peft import LoraConfig, get_peft_model
 
+    monkeypatch.setattr(lora_node, "CUSTOM_OP", custom_op)
     model = get_peft_model(_tiny(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -115,7 +117,7 @@ def test_fused_lora_forward_matches_peft():
     batch = _packed([9, 6])
     ref = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits
     ref_grads = torch.autograd.grad(ref.square().mean(), [p for p in model.parameters() if p.requires_grad])
-    assert fast._fuse_lora_layers(model) == 7 * 2
+    assert lora_node.fuse_lora_layers(model) == 7 * 2
     got = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits
     got_grads = torch.autograd.grad(got.square().mean(), [p for p in model.parameters() if p.requires_grad])
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
@@ -124,6 +126,27 @@ def test_fused_lora_forward_matches_peft():
     with model.disable_adapter():  # states the fused forward does not cover go back to peft
         base = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits
     assert not torch.allclose(base, got)
+
+
+def test_lora_custom_op_passes_torch_opcheck_and_equals_the_function():
+    """The custom-op form of the LoRA node: torch's own checks of its schema, fake (meta) kernel and
+    autograd registration, and the values and gradients of the autograd.Function form."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    w, a, b = torch.randn(24, 16), torch.randn(4, 16, requires_grad=True), torch.randn(24, 4, requires_grad=True)
+    torch.library.opcheck(lora_node.lora_linear, (x, w, a, b, 0.5))
+    y_op = lora_node.lora_linear(x, w, a, b, 0.5)[0]
+    g = torch.randn_like(y_op)
+    got = torch.autograd.grad(y_op, (x, a, b), g)
+    y_fn = lora_node.LoraLinear.apply(x, w, a, b, 0.5)
+    want = torch.autograd.grad(y_fn, (x, a, b), g)
+    torch.testing.assert_close(y_op, y_fn)
+    torch.testing.assert_close(y_op, x @ w.t() + 0.5 * (x @ a.t()) @ b.t(), rtol=1e-5, atol=1e-5)
+    for got_grad, want_grad in zip(got, want):
+        torch.testing.assert_close(got_grad, want_grad)
+    frozen_x = x.detach()  # the first layer's input needs no gradient: only A and B get one
+    grads = torch.autograd.grad(lora_node.lora_linear(frozen_x, w, a, b, 0.5)[0], (a, b), g)
+    torch.testing.assert_close(grads[0], want[1])
 
 
 def test_fused_lora_on_bf16_base_keeps_fp32_adapter_gradients():
@@ -137,16 +160,18 @@ def test_fused_lora_on_bf16_base_keeps_fp32_adapter_gradients():
             torch.nn.init.normal_(p, std=0.1)
     batch = _packed([9, 6])
     ref = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits.float()
-    fast._fuse_lora_layers(model)
+    lora_node.fuse_lora_layers(model)
     got = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits.float()
     assert (got - ref).norm() / ref.norm() < 2e-2  # bf16 matmuls instead of peft's fp32 ones
     got.square().mean().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapters)
 
 
-def test_compiled_decoder_layers_give_the_loss_and_gradients_of_eager_layers():
+@pytest.mark.parametrize("custom_op", [False, True])
+def test_compiled_decoder_layers_give_the_loss_and_gradients_of_eager_layers(custom_op, monkeypatch):
     """Regional compilation (on by default on CUDA) computes what the eager layers compute: same
-    packed-batch loss and gradients, LoRA's fused node included. On the CPU the graphs dynamo and
+    packed-batch loss and gradients, LoRA's fused node included (as an autograd.Function, or
+    as the custom op in the compiled run against the Function in the eager one). On the CPU the graphs dynamo and
     AOTAutograd capture run as they are (`aot_eager`: inductor's C++ build takes minutes on 2
     cores); bench/gpu_train.py checks inductor's kernels on the GPU (loss parity, 50 steps)."""
     from peft import LoraConfig, get_peft_model
@@ -163,8 +188,9 @@ def test_compiled_decoder_layers_give_the_loss_and_gradients_of_eager_layers():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.1)  # a non-zero B, so the adapter path counts
-        assert fast._fuse_lora_layers(model) == 14
+        assert lora_node.fuse_lora_layers(model) == 14
         if compiled:
+            monkeypatch.setattr(lora_node, "CUSTOM_OP", custom_op)
             assert fast._compile_decoder_layers(fast.causal_lm(model), backend="aot_eager") == 2
             assert torch._dynamo.config.recompile_limit >= fast.RECOMPILE_LIMIT  # room for every variant of a run
             counters.clear()

@@ -196,11 +196,11 @@ def test_qlora_gradients_match_lora_on_the_dequantised_weights(tiny_model_dir, o
 
 
 def test_fused_nf4_lora_node_matches_the_dequantised_math():
-    """The fast path's `_Lora4bit` (CUDA-only in training) against x W^T + s (x A^T) B^T with W the
+    """The fast path's `Lora4bit` (CUDA-only in training) against x W^T + s (x A^T) B^T with W the
     dequantised NF4 weight, forward and backward; run here on freshly quantised CPU bytes."""
     import bitsandbytes.functional as bf
 
-    from tunesmith.model import fast
+    from tunesmith.model import lora_node
 
     torch.manual_seed(0)
     weight = torch.randn(48, 64)
@@ -208,7 +208,7 @@ def test_fused_nf4_lora_node_matches_the_dequantised_math():
     w = bf.dequantize_4bit(packed, state)
     a, b = torch.randn(8, 64, requires_grad=True), torch.randn(48, 8, requires_grad=True)
     x = torch.randn(2, 5, 64, requires_grad=True)
-    y = fast._Lora4bit.apply(x, packed, a, b, 0.5, state)
+    y = lora_node.Lora4bit.apply(x, packed, a, b, 0.5, state)
     g = torch.randn_like(y)
     grads = torch.autograd.grad(y, (x, a, b), g)
     x_ref, a_ref, b_ref = (t.detach().clone().requires_grad_() for t in (x, a, b))
@@ -221,13 +221,13 @@ def test_fused_nf4_lora_node_matches_the_dequantised_math():
 def test_cpu_4bit_layers_keep_peft_forward(tiny_model_dir, one_thread):
     from tunesmith.config import MethodOptions
     from tunesmith.methods import PARAMETER_SETS
-    from tunesmith.model import fast
+    from tunesmith.model import lora_node
     from tunesmith.model.load import load_model
 
     qlora, cpu = PARAMETER_SETS["qlora"], torch.device("cpu")
     model = load_model(str(tiny_model_dir), device=cpu, dtype=torch.float32, **qlora.load_options(cpu, torch.float32))
     model = qlora.wrap(model, MethodOptions(method="qlora"))
-    assert fast._fuse_lora_layers(model) == 0  # bitsandbytes' CPU layout is not what dequantize_4bit reads
+    assert lora_node.fuse_lora_layers(model) == 0  # bitsandbytes' CPU layout is not what dequantize_4bit reads
 
 
 def test_quantised_weights_are_placed_on_the_current_cuda_device(monkeypatch):

@@ -16,9 +16,10 @@ What it changes, and why each piece pays on a packed batch of T tokens:
 - packed rows are padded to a fixed length so the compiled flex kernels see one shape.
 - gradient checkpointing switches itself on when the memory plan (`train.plan`) says activations
   will not fit, and the plan picks the token budget when none is given.
-- LoRA layers run as one fused autograd node in bf16 (adapter weights stay fp32 for the
-  optimizer), instead of peft's fp32 copies of every activation and ~6 nodes per layer; on
-  NF4 (QLoRA) bases the node dequantises the weight in the forward and again in the backward.
+- LoRA layers run as one fused node in bf16 (`model/lora_node.py`; adapter weights stay fp32
+  for the optimizer), instead of peft's fp32 copies of every activation and ~6 nodes per
+  layer; on NF4 (QLoRA) bases the node dequantises the weight in the forward and again in the
+  backward.
 liger's kernels are not compiled (they failed under torch.compile in issue 7); the fused
 cross-entropy runs outside the compiled layers.
 
@@ -31,7 +32,6 @@ import functools
 import inspect
 import math
 from collections.abc import Callable
-from types import MethodType
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.tokenize import IGNORE_INDEX
+from tunesmith.model.lora_node import fuse_lora_layers
 from tunesmith.train.losses import LossFn, LossSum
 
 # Families whose logits are exactly `lm_head(final_hidden)` (optionally soft-capped), so the
@@ -238,138 +239,6 @@ def _set_flex_attention(lm: Any) -> str:
         return str(getattr(lm.config, "_attn_implementation", "default"))
 
 
-def _lora_forward(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                  scale: float) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """y = x W^T + s (x A^T) B^T in x's dtype, and what the backward needs: (x2, A, B, h) cast.
-
-    The scale is applied on the (N, r) side and the add is fused into the matmul: `addmm_` in
-    place on the fresh base product (out-of-place `addmm` first copies its (N, out) input into
-    a new buffer: one device-to-device copy per adapted layer and pass).
-    """
-    a_c, b_c = a.to(x.dtype), b.to(x.dtype)  # (r, in), (out, r)
-    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-    h = (x2 @ a_c.t()) * scale  # (N, r)
-    y = (x2 @ w.t()).addmm_(h, b_c.t())  # (N, out)
-    return y.view(*x.shape[:-1], w.shape[0]), (x2, a_c, b_c, h)
-
-
-def _lora_backward(ctx: Any, grad: torch.Tensor, weight: Callable[[], torch.Tensor],
-                   saved: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(grad of x, grad of A, grad of B) of `_lora_forward`; `weight()` gives W only when x needs it."""
-    x2, a_c, b_c, h = saved
-    g = grad.reshape(-1, grad.shape[-1])  # (N, out)
-    gh = (g @ b_c) * ctx.scale  # (N, r)
-    grad_x = None
-    if ctx.needs_input_grad[0]:
-        w = weight()  # (out, in)
-        grad_x = (g @ w).addmm_(gh, a_c).view(*grad.shape[:-1], w.shape[1])  # (..., in), in place as above
-    grad_a = (gh.t() @ x2).to(ctx.dtypes[0])  # (r, in)
-    grad_b = (g.t() @ h).to(ctx.dtypes[1])  # (out, r)
-    return grad_x, grad_a, grad_b
-
-
-class _LoraLinear(torch.autograd.Function):
-    """y = x W^T + s (x A^T) B^T as ONE autograd node, in the activations' dtype (bf16 on CUDA).
-
-    peft's forward is ~6 autograd nodes per adapted layer (base linear, casts, A, scale, B,
-    add), each a CPU-launched step in the backward pass, and it scales and adds on the whole
-    (T, out) output. On a 1B model at 8k tokens the GPU then waits for the CPU. Here: the
-    scale is applied on the (T, r) side, the add is fused into the matmul (`addmm`), the fp32
-    adapter weights are cast to bf16 for the matmuls (their gradients come back in fp32).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                scale: float) -> torch.Tensor:
-        y, saved = _lora_forward(x, w, a, b, scale)
-        ctx.save_for_backward(w, *saved)
-        ctx.scale, ctx.dtypes = scale, (a.dtype, b.dtype)
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        w, *saved = ctx.saved_tensors
-        grad_x, grad_a, grad_b = _lora_backward(ctx, grad, lambda: w, tuple(saved))
-        return grad_x, None, grad_a, grad_b, None
-
-
-def _dequantize(packed: torch.Tensor, quant_state: Any, dtype: torch.dtype) -> torch.Tensor:
-    """The (out, in) weight of a bitsandbytes NF4 tensor in `dtype` (a transient copy)."""
-    import bitsandbytes.functional as bnb_f
-
-    return bnb_f.dequantize_4bit(packed, quant_state).to(dtype)
-
-
-class _Lora4bit(torch.autograd.Function):
-    """`_LoraLinear` on an NF4 base weight: dequantised in the forward and again in the backward.
-
-    The 16-bit copy is never saved (it would cost what 4-bit saves); saved are the input and
-    the (N, r) adapter activations, in the activations' dtype: peft's Linear4bit path keeps
-    fp32 copies of each input and runs ~8 autograd nodes per layer.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, packed: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                scale: float, quant_state: Any) -> torch.Tensor:
-        y, saved = _lora_forward(x, _dequantize(packed, quant_state, x.dtype), a, b, scale)  # W freed after
-        ctx.save_for_backward(packed, *saved)
-        ctx.scale, ctx.dtypes, ctx.quant_state = scale, (a.dtype, b.dtype), quant_state
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        packed, *saved = ctx.saved_tensors
-        weight = lambda: _dequantize(packed, ctx.quant_state, grad.dtype)  # noqa: E731
-        grad_x, grad_a, grad_b = _lora_backward(ctx, grad, weight, tuple(saved))
-        return grad_x, None, grad_a, grad_b, None, None
-
-
-def _fused_lora4bit_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """peft LoRA Linear4bit through `_Lora4bit`; states it does not cover go to peft's own forward."""
-    active = self.active_adapters
-    if self.disable_adapters or self.merged or args or kwargs or len(active) != 1 or active[0] not in self.lora_A:
-        return type(self).forward(self, x, *args, **kwargs)
-    name, weight = active[0], self.base_layer.weight
-    return _Lora4bit.apply(x, weight, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
-                           weight.quant_state)
-
-
-def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """peft LoRA Linear through `_LoraLinear`; states it does not cover go to peft's own forward."""
-    active = self.active_adapters
-    if self.disable_adapters or self.merged or args or kwargs or len(active) != 1 or active[0] not in self.lora_A:
-        return type(self).forward(self, x, *args, **kwargs)
-    name = active[0]
-    return _LoraLinear.apply(x, self.base_layer.weight, self.lora_A[name].weight, self.lora_B[name].weight,
-                             self.scaling[name])
-
-
-def _fuse_lora_layers(model: Any) -> int:
-    """Give every plain LoRA layer (no dropout, no DoRA/variant, no bias) the fused forward.
-
-    16-bit `nn.Linear` bases get `_LoraLinear`; bitsandbytes NF4 bases on CUDA get `_Lora4bit`
-    (on CPU bitsandbytes repacks 4-bit bytes for its own kernel, which `dequantize_4bit` does
-    not read, and the fast path is CUDA-only anyway).
-    """
-    fused = 0
-    for module in model.modules():
-        lora_a = getattr(module, "lora_A", None)
-        if not isinstance(lora_a, torch.nn.ModuleDict) or len(lora_a) != 1 or not hasattr(module, "base_layer"):
-            continue
-        name, base = next(iter(lora_a)), module.base_layer
-        plain = (isinstance(module.lora_dropout[name], torch.nn.Identity) and name not in module.lora_variant
-                 and module.lora_B[name].bias is None and getattr(base, "bias", None) is None
-                 and not base.weight.requires_grad)
-        if plain and type(base) is torch.nn.Linear:
-            module.forward = MethodType(_fused_lora_forward, module)
-            fused += 1
-        elif (plain and type(base).__name__ == "Linear4bit" and base.weight.device.type == "cuda"
-              and getattr(base.weight, "quant_state", None) is not None):
-            module.forward = MethodType(_fused_lora4bit_forward, module)
-            fused += 1
-    return fused
-
-
 def prepare_for_training(model: Any, *, device: torch.device, batch_tokens: int | None, fast_kernels: bool = True,
                          gradient_checkpointing: bool = False, memory: Any = None) -> TrainSetup:
     """Make `model` train fast on this device; returns the loss to use and what was chosen.
@@ -397,7 +266,7 @@ def prepare_for_training(model: Any, *, device: torch.device, batch_tokens: int 
         if not fused_loss:
             setup.notices.append(f"fast kernels: plain loss for {lm.config.model_type!r} (fused loss not exact)")
         adapted = sum(1 for m in model.modules() if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict))
-        fused_lora = _fuse_lora_layers(model) == adapted  # every LoRA layer on the fused node (or none to fuse)
+        fused_lora = fuse_lora_layers(model) == adapted  # every LoRA layer on the fused node (or none to fuse)
     choice = _plan_memory(lm, device, batch_tokens, gradient_checkpointing, memory, fused_loss,
                           setup.fast and fused_lora)
     setup.batch_tokens, setup.checkpointing = choice.batch_tokens, choice.checkpointing
