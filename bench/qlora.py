@@ -88,7 +88,10 @@ def run_tunesmith_adapter(config: Any, samples: list[list[int]], method: str, ra
     groups = [g for e in range(1 + steps // max(1, len(plan.groups(0)))) for g in plan.groups(e)]
     docs = [[len(plan.samples[i].input_ids) for i in g] for g in groups[bench.WARMUP_STEPS:steps]]
     flops = sum(bench.step_flops(config, n_params(config), d, True) for d in docs)
-    result = bench.Result(f"tunesmith {method}" + (" (checkpointing)" if checkpointing else ""), tokens / seconds,
+    from tunesmith.model import fast
+
+    label = (" (checkpointing, compiled layers)" if fast.COMPILE_CHECKPOINTED else " (checkpointing)") if checkpointing else ""
+    result = bench.Result(f"tunesmith {method}{label}", tokens / seconds,
                           torch.cuda.max_memory_allocated() / 2**30,
                           flops / seconds / rate / 1e12, steps, tokens, seconds,
                           [r["train_loss"] for r in records if "train_loss" in r],
@@ -147,6 +150,15 @@ def qlora_rows(rate: float, n_samples: int, path: Path, save: Any = None) -> dic
                                        QLORA_TOKENS, path)
     rows["fast_qlora_ckpt"] = bench.guarded("tunesmith qlora (checkpointing)", run_tunesmith_adapter, config,
                                             samples, "qlora", rate, QLORA_TOKENS, path, True)
+    from tunesmith.model import fast
+
+    fast.COMPILE_CHECKPOINTED = True  # the candidate: compiled layers under checkpointing (model/fast.py)
+    try:
+        rows["fast_qlora_ckpt_compiled"] = bench.guarded("tunesmith qlora (checkpointing, compiled layers)",
+                                                         run_tunesmith_adapter, config, samples, "qlora", rate,
+                                                         QLORA_TOKENS, path, True)
+    finally:
+        fast.COMPILE_CHECKPOINTED = False
     rows["base_qlora"] = bench.guarded("Trainer+peft+bnb QLoRA", bench.run_trainer, config, samples, True, rate,
                                        make_model=lambda: trainer_qlora_model(path), label="Trainer+peft+bnb QLoRA",
                                        n_params=n_params(config))

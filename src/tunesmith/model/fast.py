@@ -55,6 +55,11 @@ LIGER_CE_CHUNK_MEM = 16
 # inductor's default mode: CUDA graphs over the layers ("reduce-overhead") measured slower
 # (session 4: full 34.9k vs 61.1k, LoRA 25.1k vs 71.0k tok/s, same losses), so not offered.
 COMPILE_LAYERS = True
+# Also compile the layers when gradient checkpointing is on (transformers' checkpoint then wraps
+# each compiled layer: the CPU test shows the same losses and gradients and checkpointing's
+# saved-activation savings kept). Off until bench/gpu_train.py --qlora measures it on a GPU
+# (its "compiled, checkpointing" row); with it off, checkpointed layers run eager liger kernels.
+COMPILE_CHECKPOINTED = False
 RECOMPILE_LIMIT = 64  # compiled-layer variants kept per run (see _compile_decoder_layers)
 # Build the per-document flex block mask here (`document_block_mask`) instead of letting
 # transformers build it: its packed-row check is a Python `if` on a GPU tensor, so the host
@@ -280,7 +285,7 @@ def prepare_for_training(model: Any, *, device: torch.device, batch_tokens: int 
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(lm, "enable_input_require_grads"):
             lm.enable_input_require_grads()  # frozen embeddings (LoRA) must still pass gradients
-    if setup.fast and COMPILE_LAYERS and not setup.checkpointing:
+    if setup.fast and COMPILE_LAYERS and (COMPILE_CHECKPOINTED or not setup.checkpointing):
         setup.notices.append(f"fast kernels: {_compile_decoder_layers(lm)} decoder layers compiled (torch.compile)")
     elif setup.liger:
         _apply_liger_layers(lm)
