@@ -725,17 +725,15 @@ def main() -> None:
                                             max_steps=40, profile="host", label=" (mask: ours, LoRA custom op)",
                                             lora_custom_op=True)
         out = rows.table()
-        a, b = rows["lora_ours_mask"], rows["lora_ours_mask_op"]
-        if not (a.error or b.error):
-            out["parity_op_lora"] = parity = loss_parity(a.losses, b.losses)
-            print(f"loss parity lora, Function vs custom-op node: max rel diff {100 * parity['max_rel_diff']:.3f}% "
-                  f"over {parity['steps']} steps; speed x{b.tokens_per_s / a.tokens_per_s:.3f}")
-        for method in ("full", "lora"):
-            a, b = rows[f"{method}_hf_mask"], rows[f"{method}_ours_mask"]
+        pairs = [(f"parity_mask_{m}", f"{m}_hf_mask", f"{m}_ours_mask", f"{m}, transformers' vs our block mask")
+                 for m in ("full", "lora")]
+        pairs.append(("parity_op_lora", "lora_ours_mask", "lora_ours_mask_op", "lora, Function vs custom-op node"))
+        for key, first, second, what in pairs:
+            a, b = rows[first], rows[second]
             if not (a.error or b.error):
-                out[f"parity_mask_{method}"] = parity = loss_parity(a.losses, b.losses)
-                print(f"loss parity {method}, transformers' vs our block mask: max rel diff "
-                      f"{100 * parity['max_rel_diff']:.3f}% over {parity['steps']} steps; speed x{b.tokens_per_s / a.tokens_per_s:.3f}")
+                out[key] = parity = loss_parity(a.losses, b.losses)
+                print(f"loss parity {what}: max rel diff {100 * parity['max_rel_diff']:.3f}% over {parity['steps']} "
+                      f"steps; speed x{b.tokens_per_s / a.tokens_per_s:.3f}")
         report["results"] = [out]
         write_json(report, args.out)
         return

@@ -40,18 +40,20 @@ def _lora_forward(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Te
     return y.view(*x.shape[:-1], w.shape[0]), (x2, a_c, b_c, h)
 
 
-def _lora_backward(ctx: Any, grad: torch.Tensor, weight: Callable[[], torch.Tensor],
-                   saved: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(grad of x, grad of A, grad of B) of `_lora_forward`; `weight()` gives W only when x needs it."""
+def _lora_backward(grad: torch.Tensor, weight: Callable[[], torch.Tensor], saved: tuple[torch.Tensor, ...],
+                   scale: float, dtypes: tuple[torch.dtype, torch.dtype],
+                   need_x: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(grad of x, grad of A, grad of B) of `_lora_forward`, A's and B's in `dtypes`; grad of x
+    only when `need_x`, and `weight()` gives W only then."""
     x2, a_c, b_c, h = saved
     g = grad.reshape(-1, grad.shape[-1])  # (N, out)
-    gh = (g @ b_c) * ctx.scale  # (N, r)
+    gh = (g @ b_c) * scale  # (N, r)
     grad_x = None
-    if ctx.needs_input_grad[0]:
+    if need_x:
         w = weight()  # (out, in)
         grad_x = (g @ w).addmm_(gh, a_c).view(*grad.shape[:-1], w.shape[1])  # (..., in), in place as above
-    grad_a = (gh.t() @ x2).to(ctx.dtypes[0])  # (r, in)
-    grad_b = (g.t() @ h).to(ctx.dtypes[1])  # (out, r)
+    grad_a = (gh.t() @ x2).to(dtypes[0])  # (r, in)
+    grad_b = (g.t() @ h).to(dtypes[1])  # (out, r)
     return grad_x, grad_a, grad_b
 
 
@@ -76,7 +78,8 @@ class LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         w, *saved = ctx.saved_tensors
-        grad_x, grad_a, grad_b = _lora_backward(ctx, grad, lambda: w, tuple(saved))
+        grad_x, grad_a, grad_b = _lora_backward(grad, lambda: w, tuple(saved), ctx.scale, ctx.dtypes,
+                                                ctx.needs_input_grad[0])
         return grad_x, None, grad_a, grad_b, None
 
 
@@ -107,7 +110,8 @@ class Lora4bit(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         packed, *saved = ctx.saved_tensors
         weight = lambda: _dequantize(packed, ctx.quant_state, grad.dtype)  # noqa: E731
-        grad_x, grad_a, grad_b = _lora_backward(ctx, grad, weight, tuple(saved))
+        grad_x, grad_a, grad_b = _lora_backward(grad, weight, tuple(saved), ctx.scale, ctx.dtypes,
+                                                ctx.needs_input_grad[0])
         return grad_x, None, grad_a, grad_b, None, None
 
 
@@ -176,9 +180,8 @@ def lora_linear_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, a
                          h: torch.Tensor, scale: float,
                          need_x: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad x, grad A, grad B) of `lora_linear`; grad x is empty when x needs none."""
-    ctx = _Saved(scale, (a.dtype, b.dtype), (need_x,))
     saved = (x.reshape(-1, x.shape[-1]), a.to(x.dtype), b.to(x.dtype), h)
-    grad_x, grad_a, grad_b = _lora_backward(ctx, grad, lambda: w, saved)
+    grad_x, grad_a, grad_b = _lora_backward(grad, lambda: w, saved, scale, (a.dtype, b.dtype), need_x)
     return (grad_x if grad_x is not None else x.new_empty(0)), grad_a, grad_b
 
 
@@ -186,13 +189,6 @@ def lora_linear_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, a
 def _(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, h: torch.Tensor,
       scale: float, need_x: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x.new_empty(x.shape if need_x else (0,)), torch.empty_like(a), torch.empty_like(b)
-
-
-class _Saved:
-    """What `_lora_backward` reads from an autograd ctx, for the custom op's backward."""
-
-    def __init__(self, scale: float, dtypes: tuple[torch.dtype, torch.dtype], needs: tuple[bool]) -> None:
-        self.scale, self.dtypes, self.needs_input_grad = scale, dtypes, needs
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
