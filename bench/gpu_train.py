@@ -473,17 +473,17 @@ def guarded(name: str, fn: Any, *args: Any, **kwargs: Any) -> Result:
 
 
 def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, document_mask: bool = True,
-                       lora_custom_op: bool = False, **kwargs: Any) -> Result:
+                       lora_form: str = "function", **kwargs: Any) -> Result:
     """`fn` with the fast path's switches set: layer compilation (off: eager liger layers), who
-    builds the flex block mask (off: transformers), and the LoRA node's form (custom op or Function)."""
+    builds the flex block mask (off: transformers), and the LoRA node's form (`lora_node.NODES`)."""
     from tunesmith.model import fast, lora_node
 
-    saved = fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.CUSTOM_OP
-    fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.CUSTOM_OP = compile_layers, document_mask, lora_custom_op
+    saved = fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE
+    fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE = compile_layers, document_mask, lora_form
     try:
         return fn(*args, **kwargs)
     finally:
-        fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.CUSTOM_OP = saved
+        fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE = saved
 
 
 def repeated(name: str, times: int, fn: Any, *args: Any, **kwargs: Any) -> Result:
@@ -529,7 +529,7 @@ class SavedRows(dict):  # type: ignore[type-arg]
 
 
 def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, profile: bool,
-            peers: bool = True, eager: bool = True, repeats: int = 1, variants: bool = False,
+            peers: bool = True, eager: bool = True, repeats: int = 1, variants: bool = False, big: bool = False,
             save: Any = None) -> dict[str, Any]:
     """Baselines (Trainer, TRL) and tunesmith (full, LoRA; compiled layers, and eager liger layers) on one shape.
 
@@ -551,14 +551,16 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
         rows[f"fast_{method}"] = repeated(f"tunesmith {method}", repeats, run_tunesmith, config, samples, method,
                                           True, budget, rate, profile=profile)
     if variants:  # what the plan picks on this GPU without --batch-tokens (`tunesmith train`'s default),
-        # and twice the plan's cap (train/plan.py AUTO_MAX_TOKENS): does a bigger micro-batch still pay?
-        from tunesmith.train.plan import AUTO_MAX_TOKENS
-
+        # and the LoRA node's other forms (lora_node.NODES)
         for method in ("full", "lora"):
             rows[f"auto_{method}"] = guarded(f"tunesmith {method} (default budget)", run_tunesmith, config, samples,
                                              method, True, None, rate, label=" (budget: the plan's)")
-        rows["op_lora"] = guarded("tunesmith lora (LoRA custom op)", with_fast_settings, run_tunesmith, config, samples,
-                                  "lora", True, budget, rate, lora_custom_op=True, label=" (LoRA node as custom op)")
+        for form, label in (("op", "LoRA node as custom op"), ("grouped", "LoRA calls grouped in the graph")):
+            rows[f"{form}_lora"] = guarded(f"tunesmith lora ({label})", with_fast_settings, run_tunesmith, config,
+                                           samples, "lora", True, budget, rate, lora_form=form, label=f" ({label})")
+    if big:  # twice the plan's cap (train/plan.py AUTO_MAX_TOKENS): does a bigger micro-batch still pay?
+        from tunesmith.train.plan import AUTO_MAX_TOKENS
+
         for method in ("full", "lora"):
             rows[f"big_{method}"] = guarded(f"tunesmith {method} ({2 * AUTO_MAX_TOKENS} tokens)", run_tunesmith,
                                             config, samples, method, True, 2 * AUTO_MAX_TOKENS, rate,
@@ -576,8 +578,9 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
     if {"plain_full", "fast_full"} <= ok:
         out["parity"] = loss_parity(rows["plain_full"].losses, rows["fast_full"].losses)
     for method in ("full", "lora"):
-        if method == "lora" and {"op_lora", "fast_lora"} <= ok:
-            out["parity_op_lora"] = loss_parity(rows["fast_lora"].losses, rows["op_lora"].losses)
+        for form in ("op", "grouped"):
+            if method == "lora" and {f"{form}_lora", "fast_lora"} <= ok:
+                out[f"parity_{form}_lora"] = loss_parity(rows["fast_lora"].losses, rows[f"{form}_lora"].losses)
         if {f"eager_{method}", f"fast_{method}"} <= ok:
             out[f"parity_compiled_{method}"] = loss_parity(rows[f"eager_{method}"].losses,
                                                            rows[f"fast_{method}"].losses)
@@ -611,7 +614,8 @@ def table(result: dict[str, Any]) -> list[str]:
                                                  if len(spread) > 1 else ""))
     for key, label in (("parity", "fast vs plain"), ("parity_compiled_full", "full: eager vs compiled layers"),
                        ("parity_compiled_lora", "LoRA: eager vs compiled layers"),
-                       ("parity_op_lora", "LoRA: Function vs custom-op node")):
+                       ("parity_op_lora", "LoRA: Function vs custom-op node"),
+                       ("parity_grouped_lora", "LoRA: Function vs grouped calls")):
         if key in result:
             p = result[key]
             lines.append(f"loss parity, {label}, first {p['steps']} steps, same batches (bf16): max rel diff "
@@ -653,6 +657,8 @@ def main() -> None:
     parser.add_argument("--qlora", action="store_true",
                         help="instead: QLoRA on the Llama-3.1-8B shape vs Trainer+peft+bitsandbytes (and Unsloth)")
     parser.add_argument("--eager", action="store_true", help="headline: also the eager liger-layer rows (round 1)")
+    parser.add_argument("--big", action="store_true",
+                        help="headline: also full/LoRA at twice the plan's token cap (32,768 tokens)")
     parser.add_argument("--default-budget", action="store_true",
                         help="instead: tunesmith full/LoRA at the plan's token budget and TRL SFT full (1B, short)")
     parser.add_argument("--host-profile", action="store_true",
@@ -720,14 +726,16 @@ def main() -> None:
                 rows[f"{method}_{'ours' if mask else 'hf'}_mask"] = guarded(
                     f"tunesmith {method}{label}", with_fast_settings, run_tunesmith, config, samples, method, True,
                     REGIMES["short"][3], rate, max_steps=40, profile="host", label=label, document_mask=mask)
-        rows["lora_ours_mask_op"] = guarded("tunesmith lora (mask: ours, LoRA custom op)", with_fast_settings,
-                                            run_tunesmith, config, samples, "lora", True, REGIMES["short"][3], rate,
-                                            max_steps=40, profile="host", label=" (mask: ours, LoRA custom op)",
-                                            lora_custom_op=True)
+        for form in ("op", "grouped"):
+            label = f" (mask: ours, LoRA {'custom op' if form == 'op' else 'calls grouped'})"
+            rows[f"lora_ours_mask_{form}"] = guarded(f"tunesmith lora{label}", with_fast_settings, run_tunesmith,
+                                                     config, samples, "lora", True, REGIMES["short"][3], rate,
+                                                     max_steps=40, profile="host", label=label, lora_form=form)
         out = rows.table()
         pairs = [(f"parity_mask_{m}", f"{m}_hf_mask", f"{m}_ours_mask", f"{m}, transformers' vs our block mask")
                  for m in ("full", "lora")]
-        pairs.append(("parity_op_lora", "lora_ours_mask", "lora_ours_mask_op", "lora, Function vs custom-op node"))
+        pairs += [(f"parity_{form}_lora", "lora_ours_mask", f"lora_ours_mask_{form}", f"lora, Function vs {what}")
+                  for form, what in (("op", "custom-op node"), ("grouped", "grouped calls"))]
         for key, first, second, what in pairs:
             a, b = rows[first], rows[second]
             if not (a.error or b.error):
@@ -750,7 +758,7 @@ def main() -> None:
         return
     report["fused_adamw_max_ulp"] = check_fused_adamw()
     results = [compare("llama-1b", "short", rate, REGIMES["short"][4], parity=True, profile=True,
-                       repeats=REPEATS, variants=True, eager=args.eager,
+                       repeats=REPEATS, variants=True, eager=args.eager, big=args.big,
                        save=lambda part: write_json({**report, "results": [part]}, args.out))]
     print("\n".join(table(results[0])), flush=True)
     policy = report["optimizer_policy"] = check_optimizer_policy()

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tunesmith.model import fast, lora_node
+from tunesmith.model import fast, lora_graph, lora_node
 
 
 def _tiny() -> LlamaForCausalLM:
@@ -105,11 +105,11 @@ def test_checkpointing_is_chosen_by_the_memory_plan_when_activations_do_not_fit(
     assert plan.choose(shape, setting, (plain - 1) / plan.HEADROOM, 1000).checkpointing
 
 
-@pytest.mark.parametrize("custom_op", [False, True])
-def test_fused_lora_forward_matches_peft(custom_op, monkeypatch):
+@pytest.mark.parametrize("node", ["function", "op"])  # "grouped" runs the op outside compiled layers
+def test_fused_lora_forward_matches_peft(node, monkeypatch):
     from peft import LoraConfig, get_peft_model
 
-    monkeypatch.setattr(lora_node, "CUSTOM_OP", custom_op)
+    monkeypatch.setattr(lora_node, "NODE", node)
     model = get_peft_model(_tiny(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -149,6 +149,30 @@ def test_lora_custom_op_passes_torch_opcheck_and_equals_the_function():
     torch.testing.assert_close(grads[0], want[1])
 
 
+@pytest.mark.parametrize("scales", [(0.5, 0.5, 0.5), (0.5, 2.0, 1.0)])
+def test_grouped_lora_equals_one_node_per_member(scales):
+    """The grouped math (one matmul each over the concatenated weights, A's and block-diagonal
+    B's) gives each member's output and gradients of its own `LoraLinear` node (GQA shapes:
+    members of different widths and ranks; equal scales take the one-multiply path)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    outs, ranks = (24, 8, 8), (4, 2, 4)
+    ws = [torch.randn(o, 16) for o in outs]
+    a_s = [torch.randn(r, 16, requires_grad=True) for r in ranks]
+    b_s = [torch.randn(o, r, requires_grad=True) for o, r in zip(outs, ranks)]
+    got = lora_graph.grouped_lora(x, ws, a_s, b_s, list(scales))
+    want = [lora_node.LoraLinear.apply(x, w, a, b, s) for w, a, b, s in zip(ws, a_s, b_s, scales)]
+    grads = [torch.randn_like(y) for y in want]
+    inputs = (x, *a_s, *b_s)
+    got_grads = torch.autograd.grad(got, inputs, grads)
+    want_grads = torch.autograd.grad(want, inputs, grads)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_fused_lora_on_bf16_base_keeps_fp32_adapter_gradients():
     from peft import LoraConfig, get_peft_model
 
@@ -167,11 +191,12 @@ def test_fused_lora_on_bf16_base_keeps_fp32_adapter_gradients():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapters)
 
 
-@pytest.mark.parametrize("custom_op", [False, True])
-def test_compiled_decoder_layers_give_the_loss_and_gradients_of_eager_layers(custom_op, monkeypatch):
+@pytest.mark.parametrize("node", lora_node.NODES)
+def test_compiled_decoder_layers_give_the_loss_and_gradients_of_eager_layers(node, monkeypatch):
     """Regional compilation (on by default on CUDA) computes what the eager layers compute: same
-    packed-batch loss and gradients, LoRA's fused node included (as an autograd.Function, or
-    as the custom op in the compiled run against the Function in the eager one). On the CPU the graphs dynamo and
+    packed-batch loss and gradients, LoRA's fused node included (as an autograd.Function, as
+    the custom op, or as the custom op rewritten into grouped matmuls, in the compiled run,
+    against the Function in the eager one). On the CPU the graphs dynamo and
     AOTAutograd capture run as they are (`aot_eager`: inductor's C++ build takes minutes on 2
     cores); bench/gpu_train.py checks inductor's kernels on the GPU (loss parity, 50 steps)."""
     from peft import LoraConfig, get_peft_model
@@ -190,7 +215,10 @@ def test_compiled_decoder_layers_give_the_loss_and_gradients_of_eager_layers(cus
                 torch.nn.init.normal_(p, std=0.1)  # a non-zero B, so the adapter path counts
         assert lora_node.fuse_lora_layers(model) == 14
         if compiled:
-            monkeypatch.setattr(lora_node, "CUSTOM_OP", custom_op)
+            monkeypatch.setattr(lora_node, "NODE", node)
+            rewritten = []
+            group = lora_graph.group_lora_calls
+            monkeypatch.setattr(lora_graph, "group_lora_calls", lambda gm: rewritten.append(group(gm)) or rewritten[-1])
             assert fast._compile_decoder_layers(fast.causal_lm(model), backend="aot_eager") == 2
             assert torch._dynamo.config.recompile_limit >= fast.RECOMPILE_LIMIT  # room for every variant of a run
             counters.clear()
@@ -198,6 +226,7 @@ def test_compiled_decoder_layers_give_the_loss_and_gradients_of_eager_layers(cus
         loss.backward()
         if compiled:  # compiled for real (suppress_errors would fall back to eager silently)
             assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters)
+            assert set(rewritten) == ({7} if node == "grouped" else set())  # every graph: 7 calls, now 4 groups
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.tokenize import IGNORE_INDEX
+from tunesmith.model import lora_node
 from tunesmith.model.lora_node import fuse_lora_layers
 from tunesmith.train.losses import LossFn, LossSum
 
@@ -292,7 +293,7 @@ def prepare_for_training(model: Any, *, device: torch.device, batch_tokens: int 
     return setup
 
 
-def _compile_decoder_layers(lm: Any, backend: str = "inductor") -> int:
+def _compile_decoder_layers(lm: Any, backend: Any = "inductor") -> int:
     """Regional compilation: each decoder layer becomes one compiled graph (one autograd node).
 
     The layers share one forward, so dynamo compiles it once and reuses it for every layer
@@ -311,6 +312,10 @@ def _compile_decoder_layers(lm: Any, backend: str = "inductor") -> int:
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6's name
     setattr(config, limit, max(getattr(config, limit), RECOMPILE_LIMIT))
+    if lora_node.NODE == "grouped":  # LoRA calls that share an input become one group of matmuls
+        from tunesmith.model.lora_graph import grouping_backend
+
+        backend = grouping_backend(backend)
     layers = getattr(lm.get_decoder(), "layers", None) or []
     for layer in layers:
         layer.compile(dynamic=False, backend=backend)

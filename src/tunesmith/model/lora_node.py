@@ -7,12 +7,16 @@ activations' dtype: the scale on the (T, r) side, the add inside the matmul, the
 weights cast for the matmuls (their gradients come back in fp32). On NF4 (QLoRA) bases the
 node dequantises the weight in the forward and again in the backward.
 
-Two forms of the 16-bit node: an `autograd.Function` (the default; inside compiled layers
-dynamo traces it, and functionalisation turns its in-place add back into `addmm`, which
-copies its (T, out) input first), and the same math as an opaque custom op
-(`torch.library.custom_op`, `CUSTOM_OP`), which compiled graphs call as it is, in-place add
-included. bench/gpu_train.py times both; the custom op becomes the default once it is
-measured faster.
+Three forms of the 16-bit node (`NODE`), which bench/gpu_train.py times side by side:
+- "function": an `autograd.Function`. Inside compiled layers dynamo traces it, and
+  functionalisation turns its in-place add back into `addmm`, which copies its (T, out)
+  input first.
+- "op": the same math as an opaque custom op (`torch.library.custom_op`), which compiled
+  graphs call as it is, in-place add included.
+- "grouped": the custom op as a marker that the compiled layers rewrite
+  (`model/lora_graph.py`): calls that share an input (q/k/v, gate/up) become one group of
+  plain matmuls, and the adds fuse into the kernels that read the outputs.
+Eager layers (checkpointing) run the op as it is in both op forms.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ from typing import Any
 
 import torch
 
-CUSTOM_OP = False  # the 16-bit node as the opaque custom op (see the module docstring)
+NODE = "function"  # the 16-bit node's form: "function", "op" or "grouped" (see the module docstring)
+NODES = ("function", "op", "grouped")
 
 
 def _lora_forward(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -132,7 +137,7 @@ def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -
         return type(self).forward(self, x, *args, **kwargs)
     name = active[0]
     args = (x, self.base_layer.weight, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
-    return lora_linear(*args)[0] if CUSTOM_OP else LoraLinear.apply(*args)
+    return LoraLinear.apply(*args) if NODE == "function" else lora_linear(*args)[0]
 
 
 def fuse_lora_layers(model: Any) -> int:
