@@ -473,17 +473,19 @@ def guarded(name: str, fn: Any, *args: Any, **kwargs: Any) -> Result:
 
 
 def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, document_mask: bool = True,
-                       lora_form: str = "function", **kwargs: Any) -> Result:
+                       lora_form: str = "function", group_linears: bool = False, **kwargs: Any) -> Result:
     """`fn` with the fast path's switches set: layer compilation (off: eager liger layers), who
-    builds the flex block mask (off: transformers), and the LoRA node's form (`lora_node.NODES`)."""
-    from tunesmith.model import fast, lora_node
+    builds the flex block mask (off: transformers), the LoRA node's form (`lora_node.NODES`),
+    and whether full fine-tuning's linears that share an input are grouped (`lora_graph.LINEARS`)."""
+    from tunesmith.model import fast, lora_graph, lora_node
 
-    saved = fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE
-    fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE = compile_layers, document_mask, lora_form
+    saved = fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE, lora_graph.LINEARS
+    fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE, lora_graph.LINEARS = (compile_layers, document_mask,
+                                                                                   lora_form, group_linears)
     try:
         return fn(*args, **kwargs)
     finally:
-        fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE = saved
+        fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE, lora_graph.LINEARS = saved
 
 
 def repeated(name: str, times: int, fn: Any, *args: Any, **kwargs: Any) -> Result:
@@ -715,27 +717,22 @@ def main() -> None:
         write_json(report, args.out)
         print("\n".join(table(report["results"][0])))
         return
-    if args.host_profile:  # the same batches with transformers' block mask and with ours
+    if args.host_profile:  # the same batches through each form of the layers' matmuls, with host timings
         config, samples = model_config("llama-1b"), synth_samples(REGIMES["short"][4], "short", SHAPES["llama-1b"]["vocab_size"])
         rows = SavedRows({"shape": "llama-1b", "regime": "short", "samples": len(samples),
                           "real_tokens": sum(map(len, samples))},
                          lambda part: write_json({**report, "results": [part]}, args.out), notes=True)
-        for mask in (False, True):
-            for method in ("full", "lora"):
-                label = " (mask: ours)" if mask else " (mask: transformers')"
-                rows[f"{method}_{'ours' if mask else 'hf'}_mask"] = guarded(
-                    f"tunesmith {method}{label}", with_fast_settings, run_tunesmith, config, samples, method, True,
-                    REGIMES["short"][3], rate, max_steps=40, profile="host", label=label, document_mask=mask)
-        for form in ("op", "grouped"):
-            label = f" (mask: ours, LoRA {'custom op' if form == 'op' else 'calls grouped'})"
-            rows[f"lora_ours_mask_{form}"] = guarded(f"tunesmith lora{label}", with_fast_settings, run_tunesmith,
-                                                     config, samples, "lora", True, REGIMES["short"][3], rate,
-                                                     max_steps=40, profile="host", label=label, lora_form=form)
+        variants = [("full", "full", "", {}), ("full_grouped", "full", " (linears grouped)", {"group_linears": True}),
+                    ("lora", "lora", "", {}), ("lora_op", "lora", " (LoRA custom op)", {"lora_form": "op"}),
+                    ("lora_grouped", "lora", " (LoRA calls grouped)", {"lora_form": "grouped"})]
+        for key, method, label, settings in variants:  # (the block-mask pair of session 4 is in its JSON)
+            rows[key] = guarded(f"tunesmith {method}{label}", with_fast_settings, run_tunesmith, config, samples,
+                                method, True, REGIMES["short"][3], rate, max_steps=40, profile="host", label=label,
+                                **settings)
         out = rows.table()
-        pairs = [(f"parity_mask_{m}", f"{m}_hf_mask", f"{m}_ours_mask", f"{m}, transformers' vs our block mask")
-                 for m in ("full", "lora")]
-        pairs += [(f"parity_{form}_lora", "lora_ours_mask", f"lora_ours_mask_{form}", f"lora, Function vs {what}")
-                  for form, what in (("op", "custom-op node"), ("grouped", "grouped calls"))]
+        pairs = [("parity_grouped_full", "full", "full_grouped", "full, linears grouped"),
+                 ("parity_op_lora", "lora", "lora_op", "lora, Function vs custom-op node"),
+                 ("parity_grouped_lora", "lora", "lora_grouped", "lora, Function vs grouped calls")]
         for key, first, second, what in pairs:
             a, b = rows[first], rows[second]
             if not (a.error or b.error):

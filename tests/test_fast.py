@@ -235,6 +235,32 @@ def test_compiled_decoder_layers_give_the_loss_and_gradients_of_eager_layers(nod
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5)
 
 
+def test_grouped_linears_give_the_loss_and_gradients_of_eager_layers(monkeypatch):
+    """Full fine-tuning with `lora_graph.LINEARS`: q/k/v and gate/up each become one matmul over
+    the concatenated weights inside the compiled layers; loss and every weight's gradient as
+    in the eager model (`aot_eager` on the CPU, as above)."""
+    from tunesmith.train.losses import sft_loss_sum
+
+    batch = _packed([7, 12, 5])
+    batch.attention_mask = None
+    results, rewritten = [], []
+    group = lora_graph.group_lora_calls
+    monkeypatch.setattr(lora_graph, "group_lora_calls", lambda gm: rewritten.append(group(gm)) or rewritten[-1])
+    for compiled in (False, True):
+        model = _tiny()
+        if compiled:
+            monkeypatch.setattr(lora_graph, "LINEARS", True)
+            fast._compile_decoder_layers(model, backend="aot_eager")
+        loss = sft_loss_sum(model, batch).total
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    assert rewritten == [5]  # one graph for both layers: q/k/v -> 1 matmul, gate/up -> 1; o, down stay
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5)
+
+
 def test_document_block_mask_is_transformers_packed_causal_mask():
     """The flex mask the fast path builds (without reading the GPU) allows exactly the pairs
     transformers' own packed-sequence mask allows: causal, within each document."""

@@ -312,10 +312,10 @@ def _compile_decoder_layers(lm: Any, backend: Any = "inductor") -> int:
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6's name
     setattr(config, limit, max(getattr(config, limit), RECOMPILE_LIMIT))
-    if lora_node.NODE == "grouped":  # LoRA calls that share an input become one group of matmuls
-        from tunesmith.model.lora_graph import grouping_backend
+    from tunesmith.model import lora_graph
 
-        backend = grouping_backend(backend)
+    if lora_node.NODE == "grouped" or lora_graph.LINEARS:  # calls that share an input: one group of matmuls
+        backend = lora_graph.grouping_backend(backend)
     layers = getattr(lm.get_decoder(), "layers", None) or []
     for layer in layers:
         layer.compile(dynamic=False, backend=backend)

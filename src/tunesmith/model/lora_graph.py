@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from tunesmith.model import lora_node  # noqa: F401  (registers torch.ops.tunesmith.lora_linear)
@@ -49,49 +50,75 @@ def grouped_lora(x: torch.Tensor, weights: list[torch.Tensor], a_list: list[torc
     return [part.view(*x.shape[:-1], part.shape[1]) for part in y.split([t.shape[0] for t in weights], dim=1)]
 
 
-def _is_lora_call(node: fx.Node) -> bool:
+LINEARS = False  # also group plain bias-free linears that share an input (full fine-tuning's q/k/v, gate/up)
+
+
+def grouped_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """x W_i^T for every member i as one matmul over the concatenated weights (their gradients
+    come back as row blocks of one (sum out, in) gradient)."""
+    y = x @ torch.cat(weights).t()
+    return list(y.split([w.shape[0] for w in weights], dim=-1))
+
+
+def _lora_call(node: fx.Node) -> tuple[Any, ...] | None:
+    """(x, w, a, b, scale) of a `lora_linear` call whose h output is unused, else None."""
     op = torch.ops.tunesmith.lora_linear
-    return node.op == "call_function" and node.target in (op, op.default)
+    if node.op != "call_function" or node.target not in (op, op.default):
+        return None
+    if not all(user.target is operator.getitem and user.args[1] == 0 for user in node.users):
+        return None  # h (the second output) is read: leave the op (correct, just not grouped)
+    names = ("x", "w", "a", "b", "scale")
+    return tuple(node.args) + tuple(node.kwargs[n] for n in names[len(node.args):])
+
+
+def _linear_call(node: fx.Node) -> tuple[Any, ...] | None:
+    """(x, w) of a bias-free `F.linear` call, else None."""
+    if not LINEARS or node.op != "call_function" or node.target not in (torch._C._nn.linear, F.linear):
+        return None
+    args = tuple(node.args) + tuple(node.kwargs.get(n) for n in ("input", "weight", "bias")[len(node.args):])
+    return args[:2] if len(args) < 3 or args[2] is None else None
 
 
 def group_lora_calls(gm: fx.GraphModule) -> int:
-    """Rewrite the graph's `tunesmith::lora_linear` calls into `grouped_lora` calls, one per
-    distinct input; returns how many calls were rewritten.
-
-    A call whose second output (h) is used is left as it is (nothing in the fast path uses
-    it; the op stays correct there).
+    """Rewrite the graph's `tunesmith::lora_linear` calls (and, with `LINEARS`, bias-free
+    linears) into one `grouped_lora` (`grouped_linear`) call per distinct input; returns how
+    many calls were rewritten. Members of one group read only the shared input and parameters,
+    so the group is computed where its first member was.
     """
     graph = gm.graph
-    by_input: dict[fx.Node, list[fx.Node]] = {}
+    groups: dict[tuple[Any, fx.Node], list[tuple[fx.Node, tuple[Any, ...]]]] = {}
     for node in graph.nodes:
-        if _is_lora_call(node):
-            x, w, a, b, scale = _arguments(node)
-            outputs_used = {user.args[1] for user in node.users if user.target is operator.getitem}
-            if outputs_used <= {0} and all(user.target is operator.getitem for user in node.users):
-                by_input.setdefault(x, []).append(node)
+        for math, parse in ((grouped_lora, _lora_call), (grouped_linear, _linear_call)):
+            args = parse(node)
+            if args is not None:
+                groups.setdefault((math, args[0]), []).append((node, args))
+    order = {node: i for i, node in enumerate(graph.nodes)}
     rewritten = 0
-    for x, members in by_input.items():
-        columns = list(zip(*(_arguments(m)[1:] for m in members)))  # weights, A's, B's, scales
-        with graph.inserting_before(members[0]):  # every member reads only x and the layer's parameters
-            group = graph.call_function(grouped_lora, (x, *map(list, columns)))
-            for i, member in enumerate(members):
+    for (math, x), members in groups.items():
+        first = members[0][0]
+        if len(members) == 1 and math is grouped_linear:
+            continue  # nothing to group, and a linear needs no rewrite
+        late = [a for _, args in members for a in args[1:] if isinstance(a, fx.Node) and order[a] > order[first]]
+        if any(a.op != "get_attr" for a in late):
+            continue  # an input computed after the first member: leave the group as it is
+        for arg in late:
+            first.prepend(arg)  # a parameter read later in the graph: read it before the group
+        with graph.inserting_before(first):
+            group = graph.call_function(math, (x, *map(list, zip(*(args[1:] for _, args in members)))))
+            for i, (member, _args) in enumerate(members):
                 out = graph.call_function(operator.getitem, (group, i))
-                for user in list(member.users):
+                if math is grouped_linear:  # the linear's output itself
+                    member.replace_all_uses_with(out)
+                for user in list(member.users):  # the op's `[0]`
                     user.replace_all_uses_with(out)
                     graph.erase_node(user)
-        for member in members:  # after the inserts: they are placed before the first member
+        for member, _args in members:  # after the inserts: they are placed before the first member
             graph.erase_node(member)
             rewritten += 1
     if rewritten:
         graph.lint()
         gm.recompile()
     return rewritten
-
-
-def _arguments(node: fx.Node) -> tuple[Any, ...]:
-    """(x, w, a, b, scale) of a `lora_linear` call, given positionally or by name."""
-    names = ("x", "w", "a", "b", "scale")
-    return tuple(node.args) + tuple(node.kwargs[n] for n in names[len(node.args):])
 
 
 def grouping_backend(backend: str = "inductor") -> Callable[..., Any]:
