@@ -473,7 +473,7 @@ def guarded(name: str, fn: Any, *args: Any, **kwargs: Any) -> Result:
 
 
 def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, document_mask: bool = True,
-                       lora_form: str = "function", group_linears: bool = False, **kwargs: Any) -> Result:
+                       lora_form: str | None = None, group_linears: bool = False, **kwargs: Any) -> Result:
     """`fn` with the fast path's switches set: layer compilation (off: eager liger layers), who
     builds the flex block mask (off: transformers), the LoRA node's form (`lora_node.NODES`),
     and whether full fine-tuning's linears that share an input are grouped (`lora_graph.LINEARS`)."""
@@ -481,7 +481,7 @@ def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, documen
 
     saved = fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE, lora_graph.LINEARS
     fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE, lora_graph.LINEARS = (compile_layers, document_mask,
-                                                                                   lora_form, group_linears)
+                                                                                   lora_form or saved[2], group_linears)
     try:
         return fn(*args, **kwargs)
     finally:
@@ -557,9 +557,17 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
         for method in ("full", "lora"):
             rows[f"auto_{method}"] = guarded(f"tunesmith {method} (default budget)", run_tunesmith, config, samples,
                                              method, True, None, rate, label=" (budget: the plan's)")
-        for form, label in (("op", "LoRA node as custom op"), ("grouped", "LoRA calls grouped in the graph")):
-            rows[f"{form}_lora"] = guarded(f"tunesmith lora ({label})", with_fast_settings, run_tunesmith, config,
-                                           samples, "lora", True, budget, rate, lora_form=form, label=f" ({label})")
+        from tunesmith.model import lora_node
+
+        labels = {"function": "LoRA node as autograd.Function", "op": "LoRA node as custom op",
+                  "grouped": "LoRA calls grouped in the graph"}
+        for form in (f for f in lora_node.NODES if f != lora_node.NODE):  # the default's row is fast_lora
+            rows[f"{form}_lora"] = guarded(f"tunesmith lora ({labels[form]})", with_fast_settings, run_tunesmith,
+                                           config, samples, "lora", True, budget, rate, lora_form=form,
+                                           label=f" ({labels[form]})")
+        rows["grouped_full"] = guarded("tunesmith full (linears grouped)", with_fast_settings, run_tunesmith, config,
+                                       samples, "full", True, budget, rate, group_linears=True,
+                                       label=" (linears grouped)")
     if big:  # twice the plan's cap (train/plan.py AUTO_MAX_TOKENS): does a bigger micro-batch still pay?
         from tunesmith.train.plan import AUTO_MAX_TOKENS
 
@@ -580,9 +588,11 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
     if {"plain_full", "fast_full"} <= ok:
         out["parity"] = loss_parity(rows["plain_full"].losses, rows["fast_full"].losses)
     for method in ("full", "lora"):
-        for form in ("op", "grouped"):
+        for form in ("function", "op", "grouped"):
             if method == "lora" and {f"{form}_lora", "fast_lora"} <= ok:
                 out[f"parity_{form}_lora"] = loss_parity(rows["fast_lora"].losses, rows[f"{form}_lora"].losses)
+        if method == "full" and {"grouped_full", "fast_full"} <= ok:
+            out["parity_grouped_full"] = loss_parity(rows["fast_full"].losses, rows["grouped_full"].losses)
         if {f"eager_{method}", f"fast_{method}"} <= ok:
             out[f"parity_compiled_{method}"] = loss_parity(rows[f"eager_{method}"].losses,
                                                            rows[f"fast_{method}"].losses)
@@ -616,8 +626,10 @@ def table(result: dict[str, Any]) -> list[str]:
                                                  if len(spread) > 1 else ""))
     for key, label in (("parity", "fast vs plain"), ("parity_compiled_full", "full: eager vs compiled layers"),
                        ("parity_compiled_lora", "LoRA: eager vs compiled layers"),
-                       ("parity_op_lora", "LoRA: Function vs custom-op node"),
-                       ("parity_grouped_lora", "LoRA: Function vs grouped calls")):
+                       ("parity_function_lora", "LoRA: default vs Function node"),
+                       ("parity_op_lora", "LoRA: default vs custom-op node"),
+                       ("parity_grouped_lora", "LoRA: default vs grouped calls"),
+                       ("parity_grouped_full", "full: default vs linears grouped")):
         if key in result:
             p = result[key]
             lines.append(f"loss parity, {label}, first {p['steps']} steps, same batches (bf16): max rel diff "
@@ -723,7 +735,8 @@ def main() -> None:
                           "real_tokens": sum(map(len, samples))},
                          lambda part: write_json({**report, "results": [part]}, args.out), notes=True)
         variants = [("full", "full", "", {}), ("full_grouped", "full", " (linears grouped)", {"group_linears": True}),
-                    ("lora", "lora", "", {}), ("lora_op", "lora", " (LoRA custom op)", {"lora_form": "op"}),
+                    ("lora", "lora", " (LoRA Function)", {"lora_form": "function"}),
+                    ("lora_op", "lora", " (LoRA custom op)", {"lora_form": "op"}),
                     ("lora_grouped", "lora", " (LoRA calls grouped)", {"lora_form": "grouped"})]
         for key, method, label, settings in variants:  # (the block-mask pair of session 4 is in its JSON)
             rows[key] = guarded(f"tunesmith {method}{label}", with_fast_settings, run_tunesmith, config, samples,

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-NODE = "function"  # the 16-bit node's form: "function", "op" or "grouped" (see the module docstring)
+NODE = "grouped"  # the 16-bit node's form: "function", "op" or "grouped" (see the module docstring)
 NODES = ("function", "op", "grouped")
 
 
