@@ -18,8 +18,9 @@ What it changes, and why each piece pays on a packed batch of T tokens:
   will not fit, and the plan picks the token budget when none is given.
 - LoRA layers run as one fused node in bf16 (`model/lora_node.py`; adapter weights stay fp32
   for the optimizer), instead of peft's fp32 copies of every activation and ~6 nodes per
-  layer; on NF4 (QLoRA) bases the node dequantises the weight in the forward and again in the
-  backward.
+  layer; inside the compiled layers the nodes that share an input are grouped into shared
+  adapter matmuls (`model/lora_graph.py`); on NF4 (QLoRA) bases the node dequantises the
+  weight in the forward and again in the backward.
 liger's kernels are not compiled (they failed under torch.compile in issue 7); the fused
 cross-entropy runs outside the compiled layers.
 
