@@ -4,14 +4,14 @@ In a compiled layer the LoRA node is the custom op `tunesmith::lora_linear` (dyn
 as one opaque call, so the graph shows where each adapted linear is and what it reads). Before
 AOT autograd sees the graph, `group_lora_calls` rewrites every such call into plain torch math:
 
-- calls that read the same tensor (q/k/v of attention, gate/up of the MLP) become ONE group:
-  one matmul over the A's ((sum r, in)) and one over the B's as a block-diagonal ((sum out,
-  sum r)) in each pass, where each member had its own; the frozen weights keep one matmul
-  each. q/k/v: 24 matmul launches per step and layer -> 12. The block-diagonal computes zeros
-  in a matmul whose inner size is sum r (under 1% of the layer's FLOPs at r=16).
-- the adapter's contribution is a plain add, which inductor fuses into whatever reads the
-  output next (RoPE, SwiGLU, the residual add); `addmm` would first copy its (N, out) input.
-- AOT autograd derives the backward; frozen weights get none.
+- calls that read the same tensor (q/k/v of attention, gate/up of the MLP) become ONE
+  `GroupedLora` node: one matmul over the A's ((sum r, in)), and the B's as one
+  block-diagonal ((sum out, sum r)); in the forward the frozen weights and the B's are one
+  matmul over [x, h], in the backward one grad-x matmul over the concatenated weights.
+  q/k/v: 24 matmul launches per step and layer -> 7. The block-diagonal computes zeros in a
+  matmul whose inner size is sum r (under 1% of the layer's FLOPs at r=16).
+- no activation-sized copies: inductor makes `addmm` out of `mm + add`, and `addmm` copies
+  its (N, out) addend; the node's math is arranged so that no such pair forms.
 
 Outside compiled layers (eager, checkpointed) the op runs as it is (`lora_node.lora_linear`).
 """
@@ -28,27 +28,79 @@ from torch import fx
 from tunesmith.model import lora_node  # noqa: F401  (registers torch.ops.tunesmith.lora_linear)
 
 
+def _scaled(h: torch.Tensor, ranks: list[int], scales: tuple[float, ...]) -> torch.Tensor:
+    """h (N, sum r) with each member's columns times its scale."""
+    if len(set(scales)) == 1:
+        return h * scales[0]
+    return torch.cat([part * s for part, s in zip(h.split(ranks, dim=1), scales)], dim=1)
+
+
+class GroupedLora(torch.autograd.Function):
+    """Members that read the same x: Y = [x W_1^T + s_1 (x A_1^T) B_1^T | x W_2^T + ... ] as one
+    (..., sum out) output, with a backward written out so no activation-sized tensor is copied.
+
+    Why a Function and not autograd of the plain math: inductor turns each `mm + add` into
+    `addmm`, which copies its (N, out) addend first; the backward of plain math sums one
+    (N, in) product per member into grad x that way (a chain of copies), and concatenating
+    the frozen weights in the forward would make autograd keep the copy (+1.2 GiB on a 1B
+    model, ~9 GiB on 8B). Here:
+    - forward, where sum out >= in + sum r (q/k/v, gate/up): one matmul [x, h] @ [W_cat | B_bd]^T,
+      no add at all; otherwise one matmul each for x W^T and h B_bd^T and an add placed so
+      inductor fuses it into the next kernel (the residual add) instead of an `addmm`.
+    - backward: grad x = G W_cat + gh A_cat (one add), grad B from one (sum out, sum r)
+      product, grad A from one (sum r, in) product; [W_cat; A_cat] is built there and freed there.
+    Saved: x, h (N, sum r) and the cast adapters; the frozen weights are the parameters.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, n: int, scales: tuple[float, ...], *tensors: torch.Tensor) -> torch.Tensor:
+        weights, a_list, b_list = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        ranks = [t.shape[0] for t in a_list]
+        a = torch.cat([t.to(x.dtype) for t in a_list])  # (R, in)
+        h = _scaled(x2 @ a.t(), ranks, scales)  # (N, R)
+        b = torch.block_diag(*[t.to(x.dtype) for t in b_list])  # (O, R), one block per member
+        w = weights[0] if n == 1 else torch.cat(weights)  # (O, in), transient
+        if w.shape[0] >= x2.shape[1] + b.shape[1]:  # copying x (N, in) costs less than an (N, O) add
+            y = torch.cat([x2, h], dim=1) @ torch.cat([w, b], dim=1).t()
+        else:  # the add on views: inductor's `mm + add -> addmm` pattern does not match it
+            y = ((x2 @ w.t()).unsqueeze(0) + (h @ b.t()).unsqueeze(0))[0]
+        ctx.save_for_backward(x2, h, a, b, *weights)
+        ctx.n, ctx.scales, ctx.ranks, ctx.x_shape = n, scales, ranks, x.shape
+        ctx.dtypes = [t.dtype for t in (*a_list, *b_list)]
+        return y.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        x2, h, a, b, *weights = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (N, O)
+        gh = _scaled(g @ b, ctx.ranks, ctx.scales)  # (N, R): the gradient of x A^T
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # [W_cat; A] in one buffer: a concatenation the forward does not make, so the
+            # graph's common-subexpression pass cannot merge it with the forward's W_cat
+            # (which would then be saved for the backward)
+            wa = torch.cat([*weights, a])  # (O + R, in)
+            grad_x = (g @ wa[:g.shape[1]] + gh @ wa[g.shape[1]:]).view(ctx.x_shape)
+        grad_a = (gh.t() @ x2).split(ctx.ranks)  # (r_i, in) each
+        grad_b_all = g.t() @ h  # (O, R): member i's block is its B's gradient
+        outs, grad_b, row, col = [w.shape[0] for w in weights], [], 0, 0
+        for out, rank in zip(outs, ctx.ranks):
+            grad_b.append(grad_b_all[row:row + out, col:col + rank])
+            row, col = row + out, col + rank
+        cast = [gr.to(dt) for gr, dt in zip((*grad_a, *grad_b), ctx.dtypes)]
+        return (grad_x, None, None, *([None] * ctx.n), *cast)
+
+
 def grouped_lora(x: torch.Tensor, weights: list[torch.Tensor], a_list: list[torch.Tensor],
                  b_list: list[torch.Tensor], scales: list[float]) -> list[torch.Tensor]:
-    """y_i = x W_i^T + s_i (x A_i^T) B_i^T for every member i, in x's dtype: one matmul for all
-    the A's, one for all the B's (block-diagonal), one per frozen weight.
+    """y_i = x W_i^T + s_i (x A_i^T) B_i^T for every member i (`GroupedLora`), one view each.
 
     The math of `lora_node._lora_forward` (scale on the (N, r) side, adapters cast to x's
-    dtype), differentiable by autograd, for members that read the same x. The frozen weights
-    are not concatenated: autograd would keep the concatenated copy for the backward (the
-    size of q/k/v and gate/up's weights: +1.2 GiB on a 1B model, +9 GiB on an 8B one).
+    dtype) for members that read the same x.
     """
-    dtype = x.dtype
-    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-    a = torch.cat([t.to(dtype) for t in a_list])  # (R, in)
-    h = x2 @ a.t()  # (N, R)
-    if len(set(scales)) == 1:
-        h = h * scales[0]
-    else:
-        h = torch.cat([part * s for part, s in zip(h.split([t.shape[0] for t in a_list], dim=1), scales)], dim=1)
-    b = torch.block_diag(*[t.to(dtype) for t in b_list])  # (O, R), one block per member
-    adapters = (h @ b.t()).split([w.shape[0] for w in weights], dim=1)  # (N, out_i) each
-    return [(x2 @ w.t() + part).view(*x.shape[:-1], w.shape[0]) for w, part in zip(weights, adapters)]
+    y = GroupedLora.apply(x, len(weights), tuple(scales), *weights, *a_list, *b_list)
+    return list(y.split([w.shape[0] for w in weights], dim=-1))
 
 
 LINEARS = False  # also group plain bias-free linears that share an input (full fine-tuning's q/k/v, gate/up)
