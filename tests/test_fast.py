@@ -149,14 +149,18 @@ def test_lora_custom_op_passes_torch_opcheck_and_equals_the_function():
     torch.testing.assert_close(grads[0], want[1])
 
 
-@pytest.mark.parametrize("scales", [(0.5, 0.5, 0.5), (0.5, 2.0, 1.0)])
-def test_grouped_lora_equals_one_node_per_member(scales):
-    """The grouped math (one matmul each over the concatenated weights, A's and block-diagonal
-    B's) gives each member's output and gradients of its own `LoraLinear` node (GQA shapes:
-    members of different widths and ranks; equal scales take the one-multiply path)."""
+@pytest.mark.parametrize(("outs", "ranks", "scales"), [
+    ((24, 8, 8), (4, 2, 4), (0.5, 0.5, 0.5)),  # q/k/v-like (GQA widths): the folded [x, h] matmul
+    ((24, 8, 8), (4, 2, 4), (0.5, 2.0, 1.0)),  # per-member scales
+    ((8,), (4,), (0.5,)),  # o/down-like (out < in + r): two matmuls and an add
+    ((6, 6), (2, 2), (1.0, 1.0)),  # a group that is not folded
+])
+def test_grouped_lora_equals_one_node_per_member(outs, ranks, scales):
+    """`GroupedLora` (one matmul over the A's, one block-diagonal over the B's, the frozen
+    weights folded into one matmul where that copies less) gives each member's output and
+    gradients of its own `LoraLinear` node; with an input that needs no gradient too."""
     torch.manual_seed(0)
     x = torch.randn(2, 5, 16, requires_grad=True)
-    outs, ranks = (24, 8, 8), (4, 2, 4)
     ws = [torch.randn(o, 16) for o in outs]
     a_s = [torch.randn(r, 16, requires_grad=True) for r in ranks]
     b_s = [torch.randn(o, r, requires_grad=True) for o, r in zip(outs, ranks)]
@@ -171,6 +175,8 @@ def test_grouped_lora_equals_one_node_per_member(scales):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    frozen = lora_graph.grouped_lora(x.detach(), ws, a_s, b_s, list(scales))  # the first layer's input
+    torch.testing.assert_close(torch.autograd.grad(frozen, inputs[1:], grads), want_grads[1:], rtol=1e-5, atol=1e-5)
 
 
 def test_fused_lora_on_bf16_base_keeps_fp32_adapter_gradients():
