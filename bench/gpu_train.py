@@ -473,19 +473,24 @@ def guarded(name: str, fn: Any, *args: Any, **kwargs: Any) -> Result:
 
 
 def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, document_mask: bool = True,
-                       lora_form: str | None = None, group_linears: bool = False, **kwargs: Any) -> Result:
+                       lora_form: str | None = None, group_linears: bool = False, written_out: bool = False,
+                       **kwargs: Any) -> Result:
     """`fn` with the fast path's switches set: layer compilation (off: eager liger layers), who
     builds the flex block mask (off: transformers), the LoRA node's form (`lora_node.NODES`),
-    and whether full fine-tuning's linears that share an input are grouped (`lora_graph.LINEARS`)."""
+    whether full fine-tuning's linears that share an input are grouped (`lora_graph.LINEARS`),
+    and whether grouped LoRA calls run as the written-out node (`lora_graph.WRITTEN_OUT`)."""
     from tunesmith.model import fast, lora_graph, lora_node
 
-    saved = fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE, lora_graph.LINEARS
-    fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE, lora_graph.LINEARS = (compile_layers, document_mask,
-                                                                                   lora_form or saved[2], group_linears)
+    def switches(values: tuple[Any, ...]) -> None:
+        (fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE, lora_graph.LINEARS,
+         lora_graph.WRITTEN_OUT) = values
+
+    saved = fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE, lora_graph.LINEARS, lora_graph.WRITTEN_OUT
+    switches((compile_layers, document_mask, lora_form or saved[2], group_linears, written_out))
     try:
         return fn(*args, **kwargs)
     finally:
-        fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE, lora_graph.LINEARS = saved
+        switches(saved)
 
 
 def repeated(name: str, times: int, fn: Any, *args: Any, **kwargs: Any) -> Result:
@@ -565,6 +570,9 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
             rows[f"{form}_lora"] = guarded(f"tunesmith lora ({labels[form]})", with_fast_settings, run_tunesmith,
                                            config, samples, "lora", True, budget, rate, lora_form=form,
                                            label=f" ({labels[form]})")
+        rows["written_lora"] = guarded("tunesmith lora (grouped, written-out node)", with_fast_settings,
+                                       run_tunesmith, config, samples, "lora", True, budget, rate, written_out=True,
+                                       label=" (grouped, written-out node)")
         rows["grouped_full"] = guarded("tunesmith full (linears grouped)", with_fast_settings, run_tunesmith, config,
                                        samples, "full", True, budget, rate, group_linears=True,
                                        label=" (linears grouped)")
@@ -588,7 +596,7 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
     if {"plain_full", "fast_full"} <= ok:
         out["parity"] = loss_parity(rows["plain_full"].losses, rows["fast_full"].losses)
     for method in ("full", "lora"):
-        for form in ("function", "op", "grouped"):
+        for form in ("function", "op", "grouped", "written"):
             if method == "lora" and {f"{form}_lora", "fast_lora"} <= ok:
                 out[f"parity_{form}_lora"] = loss_parity(rows["fast_lora"].losses, rows[f"{form}_lora"].losses)
         if method == "full" and {"grouped_full", "fast_full"} <= ok:
@@ -629,6 +637,7 @@ def table(result: dict[str, Any]) -> list[str]:
                        ("parity_function_lora", "LoRA: default vs Function node"),
                        ("parity_op_lora", "LoRA: default vs custom-op node"),
                        ("parity_grouped_lora", "LoRA: default vs grouped calls"),
+                       ("parity_written_lora", "LoRA: default vs written-out grouped node"),
                        ("parity_grouped_full", "full: default vs linears grouped")):
         if key in result:
             p = result[key]
@@ -737,7 +746,9 @@ def main() -> None:
         variants = [("full", "full", "", {}), ("full_grouped", "full", " (linears grouped)", {"group_linears": True}),
                     ("lora", "lora", " (LoRA Function)", {"lora_form": "function"}),
                     ("lora_op", "lora", " (LoRA custom op)", {"lora_form": "op"}),
-                    ("lora_grouped", "lora", " (LoRA calls grouped)", {"lora_form": "grouped"})]
+                    ("lora_grouped", "lora", " (LoRA calls grouped)", {"lora_form": "grouped"}),
+                    ("lora_written", "lora", " (LoRA calls grouped, written-out node)",
+                     {"lora_form": "grouped", "written_out": True})]
         for key, method, label, settings in variants:  # (the block-mask pair of session 4 is in its JSON)
             rows[key] = guarded(f"tunesmith {method}{label}", with_fast_settings, run_tunesmith, config, samples,
                                 method, True, REGIMES["short"][3], rate, max_steps=40, profile="host", label=label,
@@ -745,7 +756,8 @@ def main() -> None:
         out = rows.table()
         pairs = [("parity_grouped_full", "full", "full_grouped", "full, linears grouped"),
                  ("parity_op_lora", "lora", "lora_op", "lora, Function vs custom-op node"),
-                 ("parity_grouped_lora", "lora", "lora_grouped", "lora, Function vs grouped calls")]
+                 ("parity_grouped_lora", "lora", "lora_grouped", "lora, Function vs grouped calls"),
+                 ("parity_written_lora", "lora", "lora_written", "lora, Function vs written-out grouped node")]
         for key, first, second, what in pairs:
             a, b = rows[first], rows[second]
             if not (a.error or b.error):

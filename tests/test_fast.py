@@ -149,16 +149,19 @@ def test_lora_custom_op_passes_torch_opcheck_and_equals_the_function():
     torch.testing.assert_close(grads[0], want[1])
 
 
+@pytest.mark.parametrize("written_out", [False, True])
 @pytest.mark.parametrize(("outs", "ranks", "scales"), [
-    ((24, 8, 8), (4, 2, 4), (0.5, 0.5, 0.5)),  # q/k/v-like (GQA widths): the folded [x, h] matmul
+    ((24, 8, 8), (4, 2, 4), (0.5, 0.5, 0.5)),  # q/k/v-like (GQA widths): GroupedLora's folded [x, h] matmul
     ((24, 8, 8), (4, 2, 4), (0.5, 2.0, 1.0)),  # per-member scales
     ((8,), (4,), (0.5,)),  # o/down-like (out < in + r): two matmuls and an add
-    ((6, 6), (2, 2), (1.0, 1.0)),  # a group that is not folded
+    ((6, 6), (2, 2), (1.0, 1.0)),  # a group GroupedLora does not fold
 ])
-def test_grouped_lora_equals_one_node_per_member(outs, ranks, scales):
-    """`GroupedLora` (one matmul over the A's, one block-diagonal over the B's, the frozen
-    weights folded into one matmul where that copies less) gives each member's output and
-    gradients of its own `LoraLinear` node; with an input that needs no gradient too."""
+def test_grouped_lora_equals_one_node_per_member(outs, ranks, scales, written_out, monkeypatch):
+    """The grouped math (one matmul over the A's, one block-diagonal over the B's; as plain
+    math or as the `GroupedLora` node, which folds the frozen weights into one matmul where
+    that copies less) gives each member's output and gradients of its own `LoraLinear` node;
+    with an input that needs no gradient too."""
+    monkeypatch.setattr(lora_graph, "WRITTEN_OUT", written_out)
     torch.manual_seed(0)
     x = torch.randn(2, 5, 16, requires_grad=True)
     ws = [torch.randn(o, 16) for o in outs]
@@ -197,7 +200,7 @@ def test_fused_lora_on_bf16_base_keeps_fp32_adapter_gradients():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapters)
 
 
-@pytest.mark.parametrize("node", lora_node.NODES)
+@pytest.mark.parametrize("node", [*lora_node.NODES, "grouped-written-out"])
 def test_compiled_decoder_layers_give_the_loss_and_gradients_of_eager_layers(node, monkeypatch):
     """Regional compilation (on by default on CUDA) computes what the eager layers compute: same
     packed-batch loss and gradients, LoRA's fused node included (as an autograd.Function, as
@@ -221,6 +224,8 @@ def test_compiled_decoder_layers_give_the_loss_and_gradients_of_eager_layers(nod
                 torch.nn.init.normal_(p, std=0.1)  # a non-zero B, so the adapter path counts
         assert lora_node.fuse_lora_layers(model) == 14
         if compiled:
+            monkeypatch.setattr(lora_graph, "WRITTEN_OUT", node == "grouped-written-out")
+            node = node.removesuffix("-written-out")
             monkeypatch.setattr(lora_node, "NODE", node)
             rewritten = []
             group = lora_graph.group_lora_calls

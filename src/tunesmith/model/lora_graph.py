@@ -1,17 +1,22 @@
-"""LoRA inside the compiled decoder layers: nodes that share an input become one group of plain matmuls.
+"""LoRA inside the compiled decoder layers: nodes that share an input become one group of matmuls.
 
 In a compiled layer the LoRA node is the custom op `tunesmith::lora_linear` (dynamo keeps it
 as one opaque call, so the graph shows where each adapted linear is and what it reads). Before
-AOT autograd sees the graph, `group_lora_calls` rewrites every such call into plain torch math:
+AOT autograd sees the graph, `group_lora_calls` rewrites every such call into `grouped_lora`:
+calls that read the same tensor (q/k/v of attention, gate/up of the MLP) become ONE group,
+with one matmul over the A's ((sum r, in)) and one over the B's as a block-diagonal ((sum
+out, sum r)) in each pass where each member had its own. The block-diagonal computes zeros in
+a matmul whose inner size is sum r (under 1% of the layer's FLOPs at r=16). Two forms:
 
-- calls that read the same tensor (q/k/v of attention, gate/up of the MLP) become ONE
-  `GroupedLora` node: one matmul over the A's ((sum r, in)), and the B's as one
-  block-diagonal ((sum out, sum r)); in the forward the frozen weights and the B's are one
-  matmul over [x, h], in the backward one grad-x matmul over the concatenated weights.
-  q/k/v: 24 matmul launches per step and layer -> 7. The block-diagonal computes zeros in a
-  matmul whose inner size is sum r (under 1% of the layer's FLOPs at r=16).
-- no activation-sized copies: inductor makes `addmm` out of `mm + add`, and `addmm` copies
-  its (N, out) addend; the node's math is arranged so that no such pair forms.
+- plain math (the default; measured on an H200, bench/README.md round 4: LoRA +7.0% over
+  the Function node, same memory and losses): autograd derives the backward, each frozen
+  weight keeps its own matmul. Inductor turns its `mm + add` pairs into `addmm`, which
+  copies its (N, out) addend first (the `elementwise_kernel` in the profile), and in the
+  backward grad x becomes a chain of such copies, one per member.
+- `WRITTEN_OUT`: the `GroupedLora` node, arranged so that no such pair forms: q/k/v and
+  gate/up run as one matmul over [x, h] in the forward and one grad-x matmul in the backward
+  (q/k/v: 24 matmul launches per layer and step -> 7; CPU inductor code: 25 `addmm` -> 7).
+  Same values, gradients and saved activations on the CPU; not yet timed on a GPU, so off.
 
 Outside compiled layers (eager, checkpointed) the op runs as it is (`lora_node.lora_linear`).
 """
@@ -26,6 +31,9 @@ import torch.nn.functional as F
 from torch import fx
 
 from tunesmith.model import lora_node  # noqa: F401  (registers torch.ops.tunesmith.lora_linear)
+
+
+WRITTEN_OUT = False  # `grouped_lora` through the `GroupedLora` node (see the module docstring)
 
 
 def _scaled(h: torch.Tensor, ranks: list[int], scales: tuple[float, ...]) -> torch.Tensor:
@@ -94,13 +102,23 @@ class GroupedLora(torch.autograd.Function):
 
 def grouped_lora(x: torch.Tensor, weights: list[torch.Tensor], a_list: list[torch.Tensor],
                  b_list: list[torch.Tensor], scales: list[float]) -> list[torch.Tensor]:
-    """y_i = x W_i^T + s_i (x A_i^T) B_i^T for every member i (`GroupedLora`), one view each.
+    """y_i = x W_i^T + s_i (x A_i^T) B_i^T for every member i that reads this x, in x's dtype.
 
     The math of `lora_node._lora_forward` (scale on the (N, r) side, adapters cast to x's
-    dtype) for members that read the same x.
+    dtype). Plain math: one matmul for all the A's, one for all the B's, one per frozen
+    weight; the frozen weights are not concatenated, since autograd would keep the copy for
+    the backward (q/k/v's and gate/up's size: +1.2 GiB on a 1B model, ~9 GiB on 8B).
+    `WRITTEN_OUT`: the `GroupedLora` node instead.
     """
-    y = GroupedLora.apply(x, len(weights), tuple(scales), *weights, *a_list, *b_list)
-    return list(y.split([w.shape[0] for w in weights], dim=-1))
+    if WRITTEN_OUT:
+        y = GroupedLora.apply(x, len(weights), tuple(scales), *weights, *a_list, *b_list)
+        return list(y.split([w.shape[0] for w in weights], dim=-1))
+    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+    a = torch.cat([t.to(x.dtype) for t in a_list])  # (R, in)
+    h = _scaled(x2 @ a.t(), [t.shape[0] for t in a_list], tuple(scales))  # (N, R)
+    b = torch.block_diag(*[t.to(x.dtype) for t in b_list])  # (O, R), one block per member
+    adapters = (h @ b.t()).split([w.shape[0] for w in weights], dim=1)  # (N, out_i) each
+    return [(x2 @ w.t() + part).view(*x.shape[:-1], w.shape[0]) for w, part in zip(weights, adapters)]
 
 
 LINEARS = False  # also group plain bias-free linears that share an input (full fine-tuning's q/k/v, gate/up)
