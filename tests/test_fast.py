@@ -105,7 +105,7 @@ def test_checkpointing_is_chosen_by_the_memory_plan_when_activations_do_not_fit(
     assert plan.choose(shape, setting, (plain - 1) / plan.HEADROOM, 1000).checkpointing
 
 
-@pytest.mark.parametrize("node", ["function", "op"])  # "grouped" runs the op outside compiled layers
+@pytest.mark.parametrize("node", ["function", "op"])  # "grouped" runs the Function outside compiled layers
 def test_fused_lora_forward_matches_peft(node, monkeypatch):
     from peft import LoraConfig, get_peft_model
 

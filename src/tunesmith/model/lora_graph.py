@@ -18,7 +18,8 @@ a matmul whose inner size is sum r (under 1% of the layer's FLOPs at r=16). Two 
   (q/k/v: 24 matmul launches per layer and step -> 7; CPU inductor code: 25 `addmm` -> 7).
   Same values, gradients and saved activations on the CPU; not yet timed on a GPU, so off.
 
-Outside compiled layers (eager, checkpointed) the op runs as it is (`lora_node.lora_linear`).
+Outside compiled layers (eager, checkpointed) the fused forward emits the Function node
+instead (`lora_node.LoraLinear`), so nothing is left to rewrite there.
 """
 from __future__ import annotations
 
