@@ -474,19 +474,21 @@ def guarded(name: str, fn: Any, *args: Any, **kwargs: Any) -> Result:
 
 def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, document_mask: bool = True,
                        lora_form: str | None = None, group_linears: bool = False, written_out: bool = False,
-                       **kwargs: Any) -> Result:
+                       cpp_wrapper: bool = False, **kwargs: Any) -> Result:
     """`fn` with the fast path's switches set: layer compilation (off: eager liger layers), who
     builds the flex block mask (off: transformers), the LoRA node's form (`lora_node.NODES`),
     whether full fine-tuning's linears that share an input are grouped (`lora_graph.LINEARS`),
-    and whether grouped LoRA calls run as the written-out node (`lora_graph.WRITTEN_OUT`)."""
+    whether grouped LoRA calls run as the written-out node (`lora_graph.WRITTEN_OUT`), and
+    whether the compiled layers get inductor's C++ wrapper (`fast.CPP_WRAPPER`)."""
     from tunesmith.model import fast, lora_graph, lora_node
 
     def switches(values: tuple[Any, ...]) -> None:
         (fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE, lora_graph.LINEARS,
-         lora_graph.WRITTEN_OUT) = values
+         lora_graph.WRITTEN_OUT, fast.CPP_WRAPPER) = values
 
-    saved = fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE, lora_graph.LINEARS, lora_graph.WRITTEN_OUT
-    switches((compile_layers, document_mask, lora_form or saved[2], group_linears, written_out))
+    saved = (fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE, lora_graph.LINEARS, lora_graph.WRITTEN_OUT,
+             fast.CPP_WRAPPER)
+    switches((compile_layers, document_mask, lora_form or saved[2], group_linears, written_out, cpp_wrapper))
     try:
         return fn(*args, **kwargs)
     finally:
@@ -739,21 +741,23 @@ def main() -> None:
         rows = SavedRows({"shape": "llama-1b", "regime": "short", "samples": len(samples),
                           "real_tokens": sum(map(len, samples))},
                          lambda part: write_json({**report, "results": [part]}, args.out), notes=True)
-        variants = [("full", "full", "", {}), ("full_grouped", "full", " (linears grouped)", {"group_linears": True}),
+        # (session 4's block-mask pair, and round 4's custom-op and grouped-linears rows, are in their JSON)
+        variants = [("full", "full", "", {}), ("full_cpp", "full", " (C++ wrapper)", {"cpp_wrapper": True}),
                     ("lora", "lora", " (LoRA Function)", {"lora_form": "function"}),
-                    ("lora_op", "lora", " (LoRA custom op)", {"lora_form": "op"}),
                     ("lora_grouped", "lora", " (LoRA calls grouped)", {"lora_form": "grouped"}),
                     ("lora_written", "lora", " (LoRA calls grouped, written-out node)",
-                     {"lora_form": "grouped", "written_out": True})]
-        for key, method, label, settings in variants:  # (the block-mask pair of session 4 is in its JSON)
+                     {"lora_form": "grouped", "written_out": True}),
+                    ("lora_cpp", "lora", " (LoRA calls grouped, C++ wrapper)",
+                     {"lora_form": "grouped", "cpp_wrapper": True})]
+        for key, method, label, settings in variants:
             rows[key] = guarded(f"tunesmith {method}{label}", with_fast_settings, run_tunesmith, config, samples,
                                 method, True, REGIMES["short"][3], rate, max_steps=40, profile="host", label=label,
                                 **settings)
         out = rows.table()
-        pairs = [("parity_grouped_full", "full", "full_grouped", "full, linears grouped"),
-                 ("parity_op_lora", "lora", "lora_op", "lora, Function vs custom-op node"),
+        pairs = [("parity_cpp_full", "full", "full_cpp", "full, Python vs C++ wrapper"),
                  ("parity_grouped_lora", "lora", "lora_grouped", "lora, Function vs grouped calls"),
-                 ("parity_written_lora", "lora", "lora_written", "lora, Function vs written-out grouped node")]
+                 ("parity_written_lora", "lora", "lora_written", "lora, Function vs written-out grouped node"),
+                 ("parity_cpp_lora", "lora_grouped", "lora_cpp", "lora grouped, Python vs C++ wrapper")]
         for key, first, second, what in pairs:
             a, b = rows[first], rows[second]
             if not (a.error or b.error):

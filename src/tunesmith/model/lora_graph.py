@@ -193,15 +193,17 @@ def group_lora_calls(gm: fx.GraphModule) -> int:
     return rewritten
 
 
-def grouping_backend(backend: str = "inductor") -> Callable[..., Any]:
-    """A torch.compile backend: `group_lora_calls` on dynamo's graph, then `backend` (inductor)."""
+def grouping_backend(backend: str = "inductor", options: dict[str, Any] | None = None) -> Callable[..., Any]:
+    """A torch.compile backend: `group_lora_calls` on dynamo's graph, then `backend` (inductor,
+    with `options` as its config patches, which inductor also applies to the backward)."""
     from torch._dynamo import lookup_backend
 
     compile_graph = lookup_backend(backend)
+    patches = {"config_patches": options} if options else {}
 
     def compile_grouped(gm: fx.GraphModule, example_inputs: list[Any]) -> Any:
         group_lora_calls(gm)
-        return compile_graph(gm, example_inputs)
+        return compile_graph(gm, example_inputs, **patches)
 
     return compile_grouped
 
