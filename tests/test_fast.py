@@ -11,9 +11,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from tunesmith.model import fast, lora_graph, lora_node
 
 
-def _tiny() -> LlamaForCausalLM:
+def _tiny(layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       attn_implementation="sdpa")
     return LlamaForCausalLM(cfg)
@@ -275,7 +275,7 @@ def test_grouped_linears_give_the_loss_and_gradients_of_eager_layers(monkeypatch
 def test_compiled_layers_with_the_cpp_wrapper_give_the_loss_and_gradients_of_eager_layers(monkeypatch):
     """`fast.CPP_WRAPPER`: inductor generates the layers' launch code as C++ (checked in the
     code it generates), through the grouping backend too; loss and gradients as eager LoRA
-    layers. inductor for real here (its C++ build: ~30-40 s on 2 cores), once."""
+    layers. inductor for real here, on one layer (one graph to build: ~20 s on 2 cores)."""
     from peft import LoraConfig, get_peft_model
     from torch._inductor.utils import run_and_get_code
 
@@ -286,7 +286,7 @@ def test_compiled_layers_with_the_cpp_wrapper_give_the_loss_and_gradients_of_eag
     results = []
     for compiled in (False, True):
         torch.manual_seed(1)
-        model = get_peft_model(_tiny(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        model = get_peft_model(_tiny(layers=1), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.1)
