@@ -560,7 +560,7 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
         rows[f"fast_{method}"] = repeated(f"tunesmith {method}", repeats, run_tunesmith, config, samples, method,
                                           True, budget, rate, profile=profile)
     if variants:  # what the plan picks on this GPU without --batch-tokens (`tunesmith train`'s default),
-        # and the LoRA node's other forms (lora_node.NODES)
+        # the old LoRA default (the Function node), the written-out grouped node, grouped full linears
         for method in ("full", "lora"):
             rows[f"auto_{method}"] = guarded(f"tunesmith {method} (default budget)", run_tunesmith, config, samples,
                                              method, True, None, rate, label=" (budget: the plan's)")
@@ -593,12 +593,10 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
     ok = {k for k, v in rows.items() if not v.error}
     if {"plain_full", "fast_full"} <= ok:
         out["parity"] = loss_parity(rows["plain_full"].losses, rows["fast_full"].losses)
+    for key, default in (("function_lora", "fast_lora"), ("written_lora", "fast_lora"), ("grouped_full", "fast_full")):
+        if {key, default} <= ok:  # each variant against the default on the same batches
+            out[f"parity_{key}"] = loss_parity(rows[default].losses, rows[key].losses)
     for method in ("full", "lora"):
-        for form in ("function", "op", "grouped", "written"):
-            if method == "lora" and {f"{form}_lora", "fast_lora"} <= ok:
-                out[f"parity_{form}_lora"] = loss_parity(rows["fast_lora"].losses, rows[f"{form}_lora"].losses)
-        if method == "full" and {"grouped_full", "fast_full"} <= ok:
-            out["parity_grouped_full"] = loss_parity(rows["fast_full"].losses, rows["grouped_full"].losses)
         if {f"eager_{method}", f"fast_{method}"} <= ok:
             out[f"parity_compiled_{method}"] = loss_parity(rows[f"eager_{method}"].losses,
                                                            rows[f"fast_{method}"].losses)
@@ -633,8 +631,6 @@ def table(result: dict[str, Any]) -> list[str]:
     for key, label in (("parity", "fast vs plain"), ("parity_compiled_full", "full: eager vs compiled layers"),
                        ("parity_compiled_lora", "LoRA: eager vs compiled layers"),
                        ("parity_function_lora", "LoRA: default vs Function node"),
-                       ("parity_op_lora", "LoRA: default vs custom-op node"),
-                       ("parity_grouped_lora", "LoRA: default vs grouped calls"),
                        ("parity_written_lora", "LoRA: default vs written-out grouped node"),
                        ("parity_grouped_full", "full: default vs linears grouped")):
         if key in result:

@@ -299,7 +299,7 @@ def prepare_for_training(model: Any, *, device: torch.device, batch_tokens: int 
     return setup
 
 
-def _compile_decoder_layers(lm: Any, backend: Any = "inductor") -> int:
+def _compile_decoder_layers(lm: Any, backend: str = "inductor") -> int:
     """Regional compilation: each decoder layer becomes one compiled graph (one autograd node).
 
     The layers share one forward, so dynamo compiles it once and reuses it for every layer
@@ -321,11 +321,12 @@ def _compile_decoder_layers(lm: Any, backend: Any = "inductor") -> int:
     from tunesmith.model import lora_graph
 
     options = {"cpp_wrapper": True} if CPP_WRAPPER and backend == "inductor" else None
+    compiler: Any = backend
     if lora_node.NODE == "grouped" or lora_graph.LINEARS:  # calls that share an input: one group of matmuls
-        backend, options = lora_graph.grouping_backend(backend, options), None
+        compiler, options = lora_graph.grouping_backend(backend, options), None
     layers = getattr(lm.get_decoder(), "layers", None) or []
     for layer in layers:
-        layer.compile(dynamic=False, backend=backend, options=options)
+        layer.compile(dynamic=False, backend=compiler, options=options)
     return len(layers)
 
 

@@ -44,6 +44,15 @@ def _scaled(h: torch.Tensor, ranks: list[int], scales: tuple[float, ...]) -> tor
     return torch.cat([part * s for part, s in zip(h.split(ranks, dim=1), scales)], dim=1)
 
 
+def _adapters(x2: torch.Tensor, a_list: Any, b_list: Any,
+              scales: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The group's adapter factors in x's dtype: A_cat (R, in), h = scaled x A_cat^T (N, R),
+    and the B's as one block-diagonal (O, R)."""
+    a = torch.cat([t.to(x2.dtype) for t in a_list])
+    h = _scaled(x2 @ a.t(), [t.shape[0] for t in a_list], scales)
+    return a, h, torch.block_diag(*[t.to(x2.dtype) for t in b_list])
+
+
 class GroupedLora(torch.autograd.Function):
     """Members that read the same x: Y = [x W_1^T + s_1 (x A_1^T) B_1^T | x W_2^T + ... ] as one
     (..., sum out) output, with a backward written out so no activation-sized tensor is copied.
@@ -65,17 +74,14 @@ class GroupedLora(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, n: int, scales: tuple[float, ...], *tensors: torch.Tensor) -> torch.Tensor:
         weights, a_list, b_list = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        ranks = [t.shape[0] for t in a_list]
-        a = torch.cat([t.to(x.dtype) for t in a_list])  # (R, in)
-        h = _scaled(x2 @ a.t(), ranks, scales)  # (N, R)
-        b = torch.block_diag(*[t.to(x.dtype) for t in b_list])  # (O, R), one block per member
+        a, h, b = _adapters(x2, a_list, b_list, scales)
         w = weights[0] if n == 1 else torch.cat(weights)  # (O, in), transient
         if w.shape[0] >= x2.shape[1] + b.shape[1]:  # copying x (N, in) costs less than an (N, O) add
             y = torch.cat([x2, h], dim=1) @ torch.cat([w, b], dim=1).t()
         else:  # the add on views: inductor's `mm + add -> addmm` pattern does not match it
             y = ((x2 @ w.t()).unsqueeze(0) + (h @ b.t()).unsqueeze(0))[0]
         ctx.save_for_backward(x2, h, a, b, *weights)
-        ctx.n, ctx.scales, ctx.ranks, ctx.x_shape = n, scales, ranks, x.shape
+        ctx.n, ctx.scales, ctx.ranks, ctx.x_shape = n, scales, [t.shape[0] for t in a_list], x.shape
         ctx.dtypes = [t.dtype for t in (*a_list, *b_list)]
         return y.view(*x.shape[:-1], w.shape[0])
 
@@ -115,9 +121,7 @@ def grouped_lora(x: torch.Tensor, weights: list[torch.Tensor], a_list: list[torc
         y = GroupedLora.apply(x, len(weights), tuple(scales), *weights, *a_list, *b_list)
         return list(y.split([w.shape[0] for w in weights], dim=-1))
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-    a = torch.cat([t.to(x.dtype) for t in a_list])  # (R, in)
-    h = _scaled(x2 @ a.t(), [t.shape[0] for t in a_list], tuple(scales))  # (N, R)
-    b = torch.block_diag(*[t.to(x.dtype) for t in b_list])  # (O, R), one block per member
+    _a, h, b = _adapters(x2, a_list, b_list, tuple(scales))
     adapters = (h @ b.t()).split([w.shape[0] for w in weights], dim=1)  # (N, out_i) each
     return [(x2 @ w.t() + part).view(*x.shape[:-1], w.shape[0]) for w, part in zip(weights, adapters)]
 
