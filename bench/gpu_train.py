@@ -7,7 +7,7 @@ One command, one run, on one CUDA GPU, no network (random weights, synthetic tok
     python bench/gpu_train.py --dpo      # instead: DPO LoRA/full vs TRL's DPOTrainer (bench/dpo_rows.py)
     python bench/gpu_train.py --qlora    # instead: QLoRA, Llama-3.1-8B shape (bench/qlora.py; needs bitsandbytes)
     python bench/gpu_train.py --plan-check  # instead: measured peak vs `tunesmith plan`, 1B/3B/8B shapes
-    python bench/gpu_train.py --host-profile  # instead: host time of a full / LoRA step, both block masks
+    python bench/gpu_train.py --host-profile  # instead: host vs GPU time of full / LoRA steps, each LoRA form
     python bench/gpu_train.py --default-budget  # instead: the plan's budget rows beside TRL SFT full
 
 Measures the GPU's bf16 matmul rate (8192^3), then on the same synthetic samples (Alpaca-like
@@ -473,22 +473,21 @@ def guarded(name: str, fn: Any, *args: Any, **kwargs: Any) -> Result:
 
 
 def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, document_mask: bool = True,
-                       lora_form: str | None = None, group_linears: bool = False, written_out: bool = False,
-                       cpp_wrapper: bool = False, **kwargs: Any) -> Result:
+                       lora_form: str | None = None, group_linears: bool = False, written_out: bool | None = None,
+                       **kwargs: Any) -> Result:
     """`fn` with the fast path's switches set: layer compilation (off: eager liger layers), who
     builds the flex block mask (off: transformers), the LoRA node's form (`lora_node.NODES`),
     whether full fine-tuning's linears that share an input are grouped (`lora_graph.LINEARS`),
-    whether grouped LoRA calls run as the written-out node (`lora_graph.WRITTEN_OUT`), and
-    whether the compiled layers get inductor's C++ wrapper (`fast.CPP_WRAPPER`)."""
+    and whether grouped LoRA calls run as the written-out node (`lora_graph.WRITTEN_OUT`);
+    None keeps the library's default."""
     from tunesmith.model import fast, lora_graph, lora_node
 
     def switches(values: tuple[Any, ...]) -> None:
-        (fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE, lora_graph.LINEARS,
-         lora_graph.WRITTEN_OUT, fast.CPP_WRAPPER) = values
+        fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE, lora_graph.LINEARS, lora_graph.WRITTEN_OUT = values
 
-    saved = (fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE, lora_graph.LINEARS, lora_graph.WRITTEN_OUT,
-             fast.CPP_WRAPPER)
-    switches((compile_layers, document_mask, lora_form or saved[2], group_linears, written_out, cpp_wrapper))
+    saved = (fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE, lora_graph.LINEARS, lora_graph.WRITTEN_OUT)
+    switches((compile_layers, document_mask, lora_form or saved[2], group_linears,
+              saved[4] if written_out is None else written_out))
     try:
         return fn(*args, **kwargs)
     finally:
@@ -560,20 +559,17 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
         rows[f"fast_{method}"] = repeated(f"tunesmith {method}", repeats, run_tunesmith, config, samples, method,
                                           True, budget, rate, profile=profile)
     if variants:  # what the plan picks on this GPU without --batch-tokens (`tunesmith train`'s default),
-        # the old LoRA default (the Function node), the written-out grouped node, grouped full linears
+        # and the other LoRA forms: the Function node (round 3's default), grouped calls as plain math (round 4's)
         for method in ("full", "lora"):
             rows[f"auto_{method}"] = guarded(f"tunesmith {method} (default budget)", run_tunesmith, config, samples,
                                              method, True, None, rate, label=" (budget: the plan's)")
-        # (the opaque custom-op form was behind both in both round-4 runs: --host-profile keeps its row)
+        # (the opaque custom-op form and grouped full linears were behind in round 4: --host-profile keeps rows)
         rows["function_lora"] = guarded("tunesmith lora (LoRA node as autograd.Function)", with_fast_settings,
                                         run_tunesmith, config, samples, "lora", True, budget, rate,
                                         lora_form="function", label=" (LoRA node as autograd.Function)")
-        rows["written_lora"] = guarded("tunesmith lora (grouped, written-out node)", with_fast_settings,
-                                       run_tunesmith, config, samples, "lora", True, budget, rate, written_out=True,
-                                       label=" (grouped, written-out node)")
-        rows["grouped_full"] = guarded("tunesmith full (linears grouped)", with_fast_settings, run_tunesmith, config,
-                                       samples, "full", True, budget, rate, group_linears=True,
-                                       label=" (linears grouped)")
+        rows["grouped_lora"] = guarded("tunesmith lora (grouped, plain math)", with_fast_settings,
+                                       run_tunesmith, config, samples, "lora", True, budget, rate, written_out=False,
+                                       label=" (grouped, plain math)")
     if big:  # twice the plan's cap (train/plan.py AUTO_MAX_TOKENS): does a bigger micro-batch still pay?
         from tunesmith.train.plan import AUTO_MAX_TOKENS
 
@@ -593,7 +589,7 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
     ok = {k for k, v in rows.items() if not v.error}
     if {"plain_full", "fast_full"} <= ok:
         out["parity"] = loss_parity(rows["plain_full"].losses, rows["fast_full"].losses)
-    for key, default in (("function_lora", "fast_lora"), ("written_lora", "fast_lora"), ("grouped_full", "fast_full")):
+    for key, default in (("function_lora", "fast_lora"), ("grouped_lora", "fast_lora")):
         if {key, default} <= ok:  # each variant against the default on the same batches
             out[f"parity_{key}"] = loss_parity(rows[default].losses, rows[key].losses)
     for method in ("full", "lora"):
@@ -631,8 +627,7 @@ def table(result: dict[str, Any]) -> list[str]:
     for key, label in (("parity", "fast vs plain"), ("parity_compiled_full", "full: eager vs compiled layers"),
                        ("parity_compiled_lora", "LoRA: eager vs compiled layers"),
                        ("parity_function_lora", "LoRA: default vs Function node"),
-                       ("parity_written_lora", "LoRA: default vs written-out grouped node"),
-                       ("parity_grouped_full", "full: default vs linears grouped")):
+                       ("parity_grouped_lora", "LoRA: default vs grouped plain math")):
         if key in result:
             p = result[key]
             lines.append(f"loss parity, {label}, first {p['steps']} steps, same batches (bf16): max rel diff "
@@ -738,22 +733,22 @@ def main() -> None:
                           "real_tokens": sum(map(len, samples))},
                          lambda part: write_json({**report, "results": [part]}, args.out), notes=True)
         # (session 4's block-mask pair, and round 4's custom-op and grouped-linears rows, are in their JSON)
-        variants = [("full", "full", "", {}), ("full_cpp", "full", " (C++ wrapper)", {"cpp_wrapper": True}),
+        variants = [("full", "full", "", {}), ("full_linears", "full", " (linears grouped)", {"group_linears": True}),
                     ("lora", "lora", " (LoRA Function)", {"lora_form": "function"}),
-                    ("lora_grouped", "lora", " (LoRA calls grouped)", {"lora_form": "grouped"}),
+                    ("lora_op", "lora", " (LoRA custom op)", {"lora_form": "op"}),
+                    ("lora_grouped", "lora", " (LoRA calls grouped, plain math)",
+                     {"lora_form": "grouped", "written_out": False}),
                     ("lora_written", "lora", " (LoRA calls grouped, written-out node)",
-                     {"lora_form": "grouped", "written_out": True}),
-                    ("lora_cpp", "lora", " (LoRA calls grouped, C++ wrapper)",
-                     {"lora_form": "grouped", "cpp_wrapper": True})]
+                     {"lora_form": "grouped", "written_out": True})]
         for key, method, label, settings in variants:
             rows[key] = guarded(f"tunesmith {method}{label}", with_fast_settings, run_tunesmith, config, samples,
                                 method, True, REGIMES["short"][3], rate, max_steps=40, profile="host", label=label,
                                 **settings)
         out = rows.table()
-        pairs = [("parity_cpp_full", "full", "full_cpp", "full, Python vs C++ wrapper"),
+        pairs = [("parity_linears_full", "full", "full_linears", "full, default vs linears grouped"),
+                 ("parity_op_lora", "lora", "lora_op", "lora, Function vs custom op"),
                  ("parity_grouped_lora", "lora", "lora_grouped", "lora, Function vs grouped calls"),
-                 ("parity_written_lora", "lora", "lora_written", "lora, Function vs written-out grouped node"),
-                 ("parity_cpp_lora", "lora_grouped", "lora_cpp", "lora grouped, Python vs C++ wrapper")]
+                 ("parity_written_lora", "lora", "lora_written", "lora, Function vs written-out grouped node")]
         for key, first, second, what in pairs:
             a, b = rows[first], rows[second]
             if not (a.error or b.error):

@@ -272,46 +272,6 @@ def test_grouped_linears_give_the_loss_and_gradients_of_eager_layers(monkeypatch
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_layers_with_the_cpp_wrapper_give_the_loss_and_gradients_of_eager_layers(monkeypatch):
-    """`fast.CPP_WRAPPER`: inductor generates the layers' launch code as C++ (checked in the
-    code it generates), through the grouping backend too; loss and gradients as eager LoRA
-    layers. inductor for real here, on one layer (one graph to build: ~20 s on 2 cores)."""
-    from peft import LoraConfig, get_peft_model
-    from torch._inductor.utils import run_and_get_code
-
-    from tunesmith.train.losses import sft_loss_sum
-
-    batch = _packed([7, 12, 5])
-    batch.attention_mask = None
-    results = []
-    for compiled in (False, True):
-        torch.manual_seed(1)
-        model = get_peft_model(_tiny(layers=1), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.1)
-        lora_node.fuse_lora_layers(model)
-        if compiled:
-            monkeypatch.setattr(fast, "CPP_WRAPPER", True)
-            monkeypatch.setattr(lora_node, "NODE", "grouped")
-            torch._dynamo.reset()
-            fast._compile_decoder_layers(fast.causal_lm(model))
-
-        def step(model=model):
-            loss = sft_loss_sum(model, batch).total
-            loss.backward()
-            return loss.detach()
-
-        loss, code = run_and_get_code(step)
-        if compiled:
-            assert code and all("aoti_torch" in c for c in code), "not the C++ wrapper"
-        results.append((loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
-    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
-    for name, grad in eager_grads.items():
-        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5)
-
-
 def test_document_block_mask_is_transformers_packed_causal_mask():
     """The flex mask the fast path builds (without reading the GPU) allows exactly the pairs
     transformers' own packed-sequence mask allows: causal, within each document."""

@@ -63,11 +63,6 @@ COMPILE_LAYERS = True
 # (its "compiled, checkpointing" row); with it off, checkpointed layers run eager liger kernels.
 COMPILE_CHECKPOINTED = False
 RECOMPILE_LIMIT = 64  # compiled-layer variants kept per run (see _compile_decoder_layers)
-# inductor's C++ wrapper for the compiled layers (`cpp_wrapper`): the code that launches each
-# layer's kernels runs as compiled C++ instead of Python, for the LoRA step, whose host time
-# equals its GPU time (bench/README.md, round 4). Off until bench/gpu_train.py times it (its
-# headline "C++ wrapper" row); CPU-tested for loss and gradients.
-CPP_WRAPPER = False
 # Build the per-document flex block mask here (`document_block_mask`) instead of letting
 # transformers build it: its packed-row check is a Python `if` on a GPU tensor, so the host
 # waits for the GPU at the start of every forward. Measured on an H200 (bench/gpu_train.py
@@ -320,13 +315,12 @@ def _compile_decoder_layers(lm: Any, backend: str = "inductor") -> int:
     setattr(config, limit, max(getattr(config, limit), RECOMPILE_LIMIT))
     from tunesmith.model import lora_graph
 
-    options = {"cpp_wrapper": True} if CPP_WRAPPER and backend == "inductor" else None
     compiler: Any = backend
     if lora_node.NODE == "grouped" or lora_graph.LINEARS:  # calls that share an input: one group of matmuls
-        compiler, options = lora_graph.grouping_backend(backend, options), None
+        compiler = lora_graph.grouping_backend(backend)
     layers = getattr(lm.get_decoder(), "layers", None) or []
     for layer in layers:
-        layer.compile(dynamic=False, backend=compiler, options=options)
+        layer.compile(dynamic=False, backend=compiler)
     return len(layers)
 
 

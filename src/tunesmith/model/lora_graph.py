@@ -6,17 +6,17 @@ AOT autograd sees the graph, `group_lora_calls` rewrites every such call into `g
 calls that read the same tensor (q/k/v of attention, gate/up of the MLP) become ONE group,
 with one matmul over the A's ((sum r, in)) and one over the B's as a block-diagonal ((sum
 out, sum r)) in each pass where each member had its own. The block-diagonal computes zeros in
-a matmul whose inner size is sum r (under 1% of the layer's FLOPs at r=16). Two forms:
+a matmul whose inner size is sum r (under 1% of the layer's FLOPs at r=16). Two forms, both
+measured on an H200 (bench/README.md, rounds 4 and 5; losses within 0.01% of the Function node):
 
-- plain math (the default; measured on an H200, bench/README.md round 4: LoRA +7.0% over
-  the Function node, same memory and losses): autograd derives the backward, each frozen
-  weight keeps its own matmul. Inductor turns its `mm + add` pairs into `addmm`, which
-  copies its (N, out) addend first (the `elementwise_kernel` in the profile), and in the
-  backward grad x becomes a chain of such copies, one per member.
-- `WRITTEN_OUT`: the `GroupedLora` node, arranged so that no such pair forms: q/k/v and
-  gate/up run as one matmul over [x, h] in the forward and one grad-x matmul in the backward
-  (q/k/v: 24 matmul launches per layer and step -> 7; CPU inductor code: 25 `addmm` -> 7).
-  Same values, gradients and saved activations on the CPU; not yet timed on a GPU, so off.
+- `WRITTEN_OUT` (the default): the `GroupedLora` node, arranged so that no `mm + add` pair
+  forms (see below): q/k/v and gate/up run as one matmul over [x, h] in the forward and one
+  grad-x matmul in the backward (q/k/v: 24 matmul launches per layer and step -> 7; CPU
+  inductor code: 25 `addmm` -> 7). LoRA 72.2k (Function) -> 78.7k tok/s, +0.6 GiB peak.
+- plain math: autograd derives the backward, each frozen weight keeps its own matmul.
+  Inductor turns its `mm + add` pairs into `addmm`, which copies its (N, out) addend first
+  (the `elementwise_kernel` in the profile), and in the backward grad x becomes a chain of
+  such copies, one per member. 75.2k tok/s in the same run, at the Function's memory.
 
 Outside compiled layers (eager, checkpointed) the fused forward emits the Function node
 instead (`lora_node.LoraLinear`), so nothing is left to rewrite there.
@@ -34,7 +34,7 @@ from torch import fx
 from tunesmith.model import lora_node  # noqa: F401  (registers torch.ops.tunesmith.lora_linear)
 
 
-WRITTEN_OUT = False  # `grouped_lora` through the `GroupedLora` node (see the module docstring)
+WRITTEN_OUT = True  # `grouped_lora` through the `GroupedLora` node (off: plain math; see the module docstring)
 
 
 def _scaled(h: torch.Tensor, ranks: list[int], scales: tuple[float, ...]) -> torch.Tensor:
@@ -115,7 +115,7 @@ def grouped_lora(x: torch.Tensor, weights: list[torch.Tensor], a_list: list[torc
     dtype). Plain math: one matmul for all the A's, one for all the B's, one per frozen
     weight; the frozen weights are not concatenated, since autograd would keep the copy for
     the backward (q/k/v's and gate/up's size: +1.2 GiB on a 1B model, ~9 GiB on 8B).
-    `WRITTEN_OUT`: the `GroupedLora` node instead.
+    With `WRITTEN_OUT` (the default), the `GroupedLora` node instead.
     """
     if WRITTEN_OUT:
         y = GroupedLora.apply(x, len(weights), tuple(scales), *weights, *a_list, *b_list)
@@ -197,17 +197,14 @@ def group_lora_calls(gm: fx.GraphModule) -> int:
     return rewritten
 
 
-def grouping_backend(backend: str = "inductor", options: dict[str, Any] | None = None) -> Callable[..., Any]:
-    """A torch.compile backend: `group_lora_calls` on dynamo's graph, then `backend` (inductor,
-    with `options` as its config patches, which inductor also applies to the backward)."""
+def grouping_backend(backend: str = "inductor") -> Callable[..., Any]:
+    """A torch.compile backend: `group_lora_calls` on dynamo's graph, then `backend`."""
     from torch._dynamo import lookup_backend
 
     compile_graph = lookup_backend(backend)
-    patches = {"config_patches": options} if options else {}
 
     def compile_grouped(gm: fx.GraphModule, example_inputs: list[Any]) -> Any:
         group_lora_calls(gm)
-        return compile_graph(gm, example_inputs, **patches)
+        return compile_graph(gm, example_inputs)
 
     return compile_grouped
-
