@@ -11,11 +11,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from tunesmith.model import fast, lora_graph, lora_node
 
 
-def _tiny(layers: int = 2) -> LlamaForCausalLM:
+def _tiny(layers: int = 2, bias: bool = False) -> LlamaForCausalLM:
+    """A tiny Llama; `bias`: q/k/v/o with biases (Qwen2's q/k/v have them)."""
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      attn_implementation="sdpa")
+                      attn_implementation="sdpa", attention_bias=bias)
     return LlamaForCausalLM(cfg)
 
 
@@ -105,12 +106,13 @@ def test_checkpointing_is_chosen_by_the_memory_plan_when_activations_do_not_fit(
     assert plan.choose(shape, setting, (plain - 1) / plan.HEADROOM, 1000).checkpointing
 
 
+@pytest.mark.parametrize("bias", [False, True])  # frozen base biases (Qwen2's q/k/v) go through the node too
 @pytest.mark.parametrize("node", ["function", "op"])  # "grouped" runs the Function outside compiled layers
-def test_fused_lora_forward_matches_peft(node, monkeypatch):
+def test_fused_lora_forward_matches_peft(node, bias, monkeypatch):
     from peft import LoraConfig, get_peft_model
 
     monkeypatch.setattr(lora_node, "NODE", node)
-    model = get_peft_model(_tiny(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    model = get_peft_model(_tiny(bias=bias), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)  # peft starts B at zero, which would hide a wrong B path
@@ -134,11 +136,15 @@ def test_lora_custom_op_passes_torch_opcheck_and_equals_the_function():
     torch.manual_seed(0)
     x = torch.randn(2, 5, 16, requires_grad=True)
     w, a, b = torch.randn(24, 16), torch.randn(4, 16, requires_grad=True), torch.randn(24, 4, requires_grad=True)
+    bias = torch.randn(24)
     torch.library.opcheck(lora_node.lora_linear, (x, w, a, b, 0.5))
+    torch.library.opcheck(lora_node.lora_linear, (x, w, a, b, 0.5, bias))
+    torch.testing.assert_close(lora_node.lora_linear(x, w, a, b, 0.5, bias)[0],
+                               lora_node.LoraLinear.apply(x, w, a, b, 0.5, None) + bias, rtol=1e-5, atol=1e-5)
     y_op = lora_node.lora_linear(x, w, a, b, 0.5)[0]
     g = torch.randn_like(y_op)
     got = torch.autograd.grad(y_op, (x, a, b), g)
-    y_fn = lora_node.LoraLinear.apply(x, w, a, b, 0.5)
+    y_fn = lora_node.LoraLinear.apply(x, w, a, b, 0.5, None)
     want = torch.autograd.grad(y_fn, (x, a, b), g)
     torch.testing.assert_close(y_op, y_fn)
     torch.testing.assert_close(y_op, x @ w.t() + 0.5 * (x @ a.t()) @ b.t(), rtol=1e-5, atol=1e-5)
@@ -150,25 +156,27 @@ def test_lora_custom_op_passes_torch_opcheck_and_equals_the_function():
 
 
 @pytest.mark.parametrize("written_out", [False, True])
+@pytest.mark.parametrize("bias", [None, (True, True, True), (True, False, True)])
 @pytest.mark.parametrize(("outs", "ranks", "scales"), [
     ((24, 8, 8), (4, 2, 4), (0.5, 0.5, 0.5)),  # q/k/v-like (GQA widths): GroupedLora's folded [x, h] matmul
     ((24, 8, 8), (4, 2, 4), (0.5, 2.0, 1.0)),  # per-member scales
     ((8,), (4,), (0.5,)),  # o/down-like (out < in + r): two matmuls and an add
     ((6, 6), (2, 2), (1.0, 1.0)),  # a group GroupedLora does not fold
 ])
-def test_grouped_lora_equals_one_node_per_member(outs, ranks, scales, written_out, monkeypatch):
+def test_grouped_lora_equals_one_node_per_member(outs, ranks, scales, bias, written_out, monkeypatch):
     """The grouped math (one matmul over the A's, one block-diagonal over the B's; as plain
     math or as the `GroupedLora` node, which folds the frozen weights into one matmul where
     that copies less) gives each member's output and gradients of its own `LoraLinear` node;
-    with an input that needs no gradient too."""
+    with an input that needs no gradient too, and with frozen biases on all or some members."""
     monkeypatch.setattr(lora_graph, "WRITTEN_OUT", written_out)
     torch.manual_seed(0)
     x = torch.randn(2, 5, 16, requires_grad=True)
     ws = [torch.randn(o, 16) for o in outs]
     a_s = [torch.randn(r, 16, requires_grad=True) for r in ranks]
     b_s = [torch.randn(o, r, requires_grad=True) for o, r in zip(outs, ranks)]
-    got = lora_graph.grouped_lora(x, ws, a_s, b_s, list(scales))
-    want = [lora_node.LoraLinear.apply(x, w, a, b, s) for w, a, b, s in zip(ws, a_s, b_s, scales)]
+    biases = [torch.randn(o) if has else None for o, has in zip(outs, bias or [False] * len(outs))]
+    got = lora_graph.grouped_lora(x, ws, a_s, b_s, list(scales), biases)
+    want = [lora_node.LoraLinear.apply(x, w, a, b, s, t) for w, a, b, s, t in zip(ws, a_s, b_s, scales, biases)]
     grads = [torch.randn_like(y) for y in want]
     inputs = (x, *a_s, *b_s)
     got_grads = torch.autograd.grad(got, inputs, grads)
@@ -178,7 +186,7 @@ def test_grouped_lora_equals_one_node_per_member(outs, ranks, scales, written_ou
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
-    frozen = lora_graph.grouped_lora(x.detach(), ws, a_s, b_s, list(scales))  # the first layer's input
+    frozen = lora_graph.grouped_lora(x.detach(), ws, a_s, b_s, list(scales), biases)  # the first layer's input
     torch.testing.assert_close(torch.autograd.grad(frozen, inputs[1:], grads), want_grads[1:], rtol=1e-5, atol=1e-5)
 
 
@@ -200,12 +208,14 @@ def test_fused_lora_on_bf16_base_keeps_fp32_adapter_gradients():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapters)
 
 
-@pytest.mark.parametrize("node", [*lora_node.NODES, "grouped-written-out"])
-def test_compiled_decoder_layers_give_the_loss_and_gradients_of_eager_layers(node, monkeypatch):
+@pytest.mark.parametrize(("node", "bias"), [*((n, False) for n in lora_node.NODES), ("grouped-plain", False),
+                                            ("grouped", True), ("grouped-plain", True)])
+def test_compiled_decoder_layers_give_the_loss_and_gradients_of_eager_layers(node, bias, monkeypatch):
     """Regional compilation (on by default on CUDA) computes what the eager layers compute: same
     packed-batch loss and gradients, LoRA's fused node included (as an autograd.Function, as
-    the custom op, or as the custom op rewritten into grouped matmuls, in the compiled run,
-    against the Function in the eager one). On the CPU the graphs dynamo and
+    the custom op, or as the custom op rewritten into grouped matmuls, written-out node or
+    plain math, in the compiled run, against the Function in the eager one; with frozen q/k/v/o
+    biases too). On the CPU the graphs dynamo and
     AOTAutograd capture run as they are (`aot_eager`: inductor's C++ build takes minutes on 2
     cores); bench/gpu_train.py checks inductor's kernels on the GPU (loss parity, 50 steps)."""
     from peft import LoraConfig, get_peft_model
@@ -218,14 +228,14 @@ def test_compiled_decoder_layers_give_the_loss_and_gradients_of_eager_layers(nod
     results = []
     for compiled in (False, True):
         torch.manual_seed(1)
-        model = get_peft_model(_tiny(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        model = get_peft_model(_tiny(bias=bias), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.1)  # a non-zero B, so the adapter path counts
         assert lora_node.fuse_lora_layers(model) == 14
         if compiled:
-            monkeypatch.setattr(lora_graph, "WRITTEN_OUT", node == "grouped-written-out")
-            node = node.removesuffix("-written-out")
+            monkeypatch.setattr(lora_graph, "WRITTEN_OUT", node != "grouped-plain")
+            node = node.removesuffix("-plain")
             monkeypatch.setattr(lora_node, "NODE", node)
             rewritten = []
             group = lora_graph.group_lora_calls

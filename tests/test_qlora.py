@@ -208,7 +208,7 @@ def test_fused_nf4_lora_node_matches_the_dequantised_math():
     w = bf.dequantize_4bit(packed, state)
     a, b = torch.randn(8, 64, requires_grad=True), torch.randn(48, 8, requires_grad=True)
     x = torch.randn(2, 5, 64, requires_grad=True)
-    y = lora_node.Lora4bit.apply(x, packed, a, b, 0.5, state)
+    y = lora_node.Lora4bit.apply(x, packed, a, b, 0.5, state, None)
     g = torch.randn_like(y)
     grads = torch.autograd.grad(y, (x, a, b), g)
     x_ref, a_ref, b_ref = (t.detach().clone().requires_grad_() for t in (x, a, b))

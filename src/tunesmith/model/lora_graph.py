@@ -71,7 +71,8 @@ class GroupedLora(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, n: int, scales: tuple[float, ...], *tensors: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, n: int, scales: tuple[float, ...], bias: torch.Tensor | None,
+                *tensors: torch.Tensor) -> torch.Tensor:
         weights, a_list, b_list = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         a, h, b = _adapters(x2, a_list, b_list, scales)
@@ -80,6 +81,8 @@ class GroupedLora(torch.autograd.Function):
             y = torch.cat([x2, h], dim=1) @ torch.cat([w, b], dim=1).t()
         else:  # the add on views: inductor's `mm + add -> addmm` pattern does not match it
             y = ((x2 @ w.t()).unsqueeze(0) + (h @ b.t()).unsqueeze(0))[0]
+        if bias is not None:  # frozen (Qwen2's q/k/v): an (O,) add that fuses into the next kernel
+            y = y + bias
         ctx.save_for_backward(x2, h, a, b, *weights)
         ctx.n, ctx.scales, ctx.ranks, ctx.x_shape = n, scales, [t.shape[0] for t in a_list], x.shape
         ctx.dtypes = [t.dtype for t in (*a_list, *b_list)]
@@ -104,12 +107,13 @@ class GroupedLora(torch.autograd.Function):
             grad_b.append(grad_b_all[row:row + out, col:col + rank])
             row, col = row + out, col + rank
         cast = [gr.to(dt) for gr, dt in zip((*grad_a, *grad_b), ctx.dtypes)]
-        return (grad_x, None, None, *([None] * ctx.n), *cast)
+        return (grad_x, None, None, None, *([None] * ctx.n), *cast)
 
 
 def grouped_lora(x: torch.Tensor, weights: list[torch.Tensor], a_list: list[torch.Tensor],
-                 b_list: list[torch.Tensor], scales: list[float]) -> list[torch.Tensor]:
-    """y_i = x W_i^T + s_i (x A_i^T) B_i^T for every member i that reads this x, in x's dtype.
+                 b_list: list[torch.Tensor], scales: list[float],
+                 biases: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+    """y_i = x W_i^T (+ bias_i) + s_i (x A_i^T) B_i^T for every member i that reads this x, in x's dtype.
 
     The math of `lora_node._lora_forward` (scale on the (N, r) side, adapters cast to x's
     dtype). Plain math: one matmul for all the A's, one for all the B's, one per frozen
@@ -117,13 +121,18 @@ def grouped_lora(x: torch.Tensor, weights: list[torch.Tensor], a_list: list[torc
     the backward (q/k/v's and gate/up's size: +1.2 GiB on a 1B model, ~9 GiB on 8B).
     With `WRITTEN_OUT` (the default), the `GroupedLora` node instead.
     """
+    biases = list(biases or [None] * len(weights))
     if WRITTEN_OUT:
-        y = GroupedLora.apply(x, len(weights), tuple(scales), *weights, *a_list, *b_list)
+        bias = None if all(t is None for t in biases) else torch.cat(
+            [(t if t is not None else w.new_zeros(w.shape[0])).to(x.dtype) for t, w in zip(biases, weights)])
+        y = GroupedLora.apply(x, len(weights), tuple(scales), bias, *weights, *a_list, *b_list)
         return list(y.split([w.shape[0] for w in weights], dim=-1))
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     _a, h, b = _adapters(x2, a_list, b_list, tuple(scales))
     adapters = (h @ b.t()).split([w.shape[0] for w in weights], dim=1)  # (N, out_i) each
-    return [(x2 @ w.t() + part).view(*x.shape[:-1], w.shape[0]) for w, part in zip(weights, adapters)]
+    outs = [x2 @ w.t() + part if t is None else x2 @ w.t() + part + t.to(x.dtype)
+            for w, part, t in zip(weights, adapters, biases)]
+    return [y.view(*x.shape[:-1], y.shape[1]) for y in outs]
 
 
 LINEARS = False  # also group plain bias-free linears that share an input (full fine-tuning's q/k/v, gate/up)
@@ -137,14 +146,14 @@ def grouped_linear(x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.T
 
 
 def _lora_call(node: fx.Node) -> tuple[Any, ...] | None:
-    """(x, w, a, b, scale) of a `lora_linear` call whose h output is unused, else None."""
+    """(x, w, a, b, scale, bias) of a `lora_linear` call whose h output is unused, else None."""
     op = torch.ops.tunesmith.lora_linear
     if node.op != "call_function" or node.target not in (op, op.default):
         return None
     if not all(user.target is operator.getitem and user.args[1] == 0 for user in node.users):
         return None  # h (the second output) is read: leave the op (correct, just not grouped)
-    names = ("x", "w", "a", "b", "scale")
-    return tuple(node.args) + tuple(node.kwargs[n] for n in names[len(node.args):])
+    names = ("x", "w", "a", "b", "scale", "bias")
+    return tuple(node.args) + tuple(node.kwargs.get(n) for n in names[len(node.args):])
 
 
 def _linear_call(node: fx.Node) -> tuple[Any, ...] | None:

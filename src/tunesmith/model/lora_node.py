@@ -32,18 +32,20 @@ NODE = "grouped"  # the 16-bit node's form: "function", "op" or "grouped" (see t
 NODES = ("function", "op", "grouped")
 
 
-def _lora_forward(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                  scale: float) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """y = x W^T + s (x A^T) B^T in x's dtype, and what the backward needs: (x2, A, B, h) cast.
+def _lora_forward(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+                  bias: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """y = x W^T (+ bias) + s (x A^T) B^T in x's dtype, and what the backward needs: (x2, A, B, h) cast.
 
     The scale is applied on the (N, r) side and the add is fused into the matmul: `addmm_` in
     place on the fresh base product (out-of-place `addmm` first copies its (N, out) input into
-    a new buffer: one device-to-device copy per adapted layer and pass).
+    a new buffer: one device-to-device copy per adapted layer and pass). A frozen base bias
+    (Qwen2's q/k/v) goes into the base matmul as its (out,) addend; it needs no gradient.
     """
     a_c, b_c = a.to(x.dtype), b.to(x.dtype)  # (r, in), (out, r)
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     h = (x2 @ a_c.t()) * scale  # (N, r)
-    y = (x2 @ w.t()).addmm_(h, b_c.t())  # (N, out)
+    base = x2 @ w.t() if bias is None else torch.addmm(bias.to(x.dtype), x2, w.t())
+    y = base.addmm_(h, b_c.t())  # (N, out)
     return y.view(*x.shape[:-1], w.shape[0]), (x2, a_c, b_c, h)
 
 
@@ -76,8 +78,8 @@ class LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                scale: float) -> torch.Tensor:
-        y, saved = _lora_forward(x, w, a, b, scale)
+                scale: float, bias: torch.Tensor | None) -> torch.Tensor:
+        y, saved = _lora_forward(x, w, a, b, scale, bias)
         ctx.save_for_backward(w, *saved)
         ctx.scale, ctx.dtypes = scale, (a.dtype, b.dtype)
         return y
@@ -87,7 +89,7 @@ class LoraLinear(torch.autograd.Function):
         w, *saved = ctx.saved_tensors
         grad_x, grad_a, grad_b = _lora_backward(grad, lambda: w, tuple(saved), ctx.scale, ctx.dtypes,
                                                 ctx.needs_input_grad[0])
-        return grad_x, None, grad_a, grad_b, None
+        return grad_x, None, grad_a, grad_b, None, None
 
 
 def _dequantize(packed: torch.Tensor, quant_state: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -107,8 +109,8 @@ class Lora4bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, packed: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                scale: float, quant_state: Any) -> torch.Tensor:
-        y, saved = _lora_forward(x, _dequantize(packed, quant_state, x.dtype), a, b, scale)  # W freed after
+                scale: float, quant_state: Any, bias: torch.Tensor | None) -> torch.Tensor:
+        y, saved = _lora_forward(x, _dequantize(packed, quant_state, x.dtype), a, b, scale, bias)  # W freed after
         ctx.save_for_backward(packed, *saved)
         ctx.scale, ctx.dtypes, ctx.quant_state = scale, (a.dtype, b.dtype), quant_state
         return y
@@ -119,7 +121,7 @@ class Lora4bit(torch.autograd.Function):
         weight = lambda: _dequantize(packed, ctx.quant_state, grad.dtype)  # noqa: E731
         grad_x, grad_a, grad_b = _lora_backward(grad, weight, tuple(saved), ctx.scale, ctx.dtypes,
                                                 ctx.needs_input_grad[0])
-        return grad_x, None, grad_a, grad_b, None, None
+        return grad_x, None, grad_a, grad_b, None, None, None
 
 
 def _fused_lora4bit_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -129,7 +131,7 @@ def _fused_lora4bit_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: An
         return type(self).forward(self, x, *args, **kwargs)
     name, weight = active[0], self.base_layer.weight
     return Lora4bit.apply(x, weight, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
-                           weight.quant_state)
+                           weight.quant_state, self.base_layer.bias)
 
 
 def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -138,14 +140,15 @@ def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -
     if self.disable_adapters or self.merged or args or kwargs or len(active) != 1 or active[0] not in self.lora_A:
         return type(self).forward(self, x, *args, **kwargs)
     name = active[0]
-    args = (x, self.base_layer.weight, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+    base = self.base_layer
+    args = (x, base.weight, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], base.bias)
     if NODE == "op" or (NODE == "grouped" and torch.compiler.is_compiling()):  # "grouped": a marker in graphs
         return lora_linear(*args)[0]
     return LoraLinear.apply(*args)
 
 
 def fuse_lora_layers(model: Any) -> int:
-    """Give every plain LoRA layer (no dropout, no DoRA/variant, no bias) the fused forward.
+    """Give every plain LoRA layer (no dropout, no DoRA/variant, no trained bias) the fused forward.
 
     16-bit `nn.Linear` bases get `LoraLinear`; bitsandbytes NF4 bases on CUDA get `Lora4bit`
     (on CPU bitsandbytes repacks 4-bit bytes for its own kernel, which `dequantize_4bit` does
@@ -158,8 +161,8 @@ def fuse_lora_layers(model: Any) -> int:
             continue
         name, base = next(iter(lora_a)), module.base_layer
         plain = (isinstance(module.lora_dropout[name], torch.nn.Identity) and name not in module.lora_variant
-                 and module.lora_B[name].bias is None and getattr(base, "bias", None) is None
-                 and not base.weight.requires_grad)
+                 and module.lora_B[name].bias is None and not base.weight.requires_grad
+                 and (getattr(base, "bias", None) is None or not base.bias.requires_grad))
         if plain and type(base) is torch.nn.Linear:
             module.forward = MethodType(_fused_lora_forward, module)
             fused += 1
@@ -171,16 +174,16 @@ def fuse_lora_layers(model: Any) -> int:
 
 
 @torch.library.custom_op("tunesmith::lora_linear", mutates_args=())
-def lora_linear(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def lora_linear(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`LoraLinear` as a custom op: (y, h) with h = s x A^T (N, r), which the backward reuses."""
-    y, (_x2, _a, _b, h) = _lora_forward(x, w, a, b, scale)
+    y, (_x2, _a, _b, h) = _lora_forward(x, w, a, b, scale, bias)
     return y, h
 
 
 @lora_linear.register_fake
-def _(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+      bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     return x.new_empty(*x.shape[:-1], w.shape[0]), x.new_empty(x.numel() // x.shape[-1], a.shape[0])
 
 
@@ -201,7 +204,7 @@ def _(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: 
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
-    x, w, a, b, scale = inputs
+    x, w, a, b, scale, _bias = inputs
     ctx.save_for_backward(x, w, a, b, output[1])
     ctx.scale = scale
 
@@ -210,7 +213,7 @@ def _backward(ctx: Any, grad_y: torch.Tensor, _grad_h: Any) -> tuple[Any, ...]:
     x, w, a, b, h = ctx.saved_tensors
     need_x = ctx.needs_input_grad[0]
     grad_x, grad_a, grad_b = lora_linear_backward(grad_y, x, w, a, b, h, ctx.scale, need_x)
-    return (grad_x if need_x else None), None, grad_a, grad_b, None
+    return (grad_x if need_x else None), None, grad_a, grad_b, None, None
 
 
 lora_linear.register_autograd(_backward, setup_context=_setup_context)
