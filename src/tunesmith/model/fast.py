@@ -273,7 +273,11 @@ def prepare_for_training(model: Any, *, device: torch.device, batch_tokens: int 
         if not fused_loss:
             setup.notices.append(f"fast kernels: plain loss for {lm.config.model_type!r} (fused loss not exact)")
         adapted = sum(1 for m in model.modules() if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict))
-        fused_lora = fuse_lora_layers(model) == adapted  # every LoRA layer on the fused node (or none to fuse)
+        fused = fuse_lora_layers(model)
+        fused_lora = fused == adapted  # every LoRA layer on the fused node (or none to fuse)
+        if not fused_lora:
+            setup.notices.append(f"fast kernels: fused LoRA node on {fused} of {adapted} adapted layers (the rest run "
+                                 "peft's forward: dropout, DoRA or a trained bias)")
     choice = _plan_memory(lm, device, batch_tokens, gradient_checkpointing, memory, fused_loss,
                           setup.fast and fused_lora)
     setup.batch_tokens, setup.checkpointing = choice.batch_tokens, choice.checkpointing
