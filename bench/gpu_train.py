@@ -675,6 +675,8 @@ def main() -> None:
                         help="instead: tunesmith full/LoRA at the plan's token budget and TRL SFT full (1B, short)")
     parser.add_argument("--host-profile", action="store_true",
                         help="instead: where the host's time goes in a tunesmith full and LoRA step (1B, short)")
+    parser.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES), help="--host-profile's model shape")
+    parser.add_argument("--rows", default="", help="--host-profile: only these rows (comma-separated keys)")
     parser.add_argument("--plan-check", action="store_true",
                         help="instead: measured peak memory vs `tunesmith plan`'s estimate, 1B/3B/8B shapes")
     args = parser.parse_args()
@@ -728,8 +730,9 @@ def main() -> None:
         print("\n".join(table(report["results"][0])))
         return
     if args.host_profile:  # the same batches through each form of the layers' matmuls, with host timings
-        config, samples = model_config("llama-1b"), synth_samples(REGIMES["short"][4], "short", SHAPES["llama-1b"]["vocab_size"])
-        rows = SavedRows({"shape": "llama-1b", "regime": "short", "samples": len(samples),
+        shape = args.shape
+        config, samples = model_config(shape), synth_samples(REGIMES["short"][4], "short", SHAPES[shape]["vocab_size"])
+        rows = SavedRows({"shape": shape, "regime": "short", "samples": len(samples),
                           "real_tokens": sum(map(len, samples))},
                          lambda part: write_json({**report, "results": [part]}, args.out), notes=True)
         # (session 4's block-mask pair, and round 4's custom-op and grouped-linears rows, are in their JSON)
@@ -741,6 +744,8 @@ def main() -> None:
                     ("lora_written", "lora", " (LoRA calls grouped, written-out node)",
                      {"lora_form": "grouped", "written_out": True})]
         for key, method, label, settings in variants:
+            if args.rows and key not in args.rows.split(","):
+                continue
             rows[key] = guarded(f"tunesmith {method}{label}", with_fast_settings, run_tunesmith, config, samples,
                                 method, True, REGIMES["short"][3], rate, max_steps=40, profile="host", label=label,
                                 **settings)
@@ -750,8 +755,8 @@ def main() -> None:
                  ("parity_grouped_lora", "lora", "lora_grouped", "lora, Function vs grouped calls"),
                  ("parity_written_lora", "lora", "lora_written", "lora, Function vs written-out grouped node")]
         for key, first, second, what in pairs:
-            a, b = rows[first], rows[second]
-            if not (a.error or b.error):
+            a, b = rows.get(first), rows.get(second)
+            if a and b and not (a.error or b.error):
                 out[key] = parity = loss_parity(a.losses, b.losses)
                 print(f"loss parity {what}: max rel diff {100 * parity['max_rel_diff']:.3f}% over {parity['steps']} "
                       f"steps; speed x{b.tokens_per_s / a.tokens_per_s:.3f}")

@@ -320,7 +320,7 @@ def _compile_decoder_layers(lm: Any, backend: str = "inductor") -> int:
     from tunesmith.model import lora_graph
 
     compiler: Any = backend
-    if lora_node.NODE == "grouped" or lora_graph.LINEARS:  # calls that share an input: one group of matmuls
+    if (lora_node.NODE == "grouped" and is_adapted(lm)) or lora_graph.LINEARS:  # calls sharing an input: one group
         compiler = lora_graph.grouping_backend(backend)
     layers = getattr(lm.get_decoder(), "layers", None) or []
     for layer in layers:

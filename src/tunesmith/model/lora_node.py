@@ -15,9 +15,9 @@ Three forms of the 16-bit node (`NODE`), which bench/gpu_train.py times side by 
   graphs call as it is, in-place add included.
 - "grouped" (the default): the custom op as a marker that the compiled layers rewrite
   (`model/lora_graph.py`): calls that share an input (q/k/v, gate/up) share their adapter
-  matmuls, and the adds fuse into the kernels that read the outputs. Measured on an H200
-  (bench/README.md, round 4): 71.6k tok/s vs 66.9k for the Function and 63.9k for the op,
-  same peak memory, losses within 0.01%.
+  matmuls (and, as its written-out node, their frozen weights' matmul). Measured on an H200
+  (bench/README.md, round 5): 73.8k tok/s vs 68.8k for the Function (round 4: the op 63.9k
+  vs the Function 66.9k), +0.6 GiB peak, losses within 0.01%.
 Eager layers (checkpointing) run the Function in the "grouped" form, the op in the "op" form.
 """
 from __future__ import annotations
