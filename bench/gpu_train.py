@@ -282,7 +282,8 @@ def run_trl(config: Any, samples: list[list[int]], lora: bool, rate: float, max_
 
 
 def run_tunesmith(config: Any, samples: list[list[int]], method: str, fast: bool, batch_tokens: int | None, rate: float,
-                  max_steps: int | None = None, profile: bool | str = False, label: str = "") -> Result:
+                  max_steps: int | None = None, profile: bool | str = False, label: str = "",
+                  checkpointing: bool = False) -> Result:
     """Train through `tunesmith.train.loop.train`; time real tokens after the warm-up steps."""
     from tunesmith.config import MethodOptions
     from tunesmith.data.tokenize import TokenizedSample
@@ -298,7 +299,8 @@ def run_tunesmith(config: Any, samples: list[list[int]], method: str, fast: bool
     model = build_model(config, torch.bfloat16)
     n_params = sum(p.numel() for p in model.parameters())
     model = PARAMETER_SETS[method].wrap(model, MethodOptions(method=method, lora_r=16, lora_alpha=32))
-    setup = prepare_for_training(model, device=torch.device(DEVICE), batch_tokens=batch_tokens, fast_kernels=fast)
+    setup = prepare_for_training(model, device=torch.device(DEVICE), batch_tokens=batch_tokens, fast_kernels=fast,
+                                 gradient_checkpointing=checkpointing)
     batch_tokens = setup.batch_tokens  # None above: the memory plan's choice, as `tunesmith train` makes it
     loss_fn = OBJECTIVES["sft"].make_loss(setup)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad],
@@ -474,20 +476,23 @@ def guarded(name: str, fn: Any, *args: Any, **kwargs: Any) -> Result:
 
 def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, document_mask: bool = True,
                        lora_form: str | None = None, group_linears: bool = False, written_out: bool | None = None,
-                       **kwargs: Any) -> Result:
+                       compile_checkpointed: bool = False, **kwargs: Any) -> Result:
     """`fn` with the fast path's switches set: layer compilation (off: eager liger layers), who
     builds the flex block mask (off: transformers), the LoRA node's form (`lora_node.NODES`),
     whether full fine-tuning's linears that share an input are grouped (`lora_graph.LINEARS`),
-    and whether grouped LoRA calls run as the written-out node (`lora_graph.WRITTEN_OUT`);
-    None keeps the library's default."""
+    whether grouped LoRA calls run as the written-out node (`lora_graph.WRITTEN_OUT`; None
+    keeps the library's default), and whether checkpointed layers are compiled too
+    (`fast.COMPILE_CHECKPOINTED`)."""
     from tunesmith.model import fast, lora_graph, lora_node
 
     def switches(values: tuple[Any, ...]) -> None:
-        fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE, lora_graph.LINEARS, lora_graph.WRITTEN_OUT = values
+        (fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE, lora_graph.LINEARS, lora_graph.WRITTEN_OUT,
+         fast.COMPILE_CHECKPOINTED) = values
 
-    saved = (fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE, lora_graph.LINEARS, lora_graph.WRITTEN_OUT)
+    saved = (fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE, lora_graph.LINEARS, lora_graph.WRITTEN_OUT,
+             fast.COMPILE_CHECKPOINTED)
     switches((compile_layers, document_mask, lora_form or saved[2], group_linears,
-              saved[4] if written_out is None else written_out))
+              saved[4] if written_out is None else written_out, compile_checkpointed))
     try:
         return fn(*args, **kwargs)
     finally:
@@ -742,7 +747,10 @@ def main() -> None:
                     ("lora_grouped", "lora", " (LoRA calls grouped, plain math)",
                      {"lora_form": "grouped", "written_out": False}),
                     ("lora_written", "lora", " (LoRA calls grouped, written-out node)",
-                     {"lora_form": "grouped", "written_out": True})]
+                     {"lora_form": "grouped", "written_out": True}),
+                    ("lora_ckpt", "lora", " (checkpointing: eager liger layers)", {"checkpointing": True}),
+                    ("lora_ckpt_compiled", "lora", " (checkpointing: compiled layers)",
+                     {"checkpointing": True, "compile_checkpointed": True})]
         for key, method, label, settings in variants:
             if args.rows and key not in args.rows.split(","):
                 continue
@@ -753,7 +761,8 @@ def main() -> None:
         pairs = [("parity_linears_full", "full", "full_linears", "full, default vs linears grouped"),
                  ("parity_op_lora", "lora", "lora_op", "lora, Function vs custom op"),
                  ("parity_grouped_lora", "lora", "lora_grouped", "lora, Function vs grouped calls"),
-                 ("parity_written_lora", "lora", "lora_written", "lora, Function vs written-out grouped node")]
+                 ("parity_written_lora", "lora", "lora_written", "lora, Function vs written-out grouped node"),
+                 ("parity_ckpt_lora", "lora_ckpt", "lora_ckpt_compiled", "lora checkpointing, eager vs compiled layers")]
         for key, first, second, what in pairs:
             a, b = rows.get(first), rows.get(second)
             if a and b and not (a.error or b.error):
