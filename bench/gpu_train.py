@@ -748,9 +748,10 @@ def main() -> None:
                      {"lora_form": "grouped", "written_out": False}),
                     ("lora_written", "lora", " (LoRA calls grouped, written-out node)",
                      {"lora_form": "grouped", "written_out": True}),
-                    ("lora_ckpt", "lora", " (checkpointing: eager liger layers)", {"checkpointing": True}),
                     ("lora_ckpt_compiled", "lora", " (checkpointing: compiled layers)",
-                     {"checkpointing": True, "compile_checkpointed": True})]
+                     {"checkpointing": True, "compile_checkpointed": True}),
+                    # last: liger's patches replace transformers' RoPE process-wide (see `compare`)
+                    ("lora_ckpt", "lora", " (checkpointing: eager liger layers)", {"checkpointing": True})]
         for key, method, label, settings in variants:
             if args.rows and key not in args.rows.split(","):
                 continue
