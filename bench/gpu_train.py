@@ -607,6 +607,44 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
 PEERS = {"full": ("base_full", "trl_full"), "lora": ("base_lora", "trl_lora"), "qlora": ("base_qlora", "unsloth")}
 
 
+# issue 18's targets: (what, run key, measure, bound, at least?); measures: "peer" speed / the best
+# peer's, "mfu", "mem" peak / the Trainer's, "full" speed / tunesmith full's at the same budget
+TARGETS = [("full >= 3x the best peer", "fast_full", "peer", 3.0, True),
+           ("full >= 3x the best peer (default budget)", "auto_full", "peer", 3.0, True),
+           ("full >= 60% MFU", "fast_full", "mfu", 0.60, True),
+           ("full >= 60% MFU (default budget)", "auto_full", "mfu", 0.60, True),
+           ("full memory <= 0.5x the Trainer's", "fast_full", "mem", 0.5, False),
+           ("LoRA >= 1.3x tunesmith full", "fast_lora", "full", 1.3, True),
+           ("LoRA >= 1.3x tunesmith full (default budget)", "auto_lora", "full", 1.3, True),
+           ("LoRA >= 3x the best peer", "fast_lora", "peer", 3.0, True),
+           ("LoRA memory <= 0.5x Trainer+peft's", "fast_lora", "mem", 0.5, False)]
+
+
+def targets(result: dict[str, Any]) -> list[str]:
+    """Each of issue 18's targets this result can check: the value, and met / NOT met."""
+    runs = {k: r for k, r in result["runs"].items() if not r["error"] and r["tokens_per_s"] > 0}
+    lines = []
+    for what, key, measure, bound, at_least in TARGETS:
+        method = "lora" if key.endswith("lora") else "full"
+        peers = [runs[k]["tokens_per_s"] for k in PEERS[method] if k in runs]
+        trainer = runs.get(PEERS[method][0])
+        full = runs.get(key.replace("lora", "full"))
+        if key not in runs or (measure == "peer" and not peers) or (measure == "full" and not full) or (
+                measure == "mem" and not (trainer and trainer["peak_gib"])):
+            continue
+        r = runs[key]
+        value = {"peer": lambda: r["tokens_per_s"] / max(peers), "mfu": lambda: r["mfu"],
+                 "mem": lambda: r["peak_gib"] / trainer["peak_gib"],
+                 "full": lambda: r["tokens_per_s"] / full["tokens_per_s"]}[measure]()
+        met = value >= bound if at_least else value <= bound
+        shown = f"{100 * value:.1f}%" if measure == "mfu" else f"{value:.2f}x"
+        lines.append(f"target: {what}: {shown} {'met' if met else 'NOT met'}")
+    if "parity" in result:
+        worst = result["parity"]["max_rel_diff"]
+        lines.append(f"target: loss parity fast vs plain <= 1%: {100 * worst:.2f}% {'met' if worst <= 0.01 else 'NOT met'}")
+    return lines
+
+
 def table(result: dict[str, Any]) -> list[str]:
     """Compact rows: real tokens/s, MFU, peak memory; tunesmith / the best peer (speed) and / the Trainer (memory)."""
     runs = result["runs"]
@@ -780,7 +818,7 @@ def main() -> None:
             results.append(compare(shape, regime, rate, n, parity=False, profile=False,
                                    peers=(shape, regime) == ("llama-3b", "short"), eager=False,
                                    save=lambda part: write_json({**report, "results": [*results, part]}, args.out)))
-            print("\n".join(table(results[-1])), flush=True)
+            print("\n".join(table(results[-1]) + targets(results[-1])), flush=True)
             report["results"] = results
             write_json(report, args.out)  # after each shape: a run cut short still leaves its rows
         return
@@ -792,7 +830,7 @@ def main() -> None:
     policy = report["optimizer_policy"] = check_optimizer_policy()
     report["results"] = results
     write_json(report, args.out)
-    print("\n".join(["", *[line for r in results for line in table(r)]]))
+    print("\n".join(["", *[line for r in results for line in table(r)], *targets(results[0])]))
     print(f"optimizer policy, bf16 + stochastic rounding vs fp32 master, {policy['steps']} steps: mean rel diff "
           f"{100 * policy['mean_rel_diff']:.2f}%, max over 20-step means {100 * policy['max_rel_diff_20step_mean']:.2f}% "
           f"(loss {policy['first_loss']:.3f} -> {policy['last_loss_fp32_master']:.3f} / {policy['last_loss_bf16_sr']:.3f})")
