@@ -67,7 +67,8 @@ class GroupedLora(torch.autograd.Function):
       inductor fuses it into the next kernel (the residual add) instead of an `addmm`.
     - backward: grad x = G W_cat + gh A_cat (one add), grad B from one (sum out, sum r)
       product, grad A from one (sum r, in) product; [W_cat; A_cat] is built there and freed there.
-    Saved: x, h (N, sum r) and the cast adapters; the frozen weights are the parameters.
+    Saved: x, h (N, sum r) and the cast adapters; the frozen weights are the parameters. A frozen
+    bias (Qwen2's q/k/v) is one (sum out,) add on the output and gets no gradient.
     """
 
     @staticmethod
