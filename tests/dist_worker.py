@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dist_common import PREFERENCE_SCENARIOS, RUN, SCENARIOS, interrupted_copy  # noqa: E402
+from dist_common import (COMPILED_SCENARIOS, PREFERENCE_SCENARIOS, RUN, SCENARIOS,  # noqa: E402
+                         compiled_layers, interrupted_copy)
 
 
 def main(root: Path, model: str, data: str, pairs: str) -> None:
@@ -27,6 +28,9 @@ def main(root: Path, model: str, data: str, pairs: str) -> None:
         finetune(model=model, data=data, output=str(root / name), **RUN, **options)
     for name, options in PREFERENCE_SCENARIOS.items():
         finetune(model=model, data=pairs, output=str(root / name), **{**RUN, **options})
+    for name, options in COMPILED_SCENARIOS.items():
+        with compiled_layers(root / f"{name}-compile-{rank}.json"):
+            finetune(model=model, data=data, output=str(root / name), **RUN, **options)
     if rank == 0:
         interrupted_copy(root / "fsdp-full", root / "resumed-2")
         interrupted_copy(root / "fsdp-full", root / "resumed-1")  # for the one-process resume in the test
