@@ -118,7 +118,7 @@ def test_two_processes_give_the_loss_curve_and_model_of_one(runs, name):
 @pytest.mark.parametrize("name", list(COMPILED_SCENARIOS))
 def test_compiled_grouped_lora_layers_on_two_processes_train_like_plain_lora_on_one(runs, name):
     """The CUDA fast path's layers (fused LoRA nodes, decoder layers compiled, the calls that share
-    an input grouped) under DDP and FSDP2: the loss curve and adapter of the plain one-process run.
+    an input grouped) under FSDP2: the loss curve and adapter of the plain one-process run.
     Compiled for real on both ranks (no silent eager fallback), every graph's 7 calls grouped."""
     assert_same_curve(runs / name, runs / "one-lora", rel=1e-4)
     got, expected = weights(runs / name), weights(runs / "one-lora")
