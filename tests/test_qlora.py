@@ -195,9 +195,10 @@ def test_qlora_gradients_match_lora_on_the_dequantised_weights(tiny_model_dir, o
         torch.testing.assert_close(g, grads[1][1][name], rtol=1e-3, atol=1e-2 * float(g.abs().max()))
 
 
-def test_fused_nf4_lora_node_matches_the_dequantised_math():
-    """The fast path's `Lora4bit` (CUDA-only in training) against x W^T + s (x A^T) B^T with W the
-    dequantised NF4 weight, forward and backward; run here on freshly quantised CPU bytes."""
+@pytest.mark.parametrize("with_bias", [False, True])  # a frozen base bias (Qwen2's q/k/v) too
+def test_fused_nf4_lora_node_matches_the_dequantised_math(with_bias):
+    """The fast path's `Lora4bit` (CUDA-only in training) against x W^T (+ bias) + s (x A^T) B^T
+    with W the dequantised NF4 weight, forward and backward; run here on freshly quantised CPU bytes."""
     import bitsandbytes.functional as bf
 
     from tunesmith.model import lora_node
@@ -208,11 +209,12 @@ def test_fused_nf4_lora_node_matches_the_dequantised_math():
     w = bf.dequantize_4bit(packed, state)
     a, b = torch.randn(8, 64, requires_grad=True), torch.randn(48, 8, requires_grad=True)
     x = torch.randn(2, 5, 64, requires_grad=True)
-    y = lora_node.Lora4bit.apply(x, packed, a, b, 0.5, state, None)
+    bias = torch.randn(48) if with_bias else None
+    y = lora_node.Lora4bit.apply(x, packed, a, b, 0.5, state, bias)
     g = torch.randn_like(y)
     grads = torch.autograd.grad(y, (x, a, b), g)
     x_ref, a_ref, b_ref = (t.detach().clone().requires_grad_() for t in (x, a, b))
-    y_ref = x_ref @ w.t() + 0.5 * (x_ref @ a_ref.t()) @ b_ref.t()
+    y_ref = x_ref @ w.t() + 0.5 * (x_ref @ a_ref.t()) @ b_ref.t() + (bias if with_bias else 0)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, torch.autograd.grad(y_ref, (x_ref, a_ref, b_ref), g)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
