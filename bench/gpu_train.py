@@ -480,23 +480,23 @@ def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, documen
     """`fn` with the fast path's switches set: layer compilation (off: eager liger layers), who
     builds the flex block mask (off: transformers), the LoRA node's form (`lora_node.NODES`),
     whether full fine-tuning's linears that share an input are grouped (`lora_graph.LINEARS`),
-    whether grouped LoRA calls run as the written-out node (`lora_graph.WRITTEN_OUT`; None
-    keeps the library's default), and whether checkpointed layers are compiled too
-    (`fast.COMPILE_CHECKPOINTED`)."""
+    whether grouped LoRA calls run as the written-out node (`lora_graph.WRITTEN_OUT`), and
+    whether checkpointed layers are compiled too (`fast.COMPILE_CHECKPOINTED`); None keeps the
+    library's setting."""
     from tunesmith.model import fast, lora_graph, lora_node
 
-    def switches(values: tuple[Any, ...]) -> None:
-        (fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE, lora_graph.LINEARS, lora_graph.WRITTEN_OUT,
-         fast.COMPILE_CHECKPOINTED) = values
-
-    saved = (fast.COMPILE_LAYERS, fast.DOCUMENT_MASK, lora_node.NODE, lora_graph.LINEARS, lora_graph.WRITTEN_OUT,
-             fast.COMPILE_CHECKPOINTED)
-    switches((compile_layers, document_mask, lora_form or saved[2], group_linears,
-              saved[4] if written_out is None else written_out, compile_checkpointed))
+    switches = [(fast, "COMPILE_LAYERS", compile_layers), (fast, "DOCUMENT_MASK", document_mask),
+                (lora_node, "NODE", lora_form), (lora_graph, "LINEARS", group_linears),
+                (lora_graph, "WRITTEN_OUT", written_out), (fast, "COMPILE_CHECKPOINTED", compile_checkpointed)]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in switches]
+    for module, name, value in switches:
+        if value is not None:  # None: the library's default
+            setattr(module, name, value)
     try:
         return fn(*args, **kwargs)
     finally:
-        switches(saved)
+        for module, name, value in saved:
+            setattr(module, name, value)
 
 
 def repeated(name: str, times: int, fn: Any, *args: Any, **kwargs: Any) -> Result:
@@ -633,9 +633,14 @@ def targets(result: dict[str, Any]) -> list[str]:
                 measure == "mem" and not (trainer and trainer["peak_gib"])):
             continue
         r = runs[key]
-        value = {"peer": lambda: r["tokens_per_s"] / max(peers), "mfu": lambda: r["mfu"],
-                 "mem": lambda: r["peak_gib"] / trainer["peak_gib"],
-                 "full": lambda: r["tokens_per_s"] / full["tokens_per_s"]}[measure]()
+        if measure == "peer":
+            value = r["tokens_per_s"] / max(peers)
+        elif measure == "mem":
+            value = r["peak_gib"] / trainer["peak_gib"]
+        elif measure == "full":
+            value = r["tokens_per_s"] / full["tokens_per_s"]
+        else:
+            value = r["mfu"]
         met = value >= bound if at_least else value <= bound
         shown = f"{100 * value:.1f}%" if measure == "mfu" else f"{value:.2f}x"
         lines.append(f"target: {what}: {shown} {'met' if met else 'NOT met'}")
@@ -717,7 +722,7 @@ def main() -> None:
     parser.add_argument("--default-budget", action="store_true",
                         help="instead: tunesmith full/LoRA at the plan's token budget and TRL SFT full (1B, short)")
     parser.add_argument("--host-profile", action="store_true",
-                        help="instead: where the host's time goes in a tunesmith full and LoRA step (1B, short)")
+                        help="instead: where the host's time goes in tunesmith full and LoRA steps (--shape, short samples)")
     parser.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES), help="--host-profile's model shape")
     parser.add_argument("--rows", default="", help="--host-profile: only these rows (comma-separated keys)")
     parser.add_argument("--plan-check", action="store_true",

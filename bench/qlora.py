@@ -148,17 +148,14 @@ def qlora_rows(rate: float, n_samples: int, path: Path, save: Any = None) -> dic
     # tunesmith first: the Trainer recipe's prepare_model_for_kbit_training must not leave anything behind
     rows["fast_qlora"] = bench.guarded("tunesmith qlora", run_tunesmith_adapter, config, samples, "qlora", rate,
                                        QLORA_TOKENS, path)
+    # the candidate, compiled layers under checkpointing (model/fast.py), before the eager checkpointed
+    # row: that one patches liger's kernels into transformers process-wide (see gpu_train.compare)
+    rows["fast_qlora_ckpt_compiled"] = bench.guarded("tunesmith qlora (checkpointing, compiled layers)",
+                                                     bench.with_fast_settings, run_tunesmith_adapter, config,
+                                                     samples, "qlora", rate, QLORA_TOKENS, path, True,
+                                                     compile_checkpointed=True)
     rows["fast_qlora_ckpt"] = bench.guarded("tunesmith qlora (checkpointing)", run_tunesmith_adapter, config,
                                             samples, "qlora", rate, QLORA_TOKENS, path, True)
-    from tunesmith.model import fast
-
-    fast.COMPILE_CHECKPOINTED = True  # the candidate: compiled layers under checkpointing (model/fast.py)
-    try:
-        rows["fast_qlora_ckpt_compiled"] = bench.guarded("tunesmith qlora (checkpointing, compiled layers)",
-                                                         run_tunesmith_adapter, config, samples, "qlora", rate,
-                                                         QLORA_TOKENS, path, True)
-    finally:
-        fast.COMPILE_CHECKPOINTED = False
     rows["base_qlora"] = bench.guarded("Trainer+peft+bnb QLoRA", bench.run_trainer, config, samples, True, rate,
                                        make_model=lambda: trainer_qlora_model(path), label="Trainer+peft+bnb QLoRA",
                                        n_params=n_params(config))

@@ -131,9 +131,11 @@ def grouped_lora(x: torch.Tensor, weights: list[torch.Tensor], a_list: list[torc
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     _a, h, b = _adapters(x2, a_list, b_list, tuple(scales))
     adapters = (h @ b.t()).split([w.shape[0] for w in weights], dim=1)  # (N, out_i) each
-    outs = [x2 @ w.t() + part if t is None else x2 @ w.t() + part + t.to(x.dtype)
-            for w, part, t in zip(weights, adapters, biases)]
-    return [y.view(*x.shape[:-1], y.shape[1]) for y in outs]
+    outs = []
+    for w, part, t in zip(weights, adapters, biases):
+        y = x2 @ w.t() + part
+        outs.append((y if t is None else y + t.to(x.dtype)).view(*x.shape[:-1], w.shape[0]))
+    return outs
 
 
 LINEARS = False  # also group plain bias-free linears that share an input (full fine-tuning's q/k/v, gate/up)
