@@ -476,7 +476,7 @@ def guarded(name: str, fn: Any, *args: Any, **kwargs: Any) -> Result:
 
 def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, document_mask: bool = True,
                        lora_form: str | None = None, group_linears: bool = False, written_out: bool | None = None,
-                       compile_checkpointed: bool = False, **kwargs: Any) -> Result:
+                       compile_checkpointed: bool | None = None, **kwargs: Any) -> Result:
     """`fn` with the fast path's switches set: layer compilation (off: eager liger layers), who
     builds the flex block mask (off: transformers), the LoRA node's form (`lora_node.NODES`),
     whether full fine-tuning's linears that share an input are grouped (`lora_graph.LINEARS`),
@@ -499,17 +499,22 @@ def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, documen
             setattr(module, name, value)
 
 
-def repeated(name: str, times: int, fn: Any, *args: Any, **kwargs: Any) -> Result:
-    """`guarded(fn)` run `times` times: the median run's row, with every run's tokens/s in `repeats`."""
-    runs = [guarded(name, fn, *args, **kwargs)]
-    for _ in range(times - 1):  # a profile (the first run's notes) is taken once
-        runs.append(guarded(name, fn, *args, **{**kwargs, **({"profile": False} if "profile" in kwargs else {})}))
-    ok = sorted((r for r in runs if not r.error), key=lambda r: r.tokens_per_s)
-    if not ok:
-        return runs[0]
-    row = ok[len(ok) // 2]
-    row.notes, row.repeats = runs[0].notes, [r.tokens_per_s for r in runs if not r.error]
-    return row
+def repeated(specs: dict[str, tuple[str, Any, tuple[Any, ...], dict[str, Any]]], times: int) -> dict[str, Result]:
+    """Each spec (name, fn, args, kwargs) run `times` times, taking turns (a, b, a, b, ...), so a
+    drift of the machine during the run reaches every row alike; per key, the median run's row
+    with every run's tokens/s in `repeats`. A profile (the first run's notes) is taken once."""
+    runs: dict[str, list[Result]] = {key: [] for key in specs}
+    for turn in range(times):
+        for key, (name, fn, args, kwargs) in specs.items():
+            later = {"profile": False} if turn and "profile" in kwargs else {}
+            runs[key].append(guarded(name, fn, *args, **{**kwargs, **later}))
+    rows = {}
+    for key, results in runs.items():
+        ok = sorted((r for r in results if not r.error), key=lambda r: r.tokens_per_s)
+        rows[key] = ok[len(ok) // 2] if ok else results[0]
+        if ok:
+            rows[key].notes, rows[key].repeats = results[0].notes, [r.tokens_per_s for r in results if not r.error]
+    return rows
 
 
 def loss_parity(a: list[float], b: list[float], steps: int = 50) -> dict[str, float]:
@@ -560,9 +565,10 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
     if parity:
         rows["plain_full"] = guarded("tunesmith full (plain path)", run_tunesmith, config, samples, "full", False,
                                      budget, rate, max_steps=50)
-    for method in ("full", "lora"):
-        rows[f"fast_{method}"] = repeated(f"tunesmith {method}", repeats, run_tunesmith, config, samples, method,
-                                          True, budget, rate, profile=profile)
+    specs = {f"fast_{method}": (f"tunesmith {method}", run_tunesmith, (config, samples, method, True, budget, rate),
+                                {"profile": profile}) for method in ("full", "lora")}
+    for key, row in repeated(specs, repeats).items():  # (SavedRows prints and saves each row it is given)
+        rows[key] = row
     if variants:  # what the plan picks on this GPU without --batch-tokens (`tunesmith train`'s default),
         # and the other LoRA forms: the Function node (round 3's default), grouped calls as plain math (round 4's)
         for method in ("full", "lora"):
@@ -724,7 +730,7 @@ def main() -> None:
     parser.add_argument("--host-profile", action="store_true",
                         help="instead: where the host's time goes in tunesmith full and LoRA steps (--shape, short samples)")
     parser.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES), help="--host-profile's model shape")
-    parser.add_argument("--rows", default="", help="--host-profile: only these rows (comma-separated keys)")
+    parser.add_argument("--rows", default="", help="--host-profile, --qlora: only these rows (comma-separated keys)")
     parser.add_argument("--plan-check", action="store_true",
                         help="instead: measured peak memory vs `tunesmith plan`'s estimate, 1B/3B/8B shapes")
     args = parser.parse_args()
@@ -753,7 +759,8 @@ def main() -> None:
                 saved["llama-8b"] = qlora.saved_random_model(qlora.shape_config(qlora.LLAMA_8B, False),
                                                              Path(tempfile.mkdtemp(prefix="qlora-bench-")))
                 report["results"] = [qlora.qlora_rows(rate, REGIMES["short"][4] // 3, saved["llama-8b"],
-                                                      lambda r: write_json({**report, "results": [r]}, args.out))]
+                                                      lambda r: write_json({**report, "results": [r]}, args.out),
+                                                      args.rows)]
                 print("\n".join(table(report["results"][0])), flush=True)
             if args.plan_check:
                 report["plan_check"] = qlora.plan_check(
@@ -794,7 +801,8 @@ def main() -> None:
                     ("lora_ckpt_compiled", "lora", " (checkpointing: compiled layers)",
                      {"checkpointing": True, "compile_checkpointed": True}),
                     # last: liger's patches replace transformers' RoPE process-wide (see `compare`)
-                    ("lora_ckpt", "lora", " (checkpointing: eager liger layers)", {"checkpointing": True})]
+                    ("lora_ckpt", "lora", " (checkpointing: eager liger layers)",
+                     {"checkpointing": True, "compile_checkpointed": False})]
         for key, method, label, settings in variants:
             if args.rows and key not in args.rows.split(","):
                 continue

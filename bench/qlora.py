@@ -12,7 +12,8 @@ Unsloth QLoRA when `unsloth` imports (else a row saying why).
 estimate without the CUDA context (which the allocator does not see), and the error.
 
 bitsandbytes must be installed on the GPU machine (`pip install bitsandbytes-0.50.2-py3-none-
-manylinux_2_24_x86_64.whl`, 43 MB, carried in: the machine has no network).
+manylinux_2_24_x86_64.whl`, carried in: the machine has no network; the 43 MB wheel, pruned to
+its CPU and CUDA 13 libraries as bench/README.md shows, fits the 64 MiB carry with the tree).
 """
 from __future__ import annotations
 
@@ -90,7 +91,8 @@ def run_tunesmith_adapter(config: Any, samples: list[list[int]], method: str, ra
     flops = sum(bench.step_flops(config, n_params(config), d, True) for d in docs)
     from tunesmith.model import fast
 
-    label = (" (checkpointing, compiled layers)" if fast.COMPILE_CHECKPOINTED else " (checkpointing)") if checkpointing else ""
+    layers = "compiled layers" if fast.COMPILE_CHECKPOINTED else "eager liger layers"
+    label = f" (checkpointing, {layers})" if checkpointing else ""
     result = bench.Result(f"tunesmith {method}{label}", tokens / seconds,
                           torch.cuda.max_memory_allocated() / 2**30,
                           flops / seconds / rate / 1e12, steps, tokens, seconds,
@@ -127,10 +129,11 @@ def unsloth_qlora_model(path: Path) -> Any:
                                             use_gradient_checkpointing="unsloth")
 
 
-def qlora_rows(rate: float, n_samples: int, path: Path, save: Any = None) -> dict[str, Any]:
+def qlora_rows(rate: float, n_samples: int, path: Path, save: Any = None, only: str = "") -> dict[str, Any]:
     """tunesmith QLoRA vs Trainer+peft+bitsandbytes QLoRA (vs Unsloth QLoRA) on the 8B shape saved at `path`.
 
     Each row is printed (with its notes) and saved as soon as it ends (`SavedRows`), so a run cut short keeps them.
+    `only`: comma-separated row keys to run (`--rows`); empty runs them all.
     """
     import importlib.util
 
@@ -139,27 +142,32 @@ def qlora_rows(rate: float, n_samples: int, path: Path, save: Any = None) -> dic
     head = {"shape": "llama-8b", "regime": "short", "samples": n_samples, "real_tokens": sum(map(len, samples))}
     rows = bench.SavedRows(head, save, tag="qlora", notes=True)
 
+    def row(key: str, name: str, *args: Any, **kwargs: Any) -> None:
+        if not only or key in only.split(","):
+            rows[key] = bench.guarded(name, *args, **kwargs)
+
     if importlib.util.find_spec("unsloth") is None:
         rows["unsloth"] = bench.Result("Unsloth QLoRA", error="skipped: `unsloth` is not importable here")
     else:  # before the others: Unsloth patches transformers process-wide when imported
-        rows["unsloth"] = bench.guarded("Unsloth QLoRA", bench.run_trainer, config, samples, True, rate,
-                                        make_model=lambda: unsloth_qlora_model(path), label="Unsloth QLoRA",
-                                        n_params=n_params(config))
+        row("unsloth", "Unsloth QLoRA", bench.run_trainer, config, samples, True, rate,
+            make_model=lambda: unsloth_qlora_model(path), label="Unsloth QLoRA", n_params=n_params(config))
     # tunesmith first: the Trainer recipe's prepare_model_for_kbit_training must not leave anything behind
-    rows["fast_qlora"] = bench.guarded("tunesmith qlora", run_tunesmith_adapter, config, samples, "qlora", rate,
-                                       QLORA_TOKENS, path)
+    row("fast_qlora", "tunesmith qlora", run_tunesmith_adapter, config, samples, "qlora", rate, QLORA_TOKENS, path)
     # the candidate, compiled layers under checkpointing (model/fast.py), before the eager checkpointed
     # row: that one patches liger's kernels into transformers process-wide (see gpu_train.compare)
-    rows["fast_qlora_ckpt_compiled"] = bench.guarded("tunesmith qlora (checkpointing, compiled layers)",
-                                                     bench.with_fast_settings, run_tunesmith_adapter, config,
-                                                     samples, "qlora", rate, QLORA_TOKENS, path, True,
-                                                     compile_checkpointed=True)
-    rows["fast_qlora_ckpt"] = bench.guarded("tunesmith qlora (checkpointing)", run_tunesmith_adapter, config,
-                                            samples, "qlora", rate, QLORA_TOKENS, path, True)
-    rows["base_qlora"] = bench.guarded("Trainer+peft+bnb QLoRA", bench.run_trainer, config, samples, True, rate,
-                                       make_model=lambda: trainer_qlora_model(path), label="Trainer+peft+bnb QLoRA",
-                                       n_params=n_params(config))
-    return rows.table()
+    row("fast_qlora_ckpt_compiled", "tunesmith qlora (checkpointing, compiled layers)", bench.with_fast_settings,
+        run_tunesmith_adapter, config, samples, "qlora", rate, QLORA_TOKENS, path, True, compile_checkpointed=True)
+    row("fast_qlora_ckpt", "tunesmith qlora (checkpointing, eager liger layers)", bench.with_fast_settings,
+        run_tunesmith_adapter, config, samples, "qlora", rate, QLORA_TOKENS, path, True, compile_checkpointed=False)
+    row("base_qlora", "Trainer+peft+bnb QLoRA", bench.run_trainer, config, samples, True, rate,
+        make_model=lambda: trainer_qlora_model(path), label="Trainer+peft+bnb QLoRA", n_params=n_params(config))
+    table = rows.table()
+    if {"fast_qlora_ckpt", "fast_qlora_ckpt_compiled"} <= {k for k, v in rows.items() if not v.error}:
+        parity = table["parity_ckpt_compiled"] = bench.loss_parity(rows["fast_qlora_ckpt"].losses,
+                                                                   rows["fast_qlora_ckpt_compiled"].losses)
+        print(f"loss parity qlora checkpointing, eager vs compiled layers: max rel diff "
+              f"{100 * parity['max_rel_diff']:.3f}% over {parity['steps']} steps", flush=True)
+    return table
 
 
 def plan_check(rate: float, saved: dict[str, Path], save: Any = None) -> list[dict[str, Any]]:

@@ -142,8 +142,11 @@ def test_dpo_on_two_processes_trains_like_one_process(runs, name):
     first = [r for r in records if "train_loss" in r][0]
     assert first["train_loss"] == pytest.approx(0.6931, abs=1e-3)  # the policy IS the reference at step 1
     for key in ("reward_accuracy", "margin"):
-        assert [r.get(key) for r in records if key in r] == pytest.approx([r.get(key) for r in ref if key in r],
-                                                                          rel=1e-4, abs=1e-5)
+        # step 1's margins are rounding noise around 0 (policy == reference), so its accuracy (a share of
+        # margins > 0) is the sign of that noise, which any change of batching flips: compared from step 2
+        skip = 1 if key == "reward_accuracy" else 0
+        assert [r.get(key) for r in records if key in r][skip:] == pytest.approx(
+            [r.get(key) for r in ref if key in r][skip:], rel=1e-4, abs=1e-5)
     got, expected = weights(runs / name), weights(runs / f"one-{name}")
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5)

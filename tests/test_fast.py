@@ -336,7 +336,7 @@ def test_the_decoder_hands_our_block_mask_to_every_attention_layer(monkeypatch):
 
 
 def test_compiled_layers_under_checkpointing_keep_the_loss_gradients_and_memory_savings():
-    """`COMPILE_CHECKPOINTED` (off by default until measured on a GPU): transformers' checkpoint around
+    """`COMPILE_CHECKPOINTED` (on by default, measured on a GPU): transformers' checkpoint around
     each compiled layer gives the eager loss and gradients, and what stays saved for the backward
     (beyond the weights) stays near checkpointing's, far below no checkpointing's. On the CPU the
     compiled graphs run under `aot_eager`, as in the test above."""

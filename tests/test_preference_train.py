@@ -32,7 +32,7 @@ def test_lora_dpo_on_the_bundled_pairs_beats_the_base(tiny_model_dir, tmp_path, 
 
     out = tmp_path / "dpo"
     result = finetune(model=str(tiny_model_dir), data=str(BUNDLED), objective="dpo", method="lora", lora_r=8,
-                      lr=1e-2, epochs=2, batch_tokens=1024, test_split=0.2, report=False, output=str(out))
+                      lr=1e-2, epochs=3, batch_tokens=1024, test_split=0.2, report=False, output=str(out))
     steps = [r for r in records(out) if "train_loss" in r]
     for key in ("reward_accuracy", "chosen_reward", "rejected_reward", "margin", "chosen_logp", "rejected_logp"):
         assert key in steps[-1]
