@@ -555,6 +555,9 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
     transformers (RoPE, the CausalLM forward), so every run that must not see them (the
     plain path, the compiled layers) goes before the first liger-patched run.
     """
+    import torch._dynamo
+
+    torch._dynamo.reset()  # each shape starts with empty compile caches, as its own `tunesmith train` would
     config = model_config(shape)
     samples = synth_samples(n_samples, regime, config.vocab_size)
     budget = REGIMES[regime][3]
