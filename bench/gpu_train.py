@@ -476,14 +476,31 @@ def guarded(name: str, fn: Any, *args: Any, **kwargs: Any) -> Result:
 
 def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, document_mask: bool = True,
                        lora_form: str | None = None, group_linears: bool = False, written_out: bool | None = None,
-                       compile_checkpointed: bool | None = None, **kwargs: Any) -> Result:
+                       compile_checkpointed: bool | None = None, late_read: bool = False, **kwargs: Any) -> Result:
     """`fn` with the fast path's switches set: layer compilation (off: eager liger layers), who
     builds the flex block mask (off: transformers), the LoRA node's form (`lora_node.NODES`),
     whether full fine-tuning's linears that share an input are grouped (`lora_graph.LINEARS`),
     whether grouped LoRA calls run as the written-out node (`lora_graph.WRITTEN_OUT`), and
     whether checkpointed layers are compiled too (`fast.COMPILE_CHECKPOINTED`); None keeps the
-    library's setting."""
+    library's setting. `late_read`: the loop reads each step's loss as before round 6, a
+    `.tolist()` of the GPU tensor, which waits for everything queued by then (the next step too)."""
     from tunesmith.model import fast, lora_graph, lora_node
+    from tunesmith.train import loop
+
+    if late_read:
+        start = loop.StepResult.__dict__["start"]
+
+        def start_late(step: int, loss: Any, norm: Any, metrics: dict[str, Any], *rest: Any) -> Any:
+            values = torch.stack([loss.to(norm.device).float(), norm.float(), *(v.float() for v in metrics.values())])
+            return loop.StepResult(step, values, list(metrics), None, *rest)  # no event: read = .tolist() on the GPU
+
+        loop.StepResult.start = start_late  # type: ignore[method-assign]
+        try:
+            return with_fast_settings(fn, *args, compile_layers=compile_layers, document_mask=document_mask,
+                                      lora_form=lora_form, group_linears=group_linears, written_out=written_out,
+                                      compile_checkpointed=compile_checkpointed, **kwargs)
+        finally:
+            loop.StepResult.start = start  # type: ignore[method-assign]
 
     switches = [(fast, "COMPILE_LAYERS", compile_layers), (fast, "DOCUMENT_MASK", document_mask),
                 (lora_node, "NODE", lora_form), (lora_graph, "LINEARS", group_linears),
@@ -794,13 +811,15 @@ def main() -> None:
                           "real_tokens": sum(map(len, samples))},
                          lambda part: write_json({**report, "results": [part]}, args.out), notes=True)
         # (session 4's block-mask pair, and round 4's custom-op and grouped-linears rows, are in their JSON)
-        variants = [("full", "full", "", {}), ("full_linears", "full", " (linears grouped)", {"group_linears": True}),
+        variants = [("full", "full", "", {}), ("full_late_read", "full", " (loss read late)", {"late_read": True}),
+                    ("full_linears", "full", " (linears grouped)", {"group_linears": True}),
                     ("lora", "lora", " (LoRA Function)", {"lora_form": "function"}),
                     ("lora_op", "lora", " (LoRA custom op)", {"lora_form": "op"}),
                     ("lora_grouped", "lora", " (LoRA calls grouped, plain math)",
                      {"lora_form": "grouped", "written_out": False}),
                     ("lora_written", "lora", " (LoRA calls grouped, written-out node)",
                      {"lora_form": "grouped", "written_out": True}),
+                    ("lora_late_read", "lora", " (loss read late)", {"late_read": True}),
                     ("lora_ckpt_compiled", "lora", " (checkpointing: compiled layers)",
                      {"checkpointing": True, "compile_checkpointed": True}),
                     # last: liger's patches replace transformers' RoPE process-wide (see `compare`)
@@ -813,7 +832,9 @@ def main() -> None:
                                 method, True, REGIMES["short"][3], rate, max_steps=40, profile="host", label=label,
                                 **settings)
         out = rows.table()
-        pairs = [("parity_linears_full", "full", "full_linears", "full, default vs linears grouped"),
+        pairs = [("parity_late_read_full", "full", "full_late_read", "full, loss read late vs early"),
+                 ("parity_late_read_lora", "lora_written", "lora_late_read", "lora, loss read late vs early"),
+                 ("parity_linears_full", "full", "full_linears", "full, default vs linears grouped"),
                  ("parity_op_lora", "lora", "lora_op", "lora, Function vs custom op"),
                  ("parity_grouped_lora", "lora", "lora_grouped", "lora, Function vs grouped calls"),
                  ("parity_written_lora", "lora", "lora_written", "lora, Function vs written-out grouped node"),

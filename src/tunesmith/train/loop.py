@@ -174,7 +174,7 @@ def evaluate(model: Any, batches: list[Batch], loss_fn: LossFn, device: torch.de
 
 @dataclass(frozen=True)
 class StepResult:
-    """One optimizer step's loss, gradient norm and metrics, still on the device, and its record.
+    """One optimizer step's loss, gradient norm and metrics, on their way to the host, and its record.
 
     The host reads them one step later (`read`), when the GPU has long finished them, so the
     loop never waits for the GPU inside a step. A NaN/inf is still caught before anything
@@ -183,17 +183,38 @@ class StepResult:
     """
 
     step: int
-    loss: torch.Tensor  # () fp32
-    norm: torch.Tensor  # () fp32
-    metrics: dict[str, torch.Tensor]  # () fp32 each, means over the step's units
+    values: torch.Tensor  # (2 + metrics,) fp32: loss, norm, then the metrics (means over the step's units)
+    names: list[str]  # the metrics' names, in `values` order
+    ready: Any  # the CUDA event after the copy of `values` to the host; None where `values` is readable now
     last_checkpoint: str | None
     record: dict[str, Any]  # step, epoch, lr, tokens so far
     tokens: int  # real tokens of the step
 
+    @classmethod
+    def start(cls, step: int, loss: torch.Tensor, norm: torch.Tensor, metrics: dict[str, torch.Tensor],
+              last_checkpoint: str | None, record: dict[str, Any], tokens: int) -> StepResult:
+        """Queue the copy of the step's values to the host behind the step itself.
+
+        Read later with `.tolist()` on the GPU tensor, the values would be gathered only
+        then, behind the NEXT step's kernels already queued, and the host would wait for
+        that whole step: the GPU's queue would run dry at every step while the host
+        prepares the next one. A non-blocking copy into pinned memory queued now, and an
+        event after it, makes `read` wait for this step only.
+        """
+        names = list(metrics)
+        values = torch.stack([loss.to(norm.device).float(), norm.float(), *(metrics[n].float() for n in names)])
+        ready = None
+        if values.is_cuda:
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            values, ready = host.copy_(values, non_blocking=True), torch.cuda.Event()
+            ready.record()
+        return cls(step, values, names, ready, last_checkpoint, record, tokens)
+
     def read(self) -> tuple[float, float, dict[str, float]]:
-        """(loss, gradient norm, metrics) on the host, one sync for all; raises if loss or norm is not finite."""
-        names = list(self.metrics)
-        values = torch.stack([self.loss.float(), self.norm.float(), *(self.metrics[n] for n in names)]).tolist()
+        """(loss, gradient norm, metrics) on the host; raises if loss or norm is not finite."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        values = self.values.tolist()
         loss, norm = values[0], values[1]
         if not (math.isfinite(loss) and math.isfinite(norm)):
             kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
@@ -203,7 +224,7 @@ class StepResult:
                 f"training diverged at step {self.step}: {what}; stopped ({kept})",
                 ["fix: lower --lr (e.g. by 10x), keep --grad-clip 1.0, check the data for broken samples; "
                  "--resume continues from the last checkpoint"])
-        return loss, norm, dict(zip(names, values[2:]))
+        return loss, norm, dict(zip(self.names, values[2:]))
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scheduler: Any, grad_clip: float) -> torch.Tensor:
@@ -247,7 +268,7 @@ def train(engine: Engine, plan: DataPlan, eval_batches: list[Batch], opts: LoopO
         state.step, state.epoch, state.batch_in_epoch = state.step + 1, epoch, next_index
         state.tokens += tokens
         record = {"step": state.step, "epoch": round(progress, 4), "lr": lr, "tokens": state.tokens}
-        result = StepResult(state.step, loss.to(norm.device), norm, metrics, last_checkpoint, record, tokens)
+        result = StepResult.start(state.step, loss, norm, metrics, last_checkpoint, record, tokens)
         if pending is not None:
             report(pending, log, clock)  # waits for the previous step only: this one is queued behind it
         pending = result
