@@ -487,33 +487,23 @@ def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, documen
     from tunesmith.model import fast, lora_graph, lora_node
     from tunesmith.train import loop
 
-    if late_read:
-        start = loop.StepResult.__dict__["start"]
-
-        def start_late(step: int, loss: Any, norm: Any, metrics: dict[str, Any], *rest: Any) -> Any:
-            values = torch.stack([loss.to(norm.device).float(), norm.float(), *(v.float() for v in metrics.values())])
-            return loop.StepResult(step, values, list(metrics), None, *rest)  # no event: read = .tolist() on the GPU
-
-        loop.StepResult.start = start_late  # type: ignore[method-assign]
-        try:
-            return with_fast_settings(fn, *args, compile_layers=compile_layers, document_mask=document_mask,
-                                      lora_form=lora_form, group_linears=group_linears, written_out=written_out,
-                                      compile_checkpointed=compile_checkpointed, **kwargs)
-        finally:
-            loop.StepResult.start = start  # type: ignore[method-assign]
+    def start_late(step: int, loss: Any, norm: Any, metrics: dict[str, Any], *rest: Any) -> Any:
+        values = torch.stack([loss.to(norm.device).float(), norm.float(), *(v.float() for v in metrics.values())])
+        return loop.StepResult(step, values, list(metrics), None, *rest)  # no event: read = .tolist() on the GPU
 
     switches = [(fast, "COMPILE_LAYERS", compile_layers), (fast, "DOCUMENT_MASK", document_mask),
                 (lora_node, "NODE", lora_form), (lora_graph, "LINEARS", group_linears),
-                (lora_graph, "WRITTEN_OUT", written_out), (fast, "COMPILE_CHECKPOINTED", compile_checkpointed)]
-    saved = [(module, name, getattr(module, name)) for module, name, _ in switches]
-    for module, name, value in switches:
+                (lora_graph, "WRITTEN_OUT", written_out), (fast, "COMPILE_CHECKPOINTED", compile_checkpointed),
+                (loop.StepResult, "start", start_late if late_read else None)]
+    saved = [(owner, name, vars(owner)[name]) for owner, name, _ in switches]  # vars: the classmethod itself
+    for owner, name, value in switches:
         if value is not None:  # None: the library's default
-            setattr(module, name, value)
+            setattr(owner, name, value)
     try:
         return fn(*args, **kwargs)
     finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
+        for owner, name, value in saved:
+            setattr(owner, name, value)
 
 
 def repeated(specs: dict[str, tuple[str, Any, tuple[Any, ...], dict[str, Any]]], times: int) -> dict[str, Result]:
