@@ -444,24 +444,82 @@ def check_optimizer_policy(steps: int = 200) -> dict[str, float]:
                                             for i in range(0, steps - 19, 20))}
 
 
-def check_fused_adamw() -> float:
-    """Max |Triton - torch| / bf16 ulp after one AdamW step on random data (1.0 = rounding either way)."""
-    from tunesmith.train.optim import _adamw_bf16_torch, _adamw_bf16_triton
+def check_fused_adamw(shape: str = "llama-1b", steps: int = 20) -> dict[str, float]:
+    """The fused AdamW step against the torch ops, and its time on one shape's parameters.
+
+    max_ulp: max |fused - torch| / bf16 ulp over tensors of assorted sizes (1.0 = stochastic
+    rounding either way), through `AdamWBF16.step(grad_scale=...)` as the loop calls it.
+    ms, tb_per_s: one step over `shape`'s parameter sizes (22 bytes/param moved), beside
+    the rate of a plain copy of the same bytes (what the memory allows).
+    """
+    from tunesmith.train.optim import AdamWBF16, _adamw_bf16_torch
 
     torch.manual_seed(0)
-    p = torch.randn(1 << 20, device="cuda").to(torch.bfloat16)
-    g, m, v = (torch.randn(1 << 20, device="cuda").to(dt) for dt in (torch.bfloat16, torch.float32, torch.float32))
-    v = v.abs()
-    ref = [t.clone() for t in (p, m, v)]
-    kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=3)
-    _adamw_bf16_triton(p, g, m, v, seed=1, **kw)
-    _adamw_bf16_torch(*ref[:1], g, *ref[1:], generator=None, **kw)
-    ulp = ref[0].float().abs() * 2**-7 + 1e-30
-    return float(((p.float() - ref[0].float()).abs() / ulp).max())
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+    sizes = (1, 4095, 4097, 1 << 20, 3 << 19)
+    params = [torch.nn.Parameter(torch.randn(n, device="cuda").to(torch.bfloat16)) for n in sizes]
+    opt = AdamWBF16(params, lr=kw["lr"], weight_decay=kw["weight_decay"])
+    refs = [(p.detach().clone(), torch.zeros_like(p, dtype=torch.float32), torch.zeros_like(p, dtype=torch.float32))
+            for p in params]
+    scale = torch.tensor(0.37, device="cuda")
+    for step in (1, 2, 3):
+        for p, (rp, rm, rv) in zip(params, refs):
+            p.grad = torch.randn_like(p)
+            p.data.copy_(rp)  # each step from the reference's weights: the ulp bound is per step
+            _adamw_bf16_torch(rp, p.grad, rm, rv, generator=None, grad_scale=scale, step=step, **kw)
+        opt.step(grad_scale=scale)
+    worst = max(float(((p.float() - rp.float()).abs() / (rp.float().abs() * 2**-7 + 1e-30)).max())
+                for p, (rp, _, _) in zip(params, refs))
+    del params, refs, opt
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):  # sizes only: nothing allocated
+        sizes = [p.numel() for p in AutoModelForCausalLM.from_config(model_config(shape)).parameters()]
+    params = [torch.nn.Parameter(torch.zeros(n, device="cuda", dtype=torch.bfloat16)) for n in sizes]
+    for p in params:
+        p.grad = torch.full_like(p, 1e-3)
+    opt = AdamWBF16(params, lr=1e-5)
+    opt.step(grad_scale=scale)  # compile, allocate the moments
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        opt.step(grad_scale=scale)
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - start) / steps * 1e3
+    n = sum(sizes)
+    buf = torch.empty(11 * n, dtype=torch.bfloat16, device="cuda")  # 22 bytes/param, read once and written once
+    half = buf.numel() // 2
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        buf[half:2 * half].copy_(buf[:half])
+    torch.cuda.synchronize()
+    copy_tb = 22 * n / ((time.perf_counter() - start) / steps) / 1e12
+    del params, opt, buf
+    free_gpu()
+    return {"max_ulp": worst, "ms": ms, "params": n, "tb_per_s": 22 * n / (ms * 1e-3) / 1e12, "copy_tb_per_s": copy_tb}
 
 
 # ------------------------------------------------------------------------------------------------
 # The runs and the table.
+
+
+def fused_adamw_report() -> dict[str, Any]:
+    """`check_fused_adamw`, printed; a failure is reported, not the end of the bench."""
+    try:
+        r: dict[str, Any] = check_fused_adamw()
+    except Exception as e:  # noqa: BLE001 - the rows after it still run
+        r = {"error": repr(e)}
+    print(fused_adamw_line(r), flush=True)
+    return r
+
+
+def fused_adamw_line(r: dict[str, Any]) -> str:
+    """The fused AdamW check as one printed line."""
+    if "error" in r:
+        return f"fused AdamW check failed: {r['error']}"
+    return (f"fused AdamW vs torch: max diff {r['max_ulp']:.2f} bf16 ulp; one step over {r['params'] / 1e9:.2f}B "
+            f"params {r['ms']:.2f} ms = {r['tb_per_s']:.2f} TB/s (a copy of the same bytes: {r['copy_tb_per_s']:.2f} TB/s)")
 
 
 def guarded(name: str, fn: Any, *args: Any, **kwargs: Any) -> Result:
@@ -476,16 +534,20 @@ def guarded(name: str, fn: Any, *args: Any, **kwargs: Any) -> Result:
 
 def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, document_mask: bool = True,
                        lora_form: str | None = None, group_linears: bool = False, written_out: bool | None = None,
-                       compile_checkpointed: bool | None = None, late_read: bool = False, **kwargs: Any) -> Result:
+                       compile_checkpointed: bool | None = None, late_read: bool = False, separate_clip: bool = False,
+                       mask_block: Any = None, **kwargs: Any) -> Result:
     """`fn` with the fast path's switches set: layer compilation (off: eager liger layers), who
     builds the flex block mask (off: transformers), the LoRA node's form (`lora_node.NODES`),
     whether full fine-tuning's linears that share an input are grouped (`lora_graph.LINEARS`),
     whether grouped LoRA calls run as the written-out node (`lora_graph.WRITTEN_OUT`), and
     whether checkpointed layers are compiled too (`fast.COMPILE_CHECKPOINTED`); None keeps the
     library's setting. `late_read`: the loop reads each step's loss as before round 6, a
-    `.tolist()` of the GPU tensor, which waits for everything queued by then (the next step too)."""
+    `.tolist()` of the GPU tensor, which waits for everything queued by then (the next step too).
+    `separate_clip`: torch's clipping scales the gradients in a pass of its own before the
+    step, as before round 7, instead of inside AdamWBF16's update. `mask_block`: the flex
+    block mask's block size (`fast.MASK_BLOCK`)."""
     from tunesmith.model import fast, lora_graph, lora_node
-    from tunesmith.train import loop
+    from tunesmith.train import loop, optim
 
     def start_late(step: int, loss: Any, norm: Any, metrics: dict[str, Any], *rest: Any) -> Any:
         values = torch.stack([loss.to(norm.device).float(), norm.float(), *(v.float() for v in metrics.values())])
@@ -494,7 +556,9 @@ def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, documen
     switches = [(fast, "COMPILE_LAYERS", compile_layers), (fast, "DOCUMENT_MASK", document_mask),
                 (lora_node, "NODE", lora_form), (lora_graph, "LINEARS", group_linears),
                 (lora_graph, "WRITTEN_OUT", written_out), (fast, "COMPILE_CHECKPOINTED", compile_checkpointed),
-                (loop.StepResult, "start", start_late if late_read else None)]
+                (loop.StepResult, "start", start_late if late_read else None),
+                (optim.AdamWBF16, "fuses_grad_scale", False if separate_clip else None),
+                (fast, "MASK_BLOCK", mask_block)]
     saved = [(owner, name, vars(owner)[name]) for owner, name, _ in switches]  # vars: the classmethod itself
     for owner, name, value in switches:
         if value is not None:  # None: the library's default
@@ -795,6 +859,7 @@ def main() -> None:
         print("\n".join(table(report["results"][0])))
         return
     if args.host_profile:  # the same batches through each form of the layers' matmuls, with host timings
+        report["fused_adamw"] = fused_adamw_report()
         shape = args.shape
         config, samples = model_config(shape), synth_samples(REGIMES["short"][4], "short", SHAPES[shape]["vocab_size"])
         rows = SavedRows({"shape": shape, "regime": "short", "samples": len(samples),
@@ -802,6 +867,9 @@ def main() -> None:
                          lambda part: write_json({**report, "results": [part]}, args.out), notes=True)
         # (session 4's block-mask pair, and round 4's custom-op and grouped-linears rows, are in their JSON)
         variants = [("full", "full", "", {}), ("full_late_read", "full", " (loss read late)", {"late_read": True}),
+                    ("full_separate_clip", "full", " (clipping in a pass of its own)", {"separate_clip": True}),
+                    ("full_mask_kv64", "full", " (mask blocks 128 x 64)", {"mask_block": (128, 64)}),
+                    ("full_mask64", "full", " (mask blocks 64 x 64)", {"mask_block": 64}),
                     ("full_linears", "full", " (linears grouped)", {"group_linears": True}),
                     ("lora", "lora", " (LoRA Function)", {"lora_form": "function"}),
                     ("lora_op", "lora", " (LoRA custom op)", {"lora_form": "op"}),
@@ -823,6 +891,9 @@ def main() -> None:
                                 **settings)
         out = rows.table()
         pairs = [("parity_late_read_full", "full", "full_late_read", "full, loss read late vs early"),
+                 ("parity_separate_clip_full", "full", "full_separate_clip", "full, clipping inside the step vs apart"),
+                 ("parity_mask_kv64_full", "full", "full_mask_kv64", "full, mask blocks 128 x 128 vs 128 x 64"),
+                 ("parity_mask64_full", "full", "full_mask64", "full, mask blocks 128 x 128 vs 64 x 64"),
                  ("parity_late_read_lora", "lora_written", "lora_late_read", "lora, loss read late vs early"),
                  ("parity_linears_full", "full", "full_linears", "full, default vs linears grouped"),
                  ("parity_op_lora", "lora", "lora_op", "lora, Function vs custom op"),
@@ -849,7 +920,7 @@ def main() -> None:
             report["results"] = results
             write_json(report, args.out)  # after each shape: a run cut short still leaves its rows
         return
-    report["fused_adamw_max_ulp"] = check_fused_adamw()
+    report["fused_adamw"] = fused_adamw_report()
     # before the rows: TRL's liger patches (its rows run last) replace transformers' RMSNorm
     # process-wide, and liger's RMSNorm backward kernel does not compile inside our compiled layers
     policy = report["optimizer_policy"] = check_optimizer_policy()
@@ -863,7 +934,7 @@ def main() -> None:
     print(f"optimizer policy, bf16 + stochastic rounding vs fp32 master, {policy['steps']} steps: mean rel diff "
           f"{100 * policy['mean_rel_diff']:.2f}%, max over 20-step means {100 * policy['max_rel_diff_20step_mean']:.2f}% "
           f"(loss {policy['first_loss']:.3f} -> {policy['last_loss_fp32_master']:.3f} / {policy['last_loss_bf16_sr']:.3f})")
-    print(f"fused AdamW kernel vs torch: max diff {report['fused_adamw_max_ulp']:.2f} bf16 ulp")
+    print(fused_adamw_line(report["fused_adamw"]))
     for r in results[0]["runs"].values():
         for note in r["notes"]:
             print(f"[{r['name']}] {note}")

@@ -231,16 +231,23 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scheduler: Any, grad_clip: 
     """Clip, step, schedule; returns the gradient norm before clipping (on the device, not read).
 
     The clipped parameters are the optimizer's (exactly the trainable ones), not a fresh
-    walk over the model's modules every step.
+    walk over the model's modules every step. An optimizer that `fuses_grad_scale` gets the
+    clip coefficient (torch's: max_norm / (norm + 1e-6), at most 1) and applies it as it reads
+    each gradient, which saves a pass over all of them; the others get torch's clipping.
     """
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
-    else:
+    if getattr(optimizer, "fuses_grad_scale", False):
         norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-    if hasattr(norm, "full_tensor"):  # sharded (FSDP2) gradients give a DTensor norm
-        norm = norm.full_tensor()
-    optimizer.step()
+        scale = (grad_clip / (norm + 1e-6)).clamp_(max=1.0) if grad_clip > 0 else None
+        optimizer.step(grad_scale=scale)
+    else:
+        if grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        if hasattr(norm, "full_tensor"):  # sharded (FSDP2) gradients give a DTensor norm
+            norm = norm.full_tensor()
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return norm

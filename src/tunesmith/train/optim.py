@@ -13,8 +13,13 @@ wrongly: v * 0.999 rounds back to v). Per parameter: 2 (bf16 weight) + 2 (bf16 g
 
 Parameters that are already fp32 (CPU/MPS runs, LoRA adapters kept in fp32) get
 `torch.optim.AdamW` (fused on CUDA) unchanged. On CUDA the bf16 update is one Triton
-kernel per tensor (read p, g, m, v; write p, m, v: 18 bytes/param); elsewhere the same
-math runs as torch ops, which is also the reference the kernel is tested against.
+launch for all the tensors (read p, g, m, v; write p, m, v: 22 bytes/param); elsewhere the
+same math runs as torch ops, which is also the reference the kernel is tested against.
+
+Gradient clipping folds into that pass: `step(grad_scale=c)` multiplies each gradient by the
+clip coefficient `c` (a device scalar) as it is read, instead of a separate pass that reads
+and writes every gradient once more before the step (`loop.optimizer_step` does this for
+optimizers whose `fuses_grad_scale` is true).
 
 `--optim` swaps in a bitsandbytes AdamW for any method: `adamw-8bit` keeps m and v in 8 bits
 (blockwise quantised: 2 bytes/param instead of 8), the `paged-` ones put the states in
@@ -48,9 +53,10 @@ def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = N
 def _adamw_bf16_torch(
     p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, lr: float, beta1: float,
     beta2: float, eps: float, weight_decay: float, step: int, generator: torch.Generator | None,
+    grad_scale: torch.Tensor | None = None,
 ) -> None:
     """One AdamW step for a bf16 tensor in fp32 math, stored back with stochastic rounding."""
-    g32 = g.float()
+    g32 = g.float() if grad_scale is None else g.float() * grad_scale
     m.lerp_(g32, 1.0 - beta1)
     v.mul_(beta2).addcmul_(g32, g32, value=1.0 - beta2)
     denom = (v / (1.0 - beta2**step)).sqrt_().add_(eps)
@@ -59,15 +65,17 @@ def _adamw_bf16_torch(
     p.copy_(stochastic_round_bf16(p32, generator))
 
 
-def _adamw_bf16_triton(
-    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *, lr: float, beta1: float,
-    beta2: float, eps: float, weight_decay: float, step: int, seed: int,
-) -> None:
-    """The same step as `_adamw_bf16_torch`, fused into one Triton kernel (CUDA only)."""
-    from tunesmith.train._optim_triton import adamw_bf16_sr
+def block_table(numels: list[int] | tuple[int, ...], block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each program of the fused kernel: which tensor it updates, from which element on.
 
-    adamw_bf16_sr(p, g, m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                  step=step, seed=seed)
+    Tensor i gets ceil(numels[i] / block) consecutive programs; program j of it starts at
+    element j * block. Returns (tensor index int32, first element int64), one entry per program.
+    """
+    counts = torch.tensor([-(-n // block) for n in numels], dtype=torch.int64)
+    tensor = torch.repeat_interleave(torch.arange(len(numels)), counts)
+    first = torch.cumsum(counts, 0) - counts  # each tensor's first program
+    start = (torch.arange(int(counts.sum())) - first[tensor]) * block
+    return tensor.to(torch.int32), start
 
 
 @functools.cache
@@ -88,11 +96,14 @@ class AdamWBF16(torch.optim.Optimizer):
     A `torch.optim.Optimizer` so that LR schedulers and `state_dict()` checkpoints work.
     """
 
+    fuses_grad_scale = True  # step(grad_scale=...) clips inside the update (module docstring)
+
     def __init__(self, params: Iterable[Any], lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, seed: int = 0) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._tables: dict[tuple[Any, ...], tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def _generator(self, device: torch.device) -> torch.Generator:
         """One seeded generator per device, so runs are reproducible."""
@@ -100,13 +111,36 @@ class AdamWBF16(torch.optim.Optimizer):
             self._generators[device] = torch.Generator(device=device).manual_seed(self._seed)
         return self._generators[device]
 
+    def _fused(self, params: list[torch.Tensor], grad_scale: torch.Tensor | None, seed: int,
+               **args: Any) -> None:
+        """One Triton launch over `params` (same device, same step count)."""
+        from tunesmith.train import _optim_triton
+
+        device = params[0].device
+        key = (device, tuple(p.numel() for p in params))
+        if key not in self._tables:  # the block table depends only on the sizes: built once
+            tensor, start = block_table(key[1], _optim_triton.BLOCK)
+            self._tables[key] = (torch.tensor(key[1], dtype=torch.int64, device=device),
+                                 (tensor.to(device), start.to(device)))
+        numels, blocks = self._tables[key]
+        tensors = list(params) + [p.grad for p in params]
+        tensors += [self.state[p][name] for name in ("exp_avg", "exp_avg_sq") for p in params]
+        for t in tensors[:2 * len(params)]:
+            assert t.is_contiguous() and t.dtype == torch.bfloat16, "AdamWBF16 needs contiguous bf16 weights and grads"
+        # gradients are new tensors every step, so their addresses are sent every step (pinned: no sync)
+        ptrs = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+        if device.type == "cuda":
+            ptrs = ptrs.pin_memory().to(device, non_blocking=True)
+        _optim_triton.adamw_bf16_sr(ptrs, numels, blocks, grad_scale, seed=seed, **args)
+
     @torch.no_grad()
-    def step(self, closure: Any = None) -> None:  # type: ignore[override]
-        """Update every parameter that has a gradient."""
+    def step(self, closure: Any = None, grad_scale: torch.Tensor | None = None) -> None:  # type: ignore[override]
+        """Update every parameter that has a gradient, each gradient multiplied by `grad_scale` if given."""
         assert closure is None, "AdamWBF16 takes no closure"
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
-            for index, p in enumerate(group["params"]):
+            buckets: dict[tuple[int, torch.device], list[torch.Tensor]] = {}
+            for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
@@ -115,13 +149,17 @@ class AdamWBF16(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                 state["step"] += 1
+                buckets.setdefault((state["step"], p.device), []).append(p)
+            for launch, ((step, device), params) in enumerate(buckets.items()):
                 args = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                            weight_decay=group["weight_decay"], step=state["step"])
-                if _triton_ok(p.device.type):
-                    seed = (self._seed * 1_000_003 + state["step"] * 65_537 + index) % (2**31 - 1)
-                    _adamw_bf16_triton(p, p.grad, state["exp_avg"], state["exp_avg_sq"], seed=seed, **args)
-                else:
-                    _adamw_bf16_torch(p, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                            weight_decay=group["weight_decay"], step=step)
+                if _triton_ok(device.type):
+                    seed = (self._seed * 1_000_003 + step * 65_537 + group_index * 1_009 + launch) % (2**31 - 1)
+                    self._fused(params, grad_scale, seed, **args)
+                    continue
+                for p in params:
+                    state = self.state[p]
+                    _adamw_bf16_torch(p, p.grad, state["exp_avg"], state["exp_avg_sq"], grad_scale=grad_scale,
                                       generator=self._generator(p.device), **args)
 
 
