@@ -381,22 +381,3 @@ def test_compiled_layers_under_checkpointing_keep_the_loss_gradients_and_memory_
     assert ckpt[2] < 0.3 * plain[2]
     assert compiled[2] < 0.35 * plain[2]  # + the mask, RoPE tables and RNG states each layer also keeps
 
-
-@pytest.mark.parametrize("block", [128, (128, 64), 64])
-def test_block_mask_of_any_block_size_attends_within_documents(block, monkeypatch):
-    """`MASK_BLOCK` changes which blocks flex attention visits, never the result: each block
-    size gives dense attention under the packed causal mask."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    monkeypatch.setattr(fast, "MASK_BLOCK", block)
-    lengths = [37, 100, 5, 64, 50]  # 256 tokens: documents that start and end inside blocks
-    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
-    mask = fast.document_block_mask(pos)
-    want_block = (block, block) if isinstance(block, int) else block
-    assert mask.BLOCK_SIZE == want_block
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 256, 16) for _ in range(3))
-    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    dense = (doc[:, None] == doc[None, :]) & torch.ones(256, 256, dtype=torch.bool).tril()
-    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
-    torch.testing.assert_close(flex_attention(q, k, v, block_mask=mask), want, rtol=1e-4, atol=1e-5)

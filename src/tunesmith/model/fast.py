@@ -70,10 +70,6 @@ RECOMPILE_LIMIT = 64  # compiled-layer variants kept per run (see _compile_decod
 # waits for the GPU at the start of every forward. Measured on an H200 (bench/gpu_train.py
 # --host-profile, same batches): full 56.7k -> 60.9k tok/s, LoRA 67.3k -> 69.4k, losses equal.
 DOCUMENT_MASK = True
-# The block mask's (query, key) block size: flex attention computes a block wherever any of
-# its pairs is in the mask, so short documents waste the part of their blocks that crosses
-# into a neighbour. torch's default is 128 x 128 (bench/gpu_train.py --host-profile measures others).
-MASK_BLOCK: int | tuple[int, int] = 128
 PAD_MULTIPLE = 1024  # packed rows are padded up to the batch budget, longer ones to this multiple
 
 
@@ -141,8 +137,7 @@ def document_block_mask(position_ids: torch.Tensor) -> Any:
 
     batch, length = position_ids.shape
     return _block_mask_builder(position_ids.is_cuda)(same_document_causal, B=batch, H=None, Q_LEN=length,
-                                                     KV_LEN=length, device=position_ids.device,
-                                                     BLOCK_SIZE=MASK_BLOCK)
+                                                     KV_LEN=length, device=position_ids.device)
 
 
 @functools.lru_cache(maxsize=2)

@@ -41,7 +41,7 @@ def _update_part(p_ptr, g_ptr, m_ptr, v_ptr, offs, noise, n, scale, lr, beta1, b
     tl.store(p_ptr + offs, p, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a new seed every step: specialising on it (== 1, % 16) recompiles
 def _adamw_bf16_sr_kernel(ptrs, numels, block_tensor, block_start, scale_ptr, lr, beta1, beta2, eps, decay,
                           bc1, bc2, seed, n_tensors, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
