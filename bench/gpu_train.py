@@ -484,14 +484,25 @@ def check_fused_adamw(shape: str = "llama-1b", steps: int = 20) -> dict[str, flo
     params = [torch.nn.Parameter(torch.zeros(n, device="cuda", dtype=torch.bfloat16)) for n in sizes]
     for p in params:
         p.grad = torch.full_like(p, 1e-3)
-    opt = AdamWBF16(params, lr=1e-5)
-    opt.step(grad_scale=scale)  # compile, allocate the moments
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        opt.step(grad_scale=scale)
-    torch.cuda.synchronize()
-    ms = (time.perf_counter() - start) / steps * 1e3
+    from tunesmith.train import _optim_triton as kernel
+
+    default = (kernel.BLOCK, kernel._WARPS)
+    variants: dict[str, float] = {}
+    try:  # the shipped (BLOCK, warps) and its neighbours, on the same tensors
+        for block, warps in dict.fromkeys([default, (4096, 4), (8192, 8), (16384, 8)]):
+            kernel.BLOCK, kernel._WARPS = block, warps
+            opt = AdamWBF16(params, lr=1e-5)  # a new block table for this BLOCK
+            opt.step(grad_scale=scale)  # compile, allocate the moments
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(steps):
+                opt.step(grad_scale=scale)
+            torch.cuda.synchronize()
+            variants[f"{block}x{warps}"] = (time.perf_counter() - start) / steps * 1e3
+            del opt
+    finally:
+        kernel.BLOCK, kernel._WARPS = default
+    ms = variants[f"{default[0]}x{default[1]}"]
     n = sum(sizes)
     buf = torch.empty(11 * n, dtype=torch.bfloat16, device="cuda")  # 22 bytes/param, read once and written once
     half = buf.numel() // 2
@@ -501,9 +512,10 @@ def check_fused_adamw(shape: str = "llama-1b", steps: int = 20) -> dict[str, flo
         buf[half:2 * half].copy_(buf[:half])
     torch.cuda.synchronize()
     copy_tb = 22 * n / ((time.perf_counter() - start) / steps) / 1e12
-    del params, opt, buf
+    del params, buf
     free_gpu()
-    return {"max_ulp": worst, "ms": ms, "params": n, "tb_per_s": 22 * n / (ms * 1e-3) / 1e12, "copy_tb_per_s": copy_tb}
+    return {"max_ulp": worst, "ms": ms, "params": n, "tb_per_s": 22 * n / (ms * 1e-3) / 1e12, "copy_tb_per_s": copy_tb,
+            "ms_by_block_x_warps": variants}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -525,7 +537,8 @@ def fused_adamw_line(r: dict[str, Any]) -> str:
     if "error" in r:
         return f"fused AdamW check failed: {r['error']}"
     return (f"fused AdamW vs torch: max diff {r['max_ulp']:.2f} bf16 ulp; one step over {r['params'] / 1e9:.2f}B "
-            f"params {r['ms']:.2f} ms = {r['tb_per_s']:.2f} TB/s (a copy of the same bytes: {r['copy_tb_per_s']:.2f} TB/s)")
+            f"params {r['ms']:.2f} ms = {r['tb_per_s']:.2f} TB/s (a copy of the same bytes: {r['copy_tb_per_s']:.2f} TB/s); "
+            "ms by BLOCK x warps: " + ", ".join(f"{k} {v:.2f}" for k, v in r.get("ms_by_block_x_warps", {}).items()))
 
 
 def guarded(name: str, fn: Any, *args: Any, **kwargs: Any) -> Result:

@@ -15,13 +15,12 @@ from tunesmith.train.optim import _adamw_bf16_torch, block_table
 
 
 def launch(tensors: list[torch.Tensor], sizes: list[int], scale: torch.Tensor | None, **kw: float) -> None:
-    ptrs = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
-    kernel.adamw_bf16_sr(ptrs, torch.tensor(sizes), block_table(sizes, kernel.BLOCK), scale, seed=7, **kw)
+    kernel.adamw_bf16_sr(tensors, torch.tensor(sizes), block_table(sizes, kernel.BLOCK), scale, seed=7, **kw)
 
 
 def main() -> None:
     torch.manual_seed(0)
-    sizes = [5000, 1, 4096, 4097, 9000]
+    sizes = [5000, 1, 8192, 8193, 17000, 4096]
     ps = [torch.randn(n).to(torch.bfloat16) for n in sizes]
     gs = [torch.randn(n).to(torch.bfloat16) for n in sizes]
     ms, vs = [torch.randn(n) for n in sizes], [torch.randn(n).abs() for n in sizes]
@@ -37,6 +36,25 @@ def main() -> None:
         worst = float(((p.float() - rp.float()).abs() / ulp).max())
         assert worst <= 1.0, f"tensor of {p.numel()}: {worst} ulp from the exact update"
         assert bool(p.float().isfinite().all())
+
+    # tensors that do not start on 16 bytes (views one element into a buffer): the unhinted launch
+    bufs = [torch.randn(n + 1).to(torch.bfloat16) for _ in range(2) for n in sizes]
+    bufs += [torch.randn(n + 1) for n in sizes] + [torch.randn(n + 1).abs() for n in sizes]
+    views = [b[1:] for b in bufs]
+    assert not kernel.element_deltas([t.data_ptr() for t in views], len(sizes), views[0].data_ptr(),
+                                     views[2 * len(sizes)].data_ptr())[1]
+    assert kernel.element_deltas([t.data_ptr() for t in ps + gs + ms + vs], len(sizes), ps[0].data_ptr(),
+                                 ms[0].data_ptr())[1] == all(t.data_ptr() % 16 == 0 for t in ps + gs + ms + vs)
+    k = len(sizes)
+    refs = [(p.clone(), m.clone(), v.clone()) for p, m, v in zip(views[:k], views[2 * k:3 * k], views[3 * k:])]
+    heads = [b[0].clone() for b in bufs]  # the element before each view: must stay as it was
+    launch(views, sizes, None, **kw)
+    for (rp, rm, rv), p, g, m, v in zip(refs, views[:k], views[k:2 * k], views[2 * k:3 * k], views[3 * k:]):
+        _adamw_bf16_torch(rp, g, rm, rv, generator=None, grad_scale=None, **kw)
+        torch.testing.assert_close(m, rm, rtol=1e-5, atol=1e-6)
+        worst = float(((p.float() - rp.float()).abs() / (rp.float().abs() * 2**-7 + 1e-30)).max())
+        assert worst <= 1.0, f"unaligned tensor of {p.numel()}: {worst} ulp from the exact update"
+    assert all(bool(b[0] == h) for b, h in zip(bufs, heads))
 
     # unbiased: 1 - 2**-10 lies a quarter of the way from 1 down to its bf16 neighbour 1 - 2**-8
     n = 40_000

@@ -127,11 +127,7 @@ class AdamWBF16(torch.optim.Optimizer):
         tensors += [self.state[p][name] for name in ("exp_avg", "exp_avg_sq") for p in params]
         for t in tensors[:2 * len(params)]:
             assert t.is_contiguous() and t.dtype == torch.bfloat16, "AdamWBF16 needs contiguous bf16 weights and grads"
-        # gradients are new tensors every step, so their addresses are sent every step (pinned: no sync)
-        ptrs = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
-        if device.type == "cuda":
-            ptrs = ptrs.pin_memory().to(device, non_blocking=True)
-        _optim_triton.adamw_bf16_sr(ptrs, numels, blocks, grad_scale, seed=seed, **args)
+        _optim_triton.adamw_bf16_sr(tensors, numels, blocks, grad_scale, seed=seed, **args)
 
     @torch.no_grad()
     def step(self, closure: Any = None, grad_scale: torch.Tensor | None = None) -> None:  # type: ignore[override]
