@@ -489,7 +489,7 @@ def check_fused_adamw(shape: str = "llama-1b", steps: int = 20) -> dict[str, flo
     default = (kernel.BLOCK, kernel._WARPS)
     variants: dict[str, float] = {}
     try:  # the shipped (BLOCK, warps) and its neighbours, on the same tensors
-        for block, warps in dict.fromkeys([default, (4096, 4), (8192, 8), (16384, 8)]):
+        for block, warps in dict.fromkeys([default, (8192, 4), (4096, 4), (8192, 8), (16384, 8)]):
             kernel.BLOCK, kernel._WARPS = block, warps
             opt = AdamWBF16(params, lr=1e-5)  # a new block table for this BLOCK
             opt.step(grad_scale=scale)  # compile, allocate the moments
