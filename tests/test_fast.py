@@ -335,6 +335,32 @@ def test_the_decoder_hands_our_block_mask_to_every_attention_layer(monkeypatch):
     assert len(built) == 1 and len(seen) == 4 and seen[2] is not built[0]
 
 
+def test_flex_tiles_reach_every_attention_layer_only_where_they_were_measured(monkeypatch):
+    """`FLEX_TILES` go to flex attention as `kernel_options` through the decoder's kwargs (the
+    path transformers reads them from), on CUDA at head dim <= 64 only; elsewhere torch's defaults."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    seen = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append(kwargs.get("kernel_options"))
+        return query.transpose(1, 2).contiguous(), None
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "flex_attention", spy)
+    model = _tiny()
+    model.config._attn_implementation = "flex_attention"
+    batch = _packed([5, 9, 2])
+    monkeypatch.setattr(fast, "flex_kernel_options", lambda config, cuda: fast.FLEX_TILES)  # as on CUDA
+    with torch.no_grad():
+        fast.decoder_hidden(model, batch.input_ids, batch.position_ids)
+    assert seen == [fast.FLEX_TILES] * 2
+    monkeypatch.undo()
+    assert fast.flex_kernel_options(LlamaConfig(hidden_size=2048, num_attention_heads=32), cuda=True) == fast.FLEX_TILES
+    assert fast.flex_kernel_options(LlamaConfig(hidden_size=2048, num_attention_heads=32), cuda=False) is None
+    assert fast.flex_kernel_options(LlamaConfig(hidden_size=3072, num_attention_heads=24), cuda=True) is None  # d 128
+    assert fast.flex_kernel_options(LlamaConfig(hidden_size=2048, num_attention_heads=32, head_dim=128), True) is None
+
+
 def test_compiled_layers_under_checkpointing_keep_the_loss_gradients_and_memory_savings():
     """`COMPILE_CHECKPOINTED` (on by default, measured on a GPU): transformers' checkpoint around
     each compiled layer gives the eager loss and gradients, and what stays saved for the backward
