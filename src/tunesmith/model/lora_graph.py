@@ -35,6 +35,14 @@ from tunesmith.model import lora_node  # noqa: F401  (registers torch.ops.tunesm
 
 
 WRITTEN_OUT = True  # `grouped_lora` through the `GroupedLora` node (off: plain math; see the module docstring)
+# Which groups' `GroupedLora` node returns one output per member instead of one (..., sum out)
+# output split outside it: "none", "wide" (groups whose members are each at least as wide as
+# their input: gate/up), "all". Separate outputs get separate gradients, so the backward
+# needs no concatenation of them (one per member matmul instead of one per group).
+SEPARATE = "none"
+# The backward's grad x matmul also gives the adapters' gh = g B (one read of the (N, out)
+# gradient instead of two); off: gh from a matmul of its own.
+FOLD_GH = True
 
 
 def _scaled(h: torch.Tensor, ranks: list[int], scales: tuple[float, ...]) -> torch.Tensor:
@@ -73,7 +81,7 @@ class GroupedLora(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, n: int, scales: tuple[float, ...], bias: torch.Tensor | None,
-                *tensors: torch.Tensor) -> torch.Tensor:
+                separate: bool, *tensors: torch.Tensor) -> Any:
         weights, a_list, b_list = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         a, h, b = _adapters(x2, a_list, b_list, scales)
@@ -87,18 +95,30 @@ class GroupedLora(torch.autograd.Function):
         ctx.save_for_backward(x2, h, a, b, *weights)
         ctx.n, ctx.scales, ctx.ranks, ctx.x_shape = n, scales, [t.shape[0] for t in a_list], x.shape
         ctx.dtypes = [t.dtype for t in (*a_list, *b_list)]
-        return y.view(*x.shape[:-1], w.shape[0])
+        ctx.separate = separate
+        y = y.view(*x.shape[:-1], w.shape[0])
+        return tuple(y.split([t.shape[0] for t in weights], dim=-1)) if separate else y
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
+        if ctx.separate:
+            return GroupedLora._separate_backward(ctx, grads)
         x2, h, a, b, *weights = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])  # (N, O)
-        gh = _scaled(g @ b, ctx.ranks, ctx.scales)  # (N, R): the gradient of x A^T
+        g = grads[0].reshape(-1, grads[0].shape[-1])  # (N, O)
         grad_x = None
-        if ctx.needs_input_grad[0]:
-            # [W_cat; A] in one buffer: a concatenation the forward does not make, so the
-            # graph's common-subexpression pass cannot merge it with the forward's W_cat
-            # (which would then be saved for the backward)
+        if ctx.needs_input_grad[0] and FOLD_GH:
+            # g [B_bd | W_cat] (N, R + in): the adapters' gh and the frozen part of grad x in
+            # one matmul, so g (N, O) is read once for both. [B_bd | W_cat] is a concatenation
+            # the forward does not make ([W_cat | B_bd]), so the graph's common-subexpression
+            # pass cannot merge the two (the forward's would then be saved for the backward).
+            rank = b.shape[1]
+            both = g @ torch.cat([b, torch.cat(weights) if ctx.n > 1 else weights[0]], dim=1)
+            gh = _scaled(both[:, :rank], ctx.ranks, ctx.scales)  # (N, R): the gradient of x A^T
+            grad_x = (both[:, rank:] + gh @ a).view(ctx.x_shape)
+        else:
+            gh = _scaled(g @ b, ctx.ranks, ctx.scales)  # (N, R): the gradient of x A^T
+        if ctx.needs_input_grad[0] and not FOLD_GH:
+            # [W_cat; A] in one buffer: a concatenation the forward does not make (see above)
             wa = torch.cat([*weights, a])  # (O + R, in)
             grad_x = (g @ wa[:g.shape[1]] + gh @ wa[g.shape[1]:]).view(ctx.x_shape)
         grad_a = (gh.t() @ x2).split(ctx.ranks)  # (r_i, in) each
@@ -108,7 +128,38 @@ class GroupedLora(torch.autograd.Function):
             grad_b.append(grad_b_all[row:row + out, col:col + rank])
             row, col = row + out, col + rank
         cast = [gr.to(dt) for gr, dt in zip((*grad_a, *grad_b), ctx.dtypes)]
-        return (grad_x, None, None, None, *([None] * ctx.n), *cast)
+        return (grad_x, None, None, None, None, *([None] * ctx.n), *cast)
+
+    @staticmethod
+    def _separate_backward(ctx: Any, grads: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
+        """The backward with one gradient per member: the products above, member by member
+        (member i's B is its block of the block-diagonal)."""
+        x2, h, a, b, *weights = ctx.saved_tensors
+        gs = [gr.reshape(-1, gr.shape[-1]) for gr in grads]  # (N, out_i) each
+        rows, cols = [0], [0]
+        for w, rank in zip(weights, ctx.ranks):
+            rows.append(rows[-1] + w.shape[0])
+            cols.append(cols[-1] + rank)
+        blocks = [b[rows[i]:rows[i + 1], cols[i]:cols[i + 1]] for i in range(ctx.n)]  # (out_i, r_i)
+        grad_x = None
+        if ctx.needs_input_grad[0] and FOLD_GH:  # as above, member by member
+            both = [g @ torch.cat([blk, w], dim=1) for g, blk, w in zip(gs, blocks, weights)]  # (N, r_i + in)
+            gh = torch.cat([part[:, :blk.shape[1]] * s for part, blk, s in zip(both, blocks, ctx.scales)], dim=1)
+            grad_x = gh @ a
+            for part, blk in zip(both, blocks):
+                grad_x = grad_x + part[:, blk.shape[1]:]
+            grad_x = grad_x.view(ctx.x_shape)
+        else:
+            gh = torch.cat([(g @ blk) * s for g, blk, s in zip(gs, blocks, ctx.scales)], dim=1)  # (N, R)
+        if ctx.needs_input_grad[0] and not FOLD_GH:
+            grad_x = gh @ a
+            for g, w in zip(gs, weights):
+                grad_x = grad_x + g @ w
+            grad_x = grad_x.view(ctx.x_shape)
+        grad_a = (gh.t() @ x2).split(ctx.ranks)
+        grad_b = [g.t() @ h[:, cols[i]:cols[i + 1]] for i, g in enumerate(gs)]
+        cast = [gr.to(dt) for gr, dt in zip((*grad_a, *grad_b), ctx.dtypes)]
+        return (grad_x, None, None, None, None, *([None] * ctx.n), *cast)
 
 
 def grouped_lora(x: torch.Tensor, weights: list[torch.Tensor], a_list: list[torch.Tensor],
@@ -126,8 +177,9 @@ def grouped_lora(x: torch.Tensor, weights: list[torch.Tensor], a_list: list[torc
     if WRITTEN_OUT:
         bias = None if all(t is None for t in biases) else torch.cat(
             [(t if t is not None else w.new_zeros(w.shape[0])).to(x.dtype) for t, w in zip(biases, weights)])
-        y = GroupedLora.apply(x, len(weights), tuple(scales), bias, *weights, *a_list, *b_list)
-        return list(y.split([w.shape[0] for w in weights], dim=-1))
+        separate = SEPARATE == "all" or (SEPARATE == "wide" and min(w.shape[0] for w in weights) >= x.shape[-1])
+        y = GroupedLora.apply(x, len(weights), tuple(scales), bias, separate, *weights, *a_list, *b_list)
+        return list(y) if separate else list(y.split([w.shape[0] for w in weights], dim=-1))
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     _a, h, b = _adapters(x2, a_list, b_list, tuple(scales))
     adapters = (h @ b.t()).split([w.shape[0] for w in weights], dim=1)  # (N, out_i) each

@@ -1,0 +1,163 @@
+"""Where a LoRA step's GPU time goes, kernel by kernel, beside full fine-tuning's, on a few layers.
+
+Why: on the Llama-3.2-1B shape LoRA does about two thirds of full fine-tuning's matmul FLOPs,
+yet runs only ~1.22x its tokens/s (bench/README.md, round 9). This builds the fast path's model
+(`prepare_for_training`, the compiled layers and the fused loss) with a few decoder layers of
+the shape, runs forward + backward (no optimizer) over the bench's packed rows in each form
+below, and prints per form: ms per forward + backward, and the kernels' device time per step,
+largest first, with the difference to the first form. The inductor code of every compiled
+graph is written to $OUT/code/<form>/ (the kernels' source, to read what a fused kernel does).
+
+- full: every weight trains;
+- lora fold=off: `lora_graph.FOLD_GH` off (gh = g B from a matmul of its own, not folded into
+  grad x's matmul);
+- lora: the default (grouped calls as the written-out node, one output per group);
+- lora separate=wide / =all: `lora_graph.SEPARATE` (one output per member: no concatenated
+  gradient in the backward) for gate/up only, or for every group.
+
+    python bench/lora_layer.py [--shape llama-1b] [--layers 4]   # ~3-4 min on an H200
+
+Writes `$OUT/lora_layer.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+import torch  # noqa: E402
+
+import gpu_train  # noqa: E402  (the bench's shapes, models and synthetic samples)
+
+FORMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "full": ("full", {}),
+    "lora fold=off": ("lora", {"FOLD_GH": False}),
+    "lora": ("lora", {}),
+    "lora separate=wide": ("lora", {"SEPARATE": "wide"}),
+    "lora separate=all": ("lora", {"SEPARATE": "all"}),
+}
+
+
+def inductor_code_since(started: float, dest: Path) -> int:
+    """Copy the inductor output modules (the ones with a `call`) written since `started` to `dest`."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    copied = 0
+    for path in Path(cache_dir()).rglob("*.py"):
+        if path.stat().st_mtime >= started and "def call(" in path.read_text(errors="ignore"):
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, dest / path.name)
+            copied += 1
+    return copied
+
+
+def run_form(name: str, method: str, switches: dict[str, Any], shape: str, layers: int, out: Path) -> dict[str, Any]:
+    """ms per forward + backward and kernel device time per step of one form."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tunesmith.config import MethodOptions
+    from tunesmith.data.tokenize import TokenizedSample
+    from tunesmith.methods import OBJECTIVES, PARAMETER_SETS
+    from tunesmith.model import lora_graph
+    from tunesmith.model.fast import prepare_for_training
+    from tunesmith.train.loop import DataPlan
+
+    saved = {k: getattr(lora_graph, k) for k in switches}
+    for key, value in switches.items():
+        setattr(lora_graph, key, value)
+    started = time.time()
+    try:
+        config = gpu_train.model_config(shape)
+        config.num_hidden_layers = layers
+        if gpu_train.DEVICE == "cuda":
+            gpu_train.free_gpu()
+        model = gpu_train.build_model(config, torch.bfloat16)
+        model = PARAMETER_SETS[method].wrap(model, MethodOptions(method=method, lora_r=16, lora_alpha=32))
+        budget = gpu_train.REGIMES["short"][3]
+        setup = prepare_for_training(model, device=torch.device(gpu_train.DEVICE), batch_tokens=budget)
+        loss_fn = OBJECTIVES["sft"].make_loss(setup)
+        samples = gpu_train.synth_samples(400, "short", config.vocab_size)
+        plan = DataPlan([TokenizedSample(s, s) for s in samples], budget, seed=0)
+        batches = [plan.collate(g).to(torch.device(gpu_train.DEVICE)) for g in plan.groups(0)[:4]]
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def step(i: int) -> None:
+            result = loss_fn(model, batches[i % len(batches)])
+            (result.total / max(1, batches[i % len(batches)].num_targets)).backward()
+            for p in params:
+                p.grad = None
+
+        def sync() -> None:
+            if gpu_train.DEVICE == "cuda":
+                torch.cuda.synchronize()
+
+        for i in range(6):  # compile (both layer variants) and warm up
+            step(i)
+        sync()
+        compiled_s = time.time() - started
+        times = []
+        for i in range(12):
+            begun = time.perf_counter()
+            step(i)
+            sync()
+            times.append(1e3 * (time.perf_counter() - begun))
+        steps = 4
+        activity = ProfilerActivity.CUDA if gpu_train.DEVICE == "cuda" else ProfilerActivity.CPU
+        with profile(activities=[activity]) as prof:
+            for i in range(steps):
+                step(i)
+            sync()
+        kernels = {e.key: e.self_device_time_total / steps / 1e3 for e in prof.key_averages()
+                   if e.self_device_time_total > 0}  # (none on the CPU)
+        code = inductor_code_since(started, out / "code" / name.replace(" ", "_").replace("=", "-"))
+        return {"ms": sorted(times)[len(times) // 2], "kernels_ms": kernels, "compile_s": compiled_s,
+                "code_files": code, "kernel_total_ms": sum(kernels.values())}
+    finally:
+        for key, value in saved.items():
+            setattr(lora_graph, key, value)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="llama-1b", choices=sorted(gpu_train.SHAPES))
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--forms", default=",".join(FORMS), help="comma-separated names of FORMS")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--cpu", action="store_true", help="a smoke run of the script itself (no compiled layers)")
+    args = parser.parse_args()
+    if args.cpu:
+        gpu_train.DEVICE = "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"shape": args.shape, "layers": args.layers, "forms": {},
+                              "env": gpu_train.environment() if gpu_train.DEVICE == "cuda" else {}}
+    for name in args.forms.split(","):
+        method, switches = FORMS[name]
+        try:
+            row = report["forms"][name] = run_form(name, method, switches, args.shape, args.layers, out)
+        except Exception as exc:  # a form that fails is reported, the others still run
+            report["forms"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+            print(f"{name}: failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            continue
+        print(f"\n{name}: {row['ms']:.2f} ms per forward+backward ({args.layers} layers), kernels "
+              f"{row['kernel_total_ms']:.2f} ms, compile+warm-up {row['compile_s']:.0f} s, "
+              f"{row['code_files']} code files",
+              flush=True)
+        first = next(iter(report["forms"].values()))
+        for key, ms in sorted(row["kernels_ms"].items(), key=lambda kv: -kv[1])[:28]:
+            base = first.get("kernels_ms", {}).get(key, 0.0)
+            print(f"  {ms:8.3f} ms  (first form {base:8.3f})  {key[:110]}", flush=True)
+        (out / "lora_layer.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
