@@ -47,6 +47,12 @@ FLEX_OPTIONS: dict[str, dict[str, int]] = {
     "bwd 64/64 w4 s3": dict(BLOCK_M1=64, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=64, num_warps=4, num_stages=3),
     "bwd 32/64 w4 s3": dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, num_warps=4, num_stages=3),
     "bwd 64/128 w8 s3": dict(BLOCK_M1=64, BLOCK_N1=128, BLOCK_M2=128, BLOCK_N2=64, num_warps=8, num_stages=3),
+    # fwd_/bwd_ prefixes: an option for one kernel only (the others above set both kernels' warps and stages)
+    "bwd-only 32/64 w4 s3": dict(bwd_BLOCK_M1=32, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=32, bwd_num_warps=4,
+                                 bwd_num_stages=3),
+    "fwd 128x128 w8 s3 + bwd 64/128 w8 s3": dict(fwd_BLOCK_M=128, fwd_BLOCK_N=128, fwd_num_warps=8, fwd_num_stages=3,
+                                                 bwd_BLOCK_M1=64, bwd_BLOCK_N1=128, bwd_BLOCK_M2=128, bwd_BLOCK_N2=64,
+                                                 bwd_num_warps=8, bwd_num_stages=3),
 }
 
 
@@ -156,8 +162,8 @@ def main() -> None:
             print(f"{name:44s} failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
             continue
         if reference is None:
-            reference = [t.float() for t in outs]
-        diffs = [float((t.float() - r).abs().max()) for t, r in zip(outs, reference)]
+            reference = [t.detach().float() for t in outs]
+        diffs = [float((t.detach().float() - r).abs().max()) for t, r in zip(outs, reference)]
         row = report["rows"][name] = {"ms": ms, "tflops": flops / ms / 1e9, "max_abs_diff": diffs,
                                       "setup_s": time.perf_counter() - started}
         print(f"{name:44s} {ms:7.3f} ms  {row['tflops']:6.1f} TFLOP/s  max |diff| out/dq/dk/dv "

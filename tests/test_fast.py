@@ -155,9 +155,7 @@ def test_lora_custom_op_passes_torch_opcheck_and_equals_the_function():
     torch.testing.assert_close(grads[0], want[1])
 
 
-@pytest.mark.parametrize(("written_out", "separate", "fold"), [(False, "none", True), (True, "none", True),
-                                                                (True, "all", True), (True, "none", False),
-                                                                (True, "all", False)])
+@pytest.mark.parametrize(("written_out", "separate"), [(False, "none"), (True, "none"), (True, "all")])
 @pytest.mark.parametrize("bias", [None, (True, True, True), (True, False, True)])
 @pytest.mark.parametrize(("outs", "ranks", "scales"), [
     ((24, 8, 8), (4, 2, 4), (0.5, 0.5, 0.5)),  # q/k/v-like (GQA widths): GroupedLora's folded [x, h] matmul
@@ -165,7 +163,7 @@ def test_lora_custom_op_passes_torch_opcheck_and_equals_the_function():
     ((8,), (4,), (0.5,)),  # o/down-like (out < in + r): two matmuls and an add
     ((6, 6), (2, 2), (1.0, 1.0)),  # a group GroupedLora does not fold
 ])
-def test_grouped_lora_equals_one_node_per_member(outs, ranks, scales, bias, written_out, separate, fold, monkeypatch):
+def test_grouped_lora_equals_one_node_per_member(outs, ranks, scales, bias, written_out, separate, monkeypatch):
     """The grouped math (one matmul over the A's, one block-diagonal over the B's; as plain
     math or as the `GroupedLora` node, which folds the frozen weights into one matmul where
     that copies less, with one output for the group or one per member) gives each member's
@@ -173,7 +171,6 @@ def test_grouped_lora_equals_one_node_per_member(outs, ranks, scales, bias, writ
     too, and with frozen biases on all or some members."""
     monkeypatch.setattr(lora_graph, "WRITTEN_OUT", written_out)
     monkeypatch.setattr(lora_graph, "SEPARATE", separate)
-    monkeypatch.setattr(lora_graph, "FOLD_GH", fold)
     torch.manual_seed(0)
     x = torch.randn(2, 5, 16, requires_grad=True)
     ws = [torch.randn(o, 16) for o in outs]

@@ -38,11 +38,12 @@ WRITTEN_OUT = True  # `grouped_lora` through the `GroupedLora` node (off: plain 
 # Which groups' `GroupedLora` node returns one output per member instead of one (..., sum out)
 # output split outside it: "none", "wide" (groups whose members are each at least as wide as
 # their input: gate/up), "all". Separate outputs get separate gradients, so the backward
-# needs no concatenation of them (one per member matmul instead of one per group).
-SEPARATE = "none"
-# The backward's grad x matmul also gives the adapters' gh = g B (one read of the (N, out)
-# gradient instead of two); off: gh from a matmul of its own.
-FOLD_GH = True
+# needs no concatenation of them (one matmul per member instead of one per group). Measured
+# on an H200 (bench/lora_layer.py, 4 layers of the 1B shape, forward + backward at 8,192
+# tokens): the SwiGLU backward that writes the concatenated gate/up gradient takes 0.335 ms a
+# layer (full fine-tuning's, two gradients: 0.153); with "wide", 0.18. Kernels 31.68 ms vs 32.16
+# for "none" ("all": 31.77, q/k/v's three narrow members cost more matmuls than they save).
+SEPARATE = "wide"
 
 
 def _scaled(h: torch.Tensor, ranks: list[int], scales: tuple[float, ...]) -> torch.Tensor:
@@ -105,20 +106,12 @@ class GroupedLora(torch.autograd.Function):
             return GroupedLora._separate_backward(ctx, grads)
         x2, h, a, b, *weights = ctx.saved_tensors
         g = grads[0].reshape(-1, grads[0].shape[-1])  # (N, O)
+        gh = _scaled(g @ b, ctx.ranks, ctx.scales)  # (N, R): the gradient of x A^T
         grad_x = None
-        if ctx.needs_input_grad[0] and FOLD_GH:
-            # g [B_bd | W_cat] (N, R + in): the adapters' gh and the frozen part of grad x in
-            # one matmul, so g (N, O) is read once for both. [B_bd | W_cat] is a concatenation
-            # the forward does not make ([W_cat | B_bd]), so the graph's common-subexpression
-            # pass cannot merge the two (the forward's would then be saved for the backward).
-            rank = b.shape[1]
-            both = g @ torch.cat([b, torch.cat(weights) if ctx.n > 1 else weights[0]], dim=1)
-            gh = _scaled(both[:, :rank], ctx.ranks, ctx.scales)  # (N, R): the gradient of x A^T
-            grad_x = (both[:, rank:] + gh @ a).view(ctx.x_shape)
-        else:
-            gh = _scaled(g @ b, ctx.ranks, ctx.scales)  # (N, R): the gradient of x A^T
-        if ctx.needs_input_grad[0] and not FOLD_GH:
-            # [W_cat; A] in one buffer: a concatenation the forward does not make (see above)
+        if ctx.needs_input_grad[0]:
+            # [W_cat; A] in one buffer: a concatenation the forward does not make, so the
+            # graph's common-subexpression pass cannot merge it with the forward's W_cat
+            # (which would then be saved for the backward)
             wa = torch.cat([*weights, a])  # (O + R, in)
             grad_x = (g @ wa[:g.shape[1]] + gh @ wa[g.shape[1]:]).view(ctx.x_shape)
         grad_a = (gh.t() @ x2).split(ctx.ranks)  # (r_i, in) each
@@ -141,17 +134,9 @@ class GroupedLora(torch.autograd.Function):
             rows.append(rows[-1] + w.shape[0])
             cols.append(cols[-1] + rank)
         blocks = [b[rows[i]:rows[i + 1], cols[i]:cols[i + 1]] for i in range(ctx.n)]  # (out_i, r_i)
+        gh = torch.cat([(g @ blk) * s for g, blk, s in zip(gs, blocks, ctx.scales)], dim=1)  # (N, R)
         grad_x = None
-        if ctx.needs_input_grad[0] and FOLD_GH:  # as above, member by member
-            both = [g @ torch.cat([blk, w], dim=1) for g, blk, w in zip(gs, blocks, weights)]  # (N, r_i + in)
-            gh = torch.cat([part[:, :blk.shape[1]] * s for part, blk, s in zip(both, blocks, ctx.scales)], dim=1)
-            grad_x = gh @ a
-            for part, blk in zip(both, blocks):
-                grad_x = grad_x + part[:, blk.shape[1]:]
-            grad_x = grad_x.view(ctx.x_shape)
-        else:
-            gh = torch.cat([(g @ blk) * s for g, blk, s in zip(gs, blocks, ctx.scales)], dim=1)  # (N, R)
-        if ctx.needs_input_grad[0] and not FOLD_GH:
+        if ctx.needs_input_grad[0]:
             grad_x = gh @ a
             for g, w in zip(gs, weights):
                 grad_x = grad_x + g @ w
