@@ -6,13 +6,13 @@ yet runs only ~1.22x its tokens/s (bench/README.md, round 9). This builds the fa
 the shape, runs forward + backward (no optimizer) over the bench's packed rows in each form
 below, and prints per form: ms per forward + backward, and the kernels' device time per step,
 largest first, with the difference to the first form. The inductor code of every compiled
-graph is written to $OUT/code-<form>-*.py (the kernels' source, to read what a fused kernel does).
+graph is written, with --code, to $OUT/code-<form>-*.py (the kernels' source, to read what a fused kernel does).
 
 - full: every weight trains;
-- lora separate=none: `lora_graph.SEPARATE` "none" (the written-out grouped node with one
-  output per group, split outside it: the backward concatenates the members' gradients);
-- lora: the default (one output per member for gate/up: "wide");
-- lora separate=all: one output per member for every group.
+- lora: the default (the written-out grouped node with one output per group, split outside
+  it: the backward concatenates the members' gradients);
+- lora separate=wide / =all: `lora_graph.SEPARATE` (one output per member, so no
+  concatenated gradient) for gate/up only, or for every group.
 (A form that took gh = g B from grad x's matmul, [B | W] in one, measured slower: 32.40 vs
 32.16 ms, cuBLAS picks worse tiles for the (N, r + in) output.)
 
@@ -40,8 +40,8 @@ import gpu_train  # noqa: E402  (the bench's shapes, models and synthetic sample
 
 FORMS: dict[str, tuple[str, dict[str, Any]]] = {
     "full": ("full", {}),
-    "lora separate=none": ("lora", {"SEPARATE": "none"}),
     "lora": ("lora", {}),
+    "lora separate=wide": ("lora", {"SEPARATE": "wide"}),
     "lora separate=all": ("lora", {"SEPARATE": "all"}),
 }
 
@@ -60,7 +60,7 @@ def inductor_code_since(started: float, dest: Path, prefix: str) -> int:
     return copied
 
 
-def run_form(name: str, method: str, switches: dict[str, Any], shape: str, layers: int, out: Path) -> dict[str, Any]:
+def run_form(name: str, method: str, switches: dict[str, Any], shape: str, layers: int, out: Path | None) -> dict[str, Any]:
     """ms per forward + backward and kernel device time per step of one form."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -118,7 +118,7 @@ def run_form(name: str, method: str, switches: dict[str, Any], shape: str, layer
             sync()
         kernels = {e.key: e.self_device_time_total / steps / 1e3 for e in prof.key_averages()
                    if e.self_device_time_total > 0}  # (none on the CPU)
-        code = inductor_code_since(started, out, "code-" + name.replace(" ", "-").replace("=", "-"))
+        code = inductor_code_since(started, out, "code-" + name.replace(" ", "-").replace("=", "-")) if out else 0
         return {"ms": sorted(times)[len(times) // 2], "kernels_ms": kernels, "compile_s": compiled_s,
                 "code_files": code, "kernel_total_ms": sum(kernels.values())}
     finally:
@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--forms", default=",".join(FORMS), help="comma-separated names of FORMS")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--code", action="store_true", help="also write each compiled graph's inductor code")
     parser.add_argument("--cpu", action="store_true", help="a smoke run of the script itself (no compiled layers)")
     args = parser.parse_args()
     if args.cpu:
@@ -144,7 +145,8 @@ def main() -> None:
     for name in args.forms.split(","):
         method, switches = FORMS[name]
         try:
-            row = report["forms"][name] = run_form(name, method, switches, args.shape, args.layers, out)
+            row = report["forms"][name] = run_form(name, method, switches, args.shape, args.layers,
+                                                        out if args.code else None)
         except Exception as exc:  # a form that fails is reported, the others still run
             report["forms"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
             print(f"{name}: failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)

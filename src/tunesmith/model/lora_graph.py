@@ -41,9 +41,10 @@ WRITTEN_OUT = True  # `grouped_lora` through the `GroupedLora` node (off: plain 
 # needs no concatenation of them (one matmul per member instead of one per group). Measured
 # on an H200 (bench/lora_layer.py, 4 layers of the 1B shape, forward + backward at 8,192
 # tokens): the SwiGLU backward that writes the concatenated gate/up gradient takes 0.335 ms a
-# layer (full fine-tuning's, two gradients: 0.153); with "wide", 0.18. Kernels 31.68 ms vs 32.16
-# for "none" ("all": 31.77, q/k/v's three narrow members cost more matmuls than they save).
-SEPARATE = "wide"
+# layer (full fine-tuning's, which writes two: 0.153), and 0.18 with "wide"; but the extra
+# grad-x matmuls and adds take it back: all kernels 32.37 ms with "wide" vs 32.27 with "none"
+# (wall time 37.7 vs 38.8 ms). No clear gain, so not on until a headline run shows one.
+SEPARATE = "none"
 
 
 def _scaled(h: torch.Tensor, ranks: list[int], scales: tuple[float, ...]) -> torch.Tensor:
