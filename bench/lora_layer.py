@@ -60,7 +60,8 @@ def inductor_code_since(started: float, dest: Path, prefix: str) -> int:
     return copied
 
 
-def run_form(name: str, method: str, switches: dict[str, Any], shape: str, layers: int, out: Path | None) -> dict[str, Any]:
+def run_form(name: str, method: str, switches: dict[str, Any], shape: str, layers: int,
+             out: Path | None) -> dict[str, Any]:
     """ms per forward + backward and kernel device time per step of one form."""
     from torch.profiler import ProfilerActivity, profile
 
