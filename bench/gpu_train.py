@@ -554,14 +554,13 @@ def guarded(name: str, fn: Any, *args: Any, **kwargs: Any) -> Result:
 def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, document_mask: bool = True,
                        lora_form: str | None = None, group_linears: bool = False, written_out: bool | None = None,
                        compile_checkpointed: bool | None = None, late_read: bool = False, separate_clip: bool = False,
-                       separate: str | None = None, **kwargs: Any) -> Result:
+                       **kwargs: Any) -> Result:
     """`fn` with the fast path's switches set: layer compilation (off: eager liger layers), who
     builds the flex block mask (off: transformers), the LoRA node's form (`lora_node.NODES`),
     whether full fine-tuning's linears that share an input are grouped (`lora_graph.LINEARS`),
-    whether grouped LoRA calls run as the written-out node (`lora_graph.WRITTEN_OUT`),
-    whether checkpointed layers are compiled too (`fast.COMPILE_CHECKPOINTED`), and which grouped
-    nodes return one output per member (`lora_graph.SEPARATE`); None keeps the library's
-    setting. `late_read`: the loop reads each step's loss as before round 6, a
+    whether grouped LoRA calls run as the written-out node (`lora_graph.WRITTEN_OUT`), and
+    whether checkpointed layers are compiled too (`fast.COMPILE_CHECKPOINTED`); None keeps the
+    library's setting. `late_read`: the loop reads each step's loss as before round 6, a
     `.tolist()` of the GPU tensor, which waits for everything queued by then (the next step too).
     `separate_clip`: torch's clipping scales the gradients in a pass of its own before the
     step, as before round 7, instead of inside AdamWBF16's update."""
@@ -575,7 +574,6 @@ def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, documen
     switches = [(fast, "COMPILE_LAYERS", compile_layers), (fast, "DOCUMENT_MASK", document_mask),
                 (lora_node, "NODE", lora_form), (lora_graph, "LINEARS", group_linears),
                 (lora_graph, "WRITTEN_OUT", written_out), (fast, "COMPILE_CHECKPOINTED", compile_checkpointed),
-                (lora_graph, "SEPARATE", separate),
                 (loop.StepResult, "start", start_late if late_read else None),
                 (optim.AdamWBF16, "fuses_grad_scale", False if separate_clip else None)]
     saved = [(owner, name, vars(owner)[name]) for owner, name, _ in switches]  # vars: the classmethod itself
@@ -894,8 +892,6 @@ def main() -> None:
                      {"lora_form": "grouped", "written_out": False}),
                     ("lora_written", "lora", " (LoRA calls grouped, written-out node)",
                      {"lora_form": "grouped", "written_out": True}),
-                    ("lora_separate_wide", "lora", " (gate/up: one output each)", {"separate": "wide"}),
-                    ("lora_separate_all", "lora", " (every group: one output per member)", {"separate": "all"}),
                     ("lora_late_read", "lora", " (loss read late)", {"late_read": True}),
                     ("lora_ckpt_compiled", "lora", " (checkpointing: compiled layers)",
                      {"checkpointing": True, "compile_checkpointed": True}),
@@ -916,8 +912,6 @@ def main() -> None:
                  ("parity_op_lora", "lora", "lora_op", "lora, Function vs custom op"),
                  ("parity_grouped_lora", "lora", "lora_grouped", "lora, Function vs grouped calls"),
                  ("parity_written_lora", "lora", "lora_written", "lora, Function vs written-out grouped node"),
-                 ("parity_separate_wide", "lora_written", "lora_separate_wide", "lora, one output vs gate/up apart"),
-                 ("parity_separate_all", "lora_written", "lora_separate_all", "lora, one output vs per member"),
                  ("parity_ckpt_lora", "lora_ckpt", "lora_ckpt_compiled", "lora checkpointing, eager vs compiled layers")]
         for key, first, second, what in pairs:
             a, b = rows.get(first), rows.get(second)

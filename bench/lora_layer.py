@@ -9,12 +9,12 @@ largest first, with the difference to the first form. The inductor code of every
 graph is written, with --code, to $OUT/code-<form>-*.py (the kernels' source, to read what a fused kernel does).
 
 - full: every weight trains;
-- lora: the default (the written-out grouped node with one output per group, split outside
-  it: the backward concatenates the members' gradients);
-- lora separate=wide / =all: `lora_graph.SEPARATE` (one output per member, so no
-  concatenated gradient) for gate/up only, or for every group.
-(A form that took gh = g B from grad x's matmul, [B | W] in one, measured slower: 32.40 vs
-32.16 ms, cuBLAS picks worse tiles for the (N, r + in) output.)
+- lora: the default (the grouped calls as the written-out node, `model/lora_graph.py`);
+- lora plain math: the grouped calls as plain math (`lora_graph.WRITTEN_OUT` off);
+- lora Function: one `LoraLinear` Function node per adapted linear (`lora_node.NODE`).
+Round 9 (bench/README.md) timed two more forms of the written-out node with it, both slower
+and since removed: one output per member (no concatenated gradient) and gh = g B taken from
+grad x's matmul.
 
     python bench/lora_layer.py [--shape llama-1b] [--layers 4]   # ~3-4 min on an H200
 
@@ -38,11 +38,11 @@ import torch  # noqa: E402
 
 import gpu_train  # noqa: E402  (the bench's shapes, models and synthetic samples)
 
-FORMS: dict[str, tuple[str, dict[str, Any]]] = {
+FORMS: dict[str, tuple[str, dict[str, Any]]] = {  # name: (method, {"module.SWITCH": value})
     "full": ("full", {}),
     "lora": ("lora", {}),
-    "lora separate=wide": ("lora", {"SEPARATE": "wide"}),
-    "lora separate=all": ("lora", {"SEPARATE": "all"}),
+    "lora plain math": ("lora", {"lora_graph.WRITTEN_OUT": False}),
+    "lora Function": ("lora", {"lora_node.NODE": "function"}),
 }
 
 
@@ -68,13 +68,15 @@ def run_form(name: str, method: str, switches: dict[str, Any], shape: str, layer
     from tunesmith.config import MethodOptions
     from tunesmith.data.tokenize import TokenizedSample
     from tunesmith.methods import OBJECTIVES, PARAMETER_SETS
-    from tunesmith.model import lora_graph
+    from tunesmith.model import lora_graph, lora_node
     from tunesmith.model.fast import prepare_for_training
     from tunesmith.train.loop import DataPlan
 
-    saved = {k: getattr(lora_graph, k) for k in switches}
+    modules = {"lora_graph": lora_graph, "lora_node": lora_node}
+    targets = {key: (modules[key.split(".")[0]], key.split(".")[1]) for key in switches}
+    saved = {key: getattr(*targets[key]) for key in switches}
     for key, value in switches.items():
-        setattr(lora_graph, key, value)
+        setattr(*targets[key], value)
     started = time.time()
     try:
         config = gpu_train.model_config(shape)
@@ -124,7 +126,7 @@ def run_form(name: str, method: str, switches: dict[str, Any], shape: str, layer
                 "code_files": code, "kernel_total_ms": sum(kernels.values())}
     finally:
         for key, value in saved.items():
-            setattr(lora_graph, key, value)
+            setattr(*targets[key], value)
 
 
 def main() -> None:

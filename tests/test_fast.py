@@ -155,7 +155,7 @@ def test_lora_custom_op_passes_torch_opcheck_and_equals_the_function():
     torch.testing.assert_close(grads[0], want[1])
 
 
-@pytest.mark.parametrize(("written_out", "separate"), [(False, "none"), (True, "none"), (True, "all")])
+@pytest.mark.parametrize("written_out", [False, True])
 @pytest.mark.parametrize("bias", [None, (True, True, True), (True, False, True)])
 @pytest.mark.parametrize(("outs", "ranks", "scales"), [
     ((24, 8, 8), (4, 2, 4), (0.5, 0.5, 0.5)),  # q/k/v-like (GQA widths): GroupedLora's folded [x, h] matmul
@@ -163,14 +163,12 @@ def test_lora_custom_op_passes_torch_opcheck_and_equals_the_function():
     ((8,), (4,), (0.5,)),  # o/down-like (out < in + r): two matmuls and an add
     ((6, 6), (2, 2), (1.0, 1.0)),  # a group GroupedLora does not fold
 ])
-def test_grouped_lora_equals_one_node_per_member(outs, ranks, scales, bias, written_out, separate, monkeypatch):
+def test_grouped_lora_equals_one_node_per_member(outs, ranks, scales, bias, written_out, monkeypatch):
     """The grouped math (one matmul over the A's, one block-diagonal over the B's; as plain
     math or as the `GroupedLora` node, which folds the frozen weights into one matmul where
-    that copies less, with one output for the group or one per member) gives each member's
-    output and gradients of its own `LoraLinear` node; with an input that needs no gradient
-    too, and with frozen biases on all or some members."""
+    that copies less) gives each member's output and gradients of its own `LoraLinear` node;
+    with an input that needs no gradient too, and with frozen biases on all or some members."""
     monkeypatch.setattr(lora_graph, "WRITTEN_OUT", written_out)
-    monkeypatch.setattr(lora_graph, "SEPARATE", separate)
     torch.manual_seed(0)
     x = torch.randn(2, 5, 16, requires_grad=True)
     ws = [torch.randn(o, 16) for o in outs]
@@ -211,13 +209,13 @@ def test_fused_lora_on_bf16_base_keeps_fp32_adapter_gradients():
 
 
 @pytest.mark.parametrize(("node", "bias"), [*((n, False) for n in lora_node.NODES), ("grouped-plain", False),
-                                            ("grouped", True), ("grouped-plain", True), ("grouped-separate", True)])
+                                            ("grouped", True), ("grouped-plain", True)])
 def test_compiled_decoder_layers_give_the_loss_and_gradients_of_eager_layers(node, bias, monkeypatch):
     """Regional compilation (on by default on CUDA) computes what the eager layers compute: same
     packed-batch loss and gradients, LoRA's fused node included (as an autograd.Function, as
-    the custom op, or as the custom op rewritten into grouped matmuls, written-out node with
-    one output or one per member, or plain math, in the compiled run, against the Function in
-    the eager one; with frozen q/k/v/o biases too). On the CPU the graphs dynamo and
+    the custom op, or as the custom op rewritten into grouped matmuls, written-out node or
+    plain math, in the compiled run, against the Function in the eager one; with frozen q/k/v/o
+    biases too). On the CPU the graphs dynamo and
     AOTAutograd capture run as they are (`aot_eager`: inductor's C++ build takes minutes on 2
     cores); bench/gpu_train.py checks inductor's kernels on the GPU (loss parity, 50 steps)."""
     from peft import LoraConfig, get_peft_model
@@ -237,8 +235,7 @@ def test_compiled_decoder_layers_give_the_loss_and_gradients_of_eager_layers(nod
         assert lora_node.fuse_lora_layers(model) == 14
         if compiled:
             monkeypatch.setattr(lora_graph, "WRITTEN_OUT", node != "grouped-plain")
-            monkeypatch.setattr(lora_graph, "SEPARATE", "all" if node == "grouped-separate" else "none")
-            node = node.removesuffix("-plain").removesuffix("-separate")
+            node = node.removesuffix("-plain")
             monkeypatch.setattr(lora_node, "NODE", node)
             rewritten = []
             group = lora_graph.group_lora_calls

@@ -18,6 +18,12 @@ measured on an H200 (bench/README.md, rounds 4 and 5; losses within 0.01% of the
   (the `elementwise_kernel` in the profile), and in the backward grad x becomes a chain of
   such copies, one per member. 75.2k tok/s in the same run, at the Function's memory.
 
+Two more forms of the written-out node were measured on an H200 and dropped (bench/README.md,
+round 9): one output per member, so gate/up's SwiGLU backward writes two gradients instead of
+one concatenated (that kernel 0.18 vs 0.335 ms a layer, yet the LoRA step 2% slower: 82.7k vs
+84.4k tok/s; every group apart: 11% slower); and gh = g B_bd taken from grad x's matmul over
+[B_bd | W_cat], which reads g once (cuBLAS picks slower tiles for the (N, r + in) output).
+
 Outside compiled layers (eager, checkpointed) the fused forward emits the Function node
 instead (`lora_node.LoraLinear`), so nothing is left to rewrite there.
 """
@@ -35,16 +41,6 @@ from tunesmith.model import lora_node  # noqa: F401  (registers torch.ops.tunesm
 
 
 WRITTEN_OUT = True  # `grouped_lora` through the `GroupedLora` node (off: plain math; see the module docstring)
-# Which groups' `GroupedLora` node returns one output per member instead of one (..., sum out)
-# output split outside it: "none", "wide" (groups whose members are each at least as wide as
-# their input: gate/up), "all". Separate outputs get separate gradients, so the backward
-# needs no concatenation of them (one matmul per member instead of one per group). Measured
-# on an H200 (bench/lora_layer.py, 4 layers of the 1B shape, forward + backward at 8,192
-# tokens): the SwiGLU backward that writes the concatenated gate/up gradient takes 0.335 ms a
-# layer (full fine-tuning's, which writes two: 0.153), and 0.18 with "wide"; but the extra
-# grad-x matmuls and adds take it back: all kernels 32.37 ms with "wide" vs 32.27 with "none"
-# (wall time 37.7 vs 38.8 ms). No clear gain, so not on until a headline run shows one.
-SEPARATE = "none"
 
 
 def _scaled(h: torch.Tensor, ranks: list[int], scales: tuple[float, ...]) -> torch.Tensor:
@@ -83,7 +79,7 @@ class GroupedLora(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, n: int, scales: tuple[float, ...], bias: torch.Tensor | None,
-                separate: bool, *tensors: torch.Tensor) -> Any:
+                *tensors: torch.Tensor) -> torch.Tensor:
         weights, a_list, b_list = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         a, h, b = _adapters(x2, a_list, b_list, scales)
@@ -97,16 +93,12 @@ class GroupedLora(torch.autograd.Function):
         ctx.save_for_backward(x2, h, a, b, *weights)
         ctx.n, ctx.scales, ctx.ranks, ctx.x_shape = n, scales, [t.shape[0] for t in a_list], x.shape
         ctx.dtypes = [t.dtype for t in (*a_list, *b_list)]
-        ctx.separate = separate
-        y = y.view(*x.shape[:-1], w.shape[0])
-        return tuple(y.split([t.shape[0] for t in weights], dim=-1)) if separate else y
+        return y.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
-        if ctx.separate:
-            return GroupedLora._separate_backward(ctx, grads)
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         x2, h, a, b, *weights = ctx.saved_tensors
-        g = grads[0].reshape(-1, grads[0].shape[-1])  # (N, O)
+        g = grad.reshape(-1, grad.shape[-1])  # (N, O)
         gh = _scaled(g @ b, ctx.ranks, ctx.scales)  # (N, R): the gradient of x A^T
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -122,30 +114,7 @@ class GroupedLora(torch.autograd.Function):
             grad_b.append(grad_b_all[row:row + out, col:col + rank])
             row, col = row + out, col + rank
         cast = [gr.to(dt) for gr, dt in zip((*grad_a, *grad_b), ctx.dtypes)]
-        return (grad_x, None, None, None, None, *([None] * ctx.n), *cast)
-
-    @staticmethod
-    def _separate_backward(ctx: Any, grads: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
-        """The backward with one gradient per member: the products above, member by member
-        (member i's B is its block of the block-diagonal)."""
-        x2, h, a, b, *weights = ctx.saved_tensors
-        gs = [gr.reshape(-1, gr.shape[-1]) for gr in grads]  # (N, out_i) each
-        rows, cols = [0], [0]
-        for w, rank in zip(weights, ctx.ranks):
-            rows.append(rows[-1] + w.shape[0])
-            cols.append(cols[-1] + rank)
-        blocks = [b[rows[i]:rows[i + 1], cols[i]:cols[i + 1]] for i in range(ctx.n)]  # (out_i, r_i)
-        gh = torch.cat([(g @ blk) * s for g, blk, s in zip(gs, blocks, ctx.scales)], dim=1)  # (N, R)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = gh @ a
-            for g, w in zip(gs, weights):
-                grad_x = grad_x + g @ w
-            grad_x = grad_x.view(ctx.x_shape)
-        grad_a = (gh.t() @ x2).split(ctx.ranks)
-        grad_b = [g.t() @ h[:, cols[i]:cols[i + 1]] for i, g in enumerate(gs)]
-        cast = [gr.to(dt) for gr, dt in zip((*grad_a, *grad_b), ctx.dtypes)]
-        return (grad_x, None, None, None, None, *([None] * ctx.n), *cast)
+        return (grad_x, None, None, None, *([None] * ctx.n), *cast)
 
 
 def grouped_lora(x: torch.Tensor, weights: list[torch.Tensor], a_list: list[torch.Tensor],
@@ -163,9 +132,8 @@ def grouped_lora(x: torch.Tensor, weights: list[torch.Tensor], a_list: list[torc
     if WRITTEN_OUT:
         bias = None if all(t is None for t in biases) else torch.cat(
             [(t if t is not None else w.new_zeros(w.shape[0])).to(x.dtype) for t, w in zip(biases, weights)])
-        separate = SEPARATE == "all" or (SEPARATE == "wide" and min(w.shape[0] for w in weights) >= x.shape[-1])
-        y = GroupedLora.apply(x, len(weights), tuple(scales), bias, separate, *weights, *a_list, *b_list)
-        return list(y) if separate else list(y.split([w.shape[0] for w in weights], dim=-1))
+        y = GroupedLora.apply(x, len(weights), tuple(scales), bias, *weights, *a_list, *b_list)
+        return list(y.split([w.shape[0] for w in weights], dim=-1))
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     _a, h, b = _adapters(x2, a_list, b_list, tuple(scales))
     adapters = (h @ b.t()).split([w.shape[0] for w in weights], dim=1)  # (N, out_i) each
