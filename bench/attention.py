@@ -15,7 +15,10 @@ gradients:
   true longest document as its grid bound and with the row length (a bound the host knows
   without reading the GPU).
 
-    python bench/attention.py [--shape llama-1b] [--regime short]   # ~1-2 min on an H200
+    python bench/attention.py [--shape llama-1b] [--regime short] [--forms bwd,varlen]   # ~1-2 min on an H200
+
+(Long samples compile each flex form for 16,384 tokens: with every form that took over 110 s
+in round 9; --forms takes fewer.)
 
 Prints one line per form (ms per forward+backward, TFLOP/s of the in-document work, max
 difference from flex's default) and writes `$OUT/attention.json`.
@@ -95,6 +98,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama-1b", choices=sorted(gpu_train.SHAPES))
     parser.add_argument("--regime", default="short", choices=sorted(gpu_train.REGIMES))
+    parser.add_argument("--forms", default="",
+                        help="only the forms whose names contain one of these comma-separated words ('bwd 32,varlen')")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     from torch.nn.attention.flex_attention import flex_attention
@@ -151,7 +156,10 @@ def main() -> None:
     forms += [(f"flex {name}", (lambda o: lambda: flex_call(o))(opts)) for name, opts in FLEX_OPTIONS.items()]
     forms += [("varlen (FA2), bound = longest document", lambda: varlen_call(max(docs))),
               ("varlen (FA2), bound = row length", lambda: varlen_call(length))]
-    for name, make in forms:
+    wanted = [w.strip() for w in args.forms.split(",") if w.strip()]
+    forms = [(name, make) for name, make in forms
+             if name == "flex default" or not wanted or any(w in name for w in wanted)]
+    for name, make in forms:  # (flex's default stays first: the reference of every diff)
         started = time.perf_counter()
         try:
             run = make()
