@@ -136,10 +136,15 @@ def main() -> None:
     parser.add_argument("--forms", default=",".join(FORMS), help="comma-separated names of FORMS")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--code", action="store_true", help="also write each compiled graph's inductor code")
-    parser.add_argument("--cpu", action="store_true", help="a smoke run of the script itself (no compiled layers)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="a smoke run of the script itself: a tiny shape on the CPU (no compiled layers)")
     args = parser.parse_args()
-    if args.cpu:
+    if args.cpu:  # a tiny Llama, so every form runs in seconds (the layers are not compiled on the CPU)
         gpu_train.DEVICE = "cpu"
+        gpu_train.SHAPES["tiny"] = dict(family="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=128, vocab_size=512)
+        gpu_train.REGIMES["short"] = (50, 8, 100, 512, 100)  # samples of 8..100 tokens, 512-token rows
+        args.shape = "tiny"
     torch.backends.cuda.matmul.allow_tf32 = True
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
