@@ -5,8 +5,9 @@ yet runs only ~1.22x its tokens/s (bench/README.md, round 9). This builds the fa
 (`prepare_for_training`, the compiled layers and the fused loss) with a few decoder layers of
 the shape, runs forward + backward (no optimizer) over the bench's packed rows in each form
 below, and prints per form: ms per forward + backward, and the kernels' device time per step,
-largest first, with the difference to the first form. The inductor code of every compiled
-graph is written, with --code, to $OUT/code-<form>-*.py (the kernels' source, to read what a fused kernel does).
+largest first, beside the first form's time for the same kernel. With --code, the inductor
+code of every compiled graph is written to $OUT/code-<form>-*.py (the kernels' source, to read
+what a fused kernel does).
 
 - full: every weight trains;
 - lora: the default (the grouped calls as the written-out node, `model/lora_graph.py`);
@@ -16,7 +17,7 @@ Round 9 (bench/README.md) timed two more forms of the written-out node with it, 
 and since removed: one output per member (no concatenated gradient) and gh = g B taken from
 grad x's matmul.
 
-    python bench/lora_layer.py [--shape llama-1b] [--layers 4]   # ~3-4 min on an H200
+    python bench/lora_layer.py [--shape llama-1b] [--layers 4]   # ~2 min on an H200
 
 Writes `$OUT/lora_layer.json`.
 """
@@ -38,11 +39,11 @@ import torch  # noqa: E402
 
 import gpu_train  # noqa: E402  (the bench's shapes, models and synthetic samples)
 
-FORMS: dict[str, tuple[str, dict[str, Any]]] = {  # name: (method, {"module.SWITCH": value})
+FORMS: dict[str, tuple[str, dict[str, Any]]] = {  # name: (method, `gpu_train.with_fast_settings` switches)
     "full": ("full", {}),
     "lora": ("lora", {}),
-    "lora plain math": ("lora", {"lora_graph.WRITTEN_OUT": False}),
-    "lora Function": ("lora", {"lora_node.NODE": "function"}),
+    "lora plain math": ("lora", {"written_out": False}),
+    "lora Function": ("lora", {"lora_form": "function"}),
 }
 
 
@@ -60,73 +61,64 @@ def inductor_code_since(started: float, dest: Path, prefix: str) -> int:
     return copied
 
 
-def run_form(name: str, method: str, switches: dict[str, Any], shape: str, layers: int,
-             out: Path | None) -> dict[str, Any]:
-    """ms per forward + backward and kernel device time per step of one form."""
+def run_form(name: str, method: str, shape: str, layers: int, out: Path | None) -> dict[str, Any]:
+    """ms per forward + backward and kernel device time per step of one form (its switches set
+    by the caller)."""
     from torch.profiler import ProfilerActivity, profile
 
     from tunesmith.config import MethodOptions
     from tunesmith.data.tokenize import TokenizedSample
     from tunesmith.methods import OBJECTIVES, PARAMETER_SETS
-    from tunesmith.model import lora_graph, lora_node
     from tunesmith.model.fast import prepare_for_training
     from tunesmith.train.loop import DataPlan
 
-    modules = {"lora_graph": lora_graph, "lora_node": lora_node}
-    targets = {key: (modules[key.split(".")[0]], key.split(".")[1]) for key in switches}
-    saved = {key: getattr(*targets[key]) for key in switches}
-    for key, value in switches.items():
-        setattr(*targets[key], value)
     started = time.time()
-    try:
-        config = gpu_train.model_config(shape)
-        config.num_hidden_layers = layers
+    config = gpu_train.model_config(shape)
+    config.num_hidden_layers = layers
+    if gpu_train.DEVICE == "cuda":
+        gpu_train.free_gpu()
+    model = gpu_train.build_model(config, torch.bfloat16)
+    model = PARAMETER_SETS[method].wrap(model, MethodOptions(method=method, lora_r=16, lora_alpha=32))
+    budget = gpu_train.REGIMES["short"][3]
+    setup = prepare_for_training(model, device=torch.device(gpu_train.DEVICE), batch_tokens=budget)
+    loss_fn = OBJECTIVES["sft"].make_loss(setup)
+    samples = gpu_train.synth_samples(400, "short", config.vocab_size)
+    plan = DataPlan([TokenizedSample(s, s) for s in samples], budget, seed=0)
+    batches = [plan.collate(g).to(torch.device(gpu_train.DEVICE)) for g in plan.groups(0)[:4]]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(i: int) -> None:
+        batch = batches[i % len(batches)]
+        result = loss_fn(model, batch)
+        (result.total / max(1, batch.num_targets)).backward()
+        for p in params:
+            p.grad = None
+
+    def sync() -> None:
         if gpu_train.DEVICE == "cuda":
-            gpu_train.free_gpu()
-        model = gpu_train.build_model(config, torch.bfloat16)
-        model = PARAMETER_SETS[method].wrap(model, MethodOptions(method=method, lora_r=16, lora_alpha=32))
-        budget = gpu_train.REGIMES["short"][3]
-        setup = prepare_for_training(model, device=torch.device(gpu_train.DEVICE), batch_tokens=budget)
-        loss_fn = OBJECTIVES["sft"].make_loss(setup)
-        samples = gpu_train.synth_samples(400, "short", config.vocab_size)
-        plan = DataPlan([TokenizedSample(s, s) for s in samples], budget, seed=0)
-        batches = [plan.collate(g).to(torch.device(gpu_train.DEVICE)) for g in plan.groups(0)[:4]]
-        params = [p for p in model.parameters() if p.requires_grad]
+            torch.cuda.synchronize()
 
-        def step(i: int) -> None:
-            result = loss_fn(model, batches[i % len(batches)])
-            (result.total / max(1, batches[i % len(batches)].num_targets)).backward()
-            for p in params:
-                p.grad = None
-
-        def sync() -> None:
-            if gpu_train.DEVICE == "cuda":
-                torch.cuda.synchronize()
-
-        for i in range(6):  # compile (both layer variants) and warm up
+    for i in range(6):  # compile (both layer variants) and warm up
+        step(i)
+    sync()
+    compiled_s = time.time() - started
+    times = []
+    for i in range(12):
+        begun = time.perf_counter()
+        step(i)
+        sync()
+        times.append(1e3 * (time.perf_counter() - begun))
+    steps = 4
+    activity = ProfilerActivity.CUDA if gpu_train.DEVICE == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        for i in range(steps):
             step(i)
         sync()
-        compiled_s = time.time() - started
-        times = []
-        for i in range(12):
-            begun = time.perf_counter()
-            step(i)
-            sync()
-            times.append(1e3 * (time.perf_counter() - begun))
-        steps = 4
-        activity = ProfilerActivity.CUDA if gpu_train.DEVICE == "cuda" else ProfilerActivity.CPU
-        with profile(activities=[activity]) as prof:
-            for i in range(steps):
-                step(i)
-            sync()
-        kernels = {e.key: e.self_device_time_total / steps / 1e3 for e in prof.key_averages()
-                   if e.self_device_time_total > 0}  # (none on the CPU)
-        code = inductor_code_since(started, out, "code-" + name.replace(" ", "-").replace("=", "-")) if out else 0
-        return {"ms": sorted(times)[len(times) // 2], "kernels_ms": kernels, "compile_s": compiled_s,
-                "code_files": code, "kernel_total_ms": sum(kernels.values())}
-    finally:
-        for key, value in saved.items():
-            setattr(*targets[key], value)
+    kernels = {e.key: e.self_device_time_total / steps / 1e3 for e in prof.key_averages()
+               if e.self_device_time_total > 0}  # (none on the CPU)
+    code = inductor_code_since(started, out, "code-" + name.replace(" ", "-")) if out else 0
+    return {"ms": sorted(times)[len(times) // 2], "kernels_ms": kernels, "compile_s": compiled_s,
+            "code_files": code, "kernel_total_ms": sum(kernels.values())}
 
 
 def main() -> None:
@@ -153,8 +145,8 @@ def main() -> None:
     for name in args.forms.split(","):
         method, switches = FORMS[name]
         try:
-            row = report["forms"][name] = run_form(name, method, switches, args.shape, args.layers,
-                                                        out if args.code else None)
+            row = report["forms"][name] = gpu_train.with_fast_settings(
+                run_form, name, method, args.shape, args.layers, out if args.code else None, **switches)
         except Exception as exc:  # a form that fails is reported, the others still run
             report["forms"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
             print(f"{name}: failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
