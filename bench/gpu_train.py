@@ -288,7 +288,8 @@ def run_tunesmith(config: Any, samples: list[list[int]], method: str, fast: bool
     from tunesmith.config import MethodOptions
     from tunesmith.data.tokenize import TokenizedSample
     from tunesmith.methods import OBJECTIVES, PARAMETER_SETS
-    from tunesmith.model.fast import prepare_for_training
+    from tunesmith.model import graphs
+    from tunesmith.model.fast import causal_lm, prepare_for_training
     from tunesmith.train.loop import DataPlan, Engine, total_steps
     from tunesmith.train.losses import packing_is_exact
     from tunesmith.train.optim import make_optimizer
@@ -319,6 +320,10 @@ def run_tunesmith(config: Any, samples: list[list[int]], method: str, fast: bool
                     [r["train_loss"] for r in history if "train_loss" in r],
                     setup.notices + [f"attention={setup.attention} liger={setup.liger} batch_tokens={batch_tokens} "
                                      f"checkpointing={setup.checkpointing} optimizer={type(optimizer).__name__}"])
+    recorded = graphs.attached(causal_lm(model))
+    if recorded is not None:
+        result.notes.append(f"CUDA graphs: {len(recorded.recordings)} row length(s) recorded"
+                            + (f"; off: {recorded.off}" if recorded.off else ""))
     if profile:
         result.notes.append(profile_steps(model, optimizer, plan, loss_fn, host=profile == "host"))
     del model, optimizer, scheduler, setup, loss_fn, engine
@@ -554,13 +559,13 @@ def guarded(name: str, fn: Any, *args: Any, **kwargs: Any) -> Result:
 def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, document_mask: bool = True,
                        lora_form: str | None = None, group_linears: bool = False, written_out: bool | None = None,
                        compile_checkpointed: bool | None = None, late_read: bool = False, separate_clip: bool = False,
-                       **kwargs: Any) -> Result:
+                       cuda_graphs: bool | None = None, **kwargs: Any) -> Result:
     """`fn` with the fast path's switches set: layer compilation (off: eager liger layers), who
     builds the flex block mask (off: transformers), the LoRA node's form (`lora_node.NODES`),
     whether full fine-tuning's linears that share an input are grouped (`lora_graph.LINEARS`),
     whether grouped LoRA calls run as the written-out node (`lora_graph.WRITTEN_OUT`), and
-    whether checkpointed layers are compiled too (`fast.COMPILE_CHECKPOINTED`); None keeps the
-    library's setting. `late_read`: the loop reads each step's loss as before round 6, a
+    whether checkpointed layers are compiled too (`fast.COMPILE_CHECKPOINTED`), whether the
+    decoder replays CUDA graphs (`fast.CUDA_GRAPHS`); None keeps the library's setting. `late_read`: the loop reads each step's loss as before round 6, a
     `.tolist()` of the GPU tensor, which waits for everything queued by then (the next step too).
     `separate_clip`: torch's clipping scales the gradients in a pass of its own before the
     step, as before round 7, instead of inside AdamWBF16's update."""
@@ -574,6 +579,7 @@ def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, documen
     switches = [(fast, "COMPILE_LAYERS", compile_layers), (fast, "DOCUMENT_MASK", document_mask),
                 (lora_node, "NODE", lora_form), (lora_graph, "LINEARS", group_linears),
                 (lora_graph, "WRITTEN_OUT", written_out), (fast, "COMPILE_CHECKPOINTED", compile_checkpointed),
+                (fast, "CUDA_GRAPHS", cuda_graphs),
                 (loop.StepResult, "start", start_late if late_read else None),
                 (optim.AdamWBF16, "fuses_grad_scale", False if separate_clip else None)]
     saved = [(owner, name, vars(owner)[name]) for owner, name, _ in switches]  # vars: the classmethod itself
@@ -665,6 +671,10 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
         for method in ("full", "lora"):
             rows[f"auto_{method}"] = guarded(f"tunesmith {method} (default budget)", run_tunesmith, config, samples,
                                              method, True, None, rate, label=" (budget: the plan's)")
+        for method in ("full", "lora"):  # the decoder issued kernel by kernel, as before round 10
+            rows[f"nographs_{method}"] = guarded(f"tunesmith {method} (no CUDA graphs)", with_fast_settings,
+                                                 run_tunesmith, config, samples, method, True, budget, rate,
+                                                 cuda_graphs=False, label=" (no CUDA graphs)")
         # (the opaque custom-op form and grouped full linears were behind in round 4: --host-profile keeps rows)
         rows["function_lora"] = guarded("tunesmith lora (LoRA node as autograd.Function)", with_fast_settings,
                                         run_tunesmith, config, samples, "lora", True, budget, rate,
@@ -691,7 +701,8 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
     ok = {k for k, v in rows.items() if not v.error}
     if {"plain_full", "fast_full"} <= ok:
         out["parity"] = loss_parity(rows["plain_full"].losses, rows["fast_full"].losses)
-    for key, default in (("function_lora", "fast_lora"), ("grouped_lora", "fast_lora")):
+    for key, default in (("function_lora", "fast_lora"), ("grouped_lora", "fast_lora"), ("nographs_full", "fast_full"),
+                         ("nographs_lora", "fast_lora")):
         if {key, default} <= ok:  # each variant against the default on the same batches
             out[f"parity_{key}"] = loss_parity(rows[default].losses, rows[key].losses)
     for method in ("full", "lora"):
@@ -772,7 +783,9 @@ def table(result: dict[str, Any]) -> list[str]:
     for key, label in (("parity", "fast vs plain"), ("parity_compiled_full", "full: eager vs compiled layers"),
                        ("parity_compiled_lora", "LoRA: eager vs compiled layers"),
                        ("parity_function_lora", "LoRA: default vs Function node"),
-                       ("parity_grouped_lora", "LoRA: default vs grouped plain math")):
+                       ("parity_grouped_lora", "LoRA: default vs grouped plain math"),
+                       ("parity_nographs_full", "full: CUDA graphs vs eager decoder"),
+                       ("parity_nographs_lora", "LoRA: CUDA graphs vs eager decoder")):
         if key in result:
             p = result[key]
             lines.append(f"loss parity, {label}, first {p['steps']} steps, same batches (bf16): max rel diff "
@@ -883,7 +896,8 @@ def main() -> None:
                           "real_tokens": sum(map(len, samples))},
                          lambda part: write_json({**report, "results": [part]}, args.out), notes=True)
         # (session 4's block-mask pair, and round 4's custom-op and grouped-linears rows, are in their JSON)
-        variants = [("full", "full", "", {}), ("full_late_read", "full", " (loss read late)", {"late_read": True}),
+        variants = [("full", "full", "", {}), ("full_no_graphs", "full", " (no CUDA graphs)", {"cuda_graphs": False}),
+                    ("full_late_read", "full", " (loss read late)", {"late_read": True}),
                     ("full_separate_clip", "full", " (clipping in a pass of its own)", {"separate_clip": True}),
                     ("full_linears", "full", " (linears grouped)", {"group_linears": True}),
                     ("lora", "lora", " (LoRA Function)", {"lora_form": "function"}),
@@ -892,6 +906,7 @@ def main() -> None:
                      {"lora_form": "grouped", "written_out": False}),
                     ("lora_written", "lora", " (LoRA calls grouped, written-out node)",
                      {"lora_form": "grouped", "written_out": True}),
+                    ("lora_no_graphs", "lora", " (no CUDA graphs)", {"cuda_graphs": False}),
                     ("lora_late_read", "lora", " (loss read late)", {"late_read": True}),
                     ("lora_ckpt_compiled", "lora", " (checkpointing: compiled layers)",
                      {"checkpointing": True, "compile_checkpointed": True}),
@@ -905,7 +920,9 @@ def main() -> None:
                                 method, True, REGIMES["short"][3], rate, max_steps=40, profile="host", label=label,
                                 **settings)
         out = rows.table()
-        pairs = [("parity_late_read_full", "full", "full_late_read", "full, loss read late vs early"),
+        pairs = [("parity_graphs_full", "full_no_graphs", "full", "full, CUDA graphs vs eager decoder"),
+                 ("parity_graphs_lora", "lora_no_graphs", "lora_written", "lora, CUDA graphs vs eager decoder"),
+                 ("parity_late_read_full", "full", "full_late_read", "full, loss read late vs early"),
                  ("parity_separate_clip_full", "full", "full_separate_clip", "full, clipping inside the step vs apart"),
                  ("parity_late_read_lora", "lora_written", "lora_late_read", "lora, loss read late vs early"),
                  ("parity_linears_full", "full", "full_linears", "full, default vs linears grouped"),

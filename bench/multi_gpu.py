@@ -101,7 +101,7 @@ def worker(case: str, tiny: bool, device_name: str, out: Path) -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build(shape, method, device, dtype)
     setup = prepare_for_training(model, device=device, batch_tokens=batch_tokens, fast_kernels=device.type == "cuda",
-                                 gradient_checkpointing=checkpointing)
+                                 gradient_checkpointing=checkpointing, cuda_graphs=not dist.enabled)
     wrapper = choose_wrapper(parallel, PARAMETER_SETS[method].adapter)
     loss_fn = wrap(dist, model, OBJECTIVES["sft"].make_loss(setup), wrapper, device, dtype)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad],

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.tokenize import IGNORE_INDEX
-from tunesmith.model import lora_node
+from tunesmith.model import graphs, lora_node
 from tunesmith.model.lora_node import fuse_lora_layers
 from tunesmith.train.losses import LossFn, LossSum
 
@@ -76,6 +76,10 @@ DOCUMENT_MASK = True
 # (-17.5%), long samples 3.316 vs 3.625 ms (-8.5%); outputs and gradients identical. Head dim
 # 128 (Llama-3B/8B) is not measured, so it keeps torch's defaults. None: torch's defaults everywhere.
 FLEX_TILES: dict[str, int] | None = dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, num_warps=4, num_stages=3)
+# CUDA graphs over the decoder's forward and backward (`model/graphs.py`) on the compiled,
+# unchecked 16-bit path: the host issues a micro-batch's layers as two replays. Off where it is not
+# measured: checkpointed layers, 4-bit (QLoRA) bases, data-parallel runs (their hooks run in backward).
+CUDA_GRAPHS = True
 PAD_MULTIPLE = 1024  # packed rows are padded up to the batch budget, longer ones to this multiple
 
 
@@ -90,6 +94,7 @@ class TrainSetup:
     liger: bool = False
     attention: str = "default"
     checkpointing: bool = False
+    graphs: bool = False  # the decoder replays CUDA graphs (`model/graphs.py`)
     batch_tokens: int = 0
     """The token budget per micro-batch (given, or chosen by the memory plan)."""
     notices: list[str] = field(default_factory=list)
@@ -160,7 +165,16 @@ def _block_mask_builder(compiled: bool) -> Callable[..., Any]:
 
 
 def decoder_hidden(lm: Any, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    """The decoder's last hidden states (B, L, H) of packed rows, no cache.
+    """The decoder's last hidden states (B, L, H) of packed rows, no cache: replayed from CUDA
+    graphs where `prepare_for_training` attached them (`model/graphs.py`), else `eager_decoder_hidden`."""
+    graphed = graphs.attached(lm)
+    if graphed is not None:
+        return graphed(lm, input_ids, position_ids)
+    return eager_decoder_hidden(lm, input_ids, position_ids)
+
+
+def eager_decoder_hidden(lm: Any, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states, each kernel issued from Python.
 
     With flex attention on full-attention layers the block mask is built here
     (`document_block_mask`); otherwise transformers builds its mask from the positions.
@@ -265,11 +279,13 @@ def _set_flex_attention(lm: Any) -> str:
 
 
 def prepare_for_training(model: Any, *, device: torch.device, batch_tokens: int | None, fast_kernels: bool = True,
-                         gradient_checkpointing: bool = False, memory: Any = None) -> TrainSetup:
+                         gradient_checkpointing: bool = False, memory: Any = None,
+                         cuda_graphs: bool = True) -> TrainSetup:
     """Make `model` train fast on this device; returns the loss to use and what was chosen.
 
     `memory` (a `train.plan.Setting`: method and optimizer traits) lets the memory plan
     choose checkpointing and, when `batch_tokens` is None, the token budget (CUDA only).
+    `cuda_graphs=False` keeps the decoder eager (a data-parallel run: its wrapper hooks the backward).
     Call after adapters are attached and before the optimizer is built.
     """
     lm = causal_lm(model)
@@ -309,11 +325,23 @@ def prepare_for_training(model: Any, *, device: torch.device, batch_tokens: int 
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(lm, "enable_input_require_grads"):
             lm.enable_input_require_grads()  # frozen embeddings (LoRA) must still pass gradients
-    if setup.fast and COMPILE_LAYERS and (COMPILE_CHECKPOINTED or not setup.checkpointing):
+    compiled = setup.fast and COMPILE_LAYERS and (COMPILE_CHECKPOINTED or not setup.checkpointing)
+    if compiled:
         setup.notices.append(f"fast kernels: {_compile_decoder_layers(lm)} decoder layers compiled (torch.compile)")
     elif setup.liger:
         _apply_liger_layers(lm)
+    graphs.detach(lm)
+    if compiled and fused_loss and CUDA_GRAPHS and cuda_graphs and not setup.checkpointing and not quantized(lm):
+        graphs.attach(lm, eager_decoder_hidden)
+        setup.graphs = True
+        setup.notices.append("fast kernels: CUDA graphs over the decoder (forward and backward, per row length)")
     return setup
+
+
+def quantized(lm: Any) -> bool:
+    """Whether the base weights are quantised (bitsandbytes 4/8-bit through transformers)."""
+    return bool(getattr(lm, "is_quantized", False) or getattr(lm, "hf_quantizer", None) is not None
+                or getattr(lm, "is_loaded_in_4bit", False) or getattr(lm, "is_loaded_in_8bit", False))
 
 
 def _compile_decoder_layers(lm: Any, backend: str = "inductor") -> int:
