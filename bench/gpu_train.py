@@ -430,6 +430,7 @@ def check_optimizer_policy(steps: int = 200) -> dict[str, float]:
             loss_sum, count, _ = loss_fn(model, b)
             (loss_sum / count).backward()
             losses.append(float(loss_sum) / count)
+            del loss_sum  # as the loop does: no autograd graph outlives its step (model/graphs.py, `record`)
             if master:
                 for p, m in zip(params, master):
                     m.grad = p.grad.float()
@@ -565,8 +566,8 @@ def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, documen
     whether full fine-tuning's linears that share an input are grouped (`lora_graph.LINEARS`),
     whether grouped LoRA calls run as the written-out node (`lora_graph.WRITTEN_OUT`), and
     whether checkpointed layers are compiled too (`fast.COMPILE_CHECKPOINTED`), whether the
-    decoder replays CUDA graphs (`fast.CUDA_GRAPHS`); None keeps the library's setting. `late_read`: the loop reads each step's loss as before round 6, a
-    `.tolist()` of the GPU tensor, which waits for everything queued by then (the next step too).
+    decoder replays CUDA graphs (`fast.CUDA_GRAPHS`); None keeps the library's setting.
+    `late_read`: the loop reads each step's loss as before round 6, a `.tolist()` of the GPU tensor, which waits for everything queued by then (the next step too).
     `separate_clip`: torch's clipping scales the gradients in a pass of its own before the
     step, as before round 7, instead of inside AdamWBF16's update."""
     from tunesmith.model import fast, lora_graph, lora_node
@@ -671,10 +672,6 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
         for method in ("full", "lora"):
             rows[f"auto_{method}"] = guarded(f"tunesmith {method} (default budget)", run_tunesmith, config, samples,
                                              method, True, None, rate, label=" (budget: the plan's)")
-        for method in ("full", "lora"):  # the decoder issued kernel by kernel, as before round 10
-            rows[f"nographs_{method}"] = guarded(f"tunesmith {method} (no CUDA graphs)", with_fast_settings,
-                                                 run_tunesmith, config, samples, method, True, budget, rate,
-                                                 cuda_graphs=False, label=" (no CUDA graphs)")
         # (the opaque custom-op form and grouped full linears were behind in round 4: --host-profile keeps rows)
         rows["function_lora"] = guarded("tunesmith lora (LoRA node as autograd.Function)", with_fast_settings,
                                         run_tunesmith, config, samples, "lora", True, budget, rate,
@@ -701,8 +698,7 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
     ok = {k for k, v in rows.items() if not v.error}
     if {"plain_full", "fast_full"} <= ok:
         out["parity"] = loss_parity(rows["plain_full"].losses, rows["fast_full"].losses)
-    for key, default in (("function_lora", "fast_lora"), ("grouped_lora", "fast_lora"), ("nographs_full", "fast_full"),
-                         ("nographs_lora", "fast_lora")):
+    for key, default in (("function_lora", "fast_lora"), ("grouped_lora", "fast_lora")):
         if {key, default} <= ok:  # each variant against the default on the same batches
             out[f"parity_{key}"] = loss_parity(rows[default].losses, rows[key].losses)
     for method in ("full", "lora"):
@@ -783,9 +779,7 @@ def table(result: dict[str, Any]) -> list[str]:
     for key, label in (("parity", "fast vs plain"), ("parity_compiled_full", "full: eager vs compiled layers"),
                        ("parity_compiled_lora", "LoRA: eager vs compiled layers"),
                        ("parity_function_lora", "LoRA: default vs Function node"),
-                       ("parity_grouped_lora", "LoRA: default vs grouped plain math"),
-                       ("parity_nographs_full", "full: CUDA graphs vs eager decoder"),
-                       ("parity_nographs_lora", "LoRA: CUDA graphs vs eager decoder")):
+                       ("parity_grouped_lora", "LoRA: default vs grouped plain math")):
         if key in result:
             p = result[key]
             lines.append(f"loss parity, {label}, first {p['steps']} steps, same batches (bf16): max rel diff "
@@ -834,6 +828,7 @@ def main() -> None:
     parser.add_argument("--host-profile", action="store_true",
                         help="instead: where the host's time goes in tunesmith full and LoRA steps (--shape, short samples)")
     parser.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES), help="--host-profile's model shape")
+    parser.add_argument("--only", default="", help="--sweep: only these shape:regime pairs (comma-separated)")
     parser.add_argument("--rows", default="", help="--host-profile, --qlora: only these rows (comma-separated keys)")
     parser.add_argument("--plan-check", action="store_true",
                         help="instead: measured peak memory vs `tunesmith plan`'s estimate, 1B/3B/8B shapes")
@@ -942,6 +937,8 @@ def main() -> None:
     if args.sweep:  # the other shapes and regimes; the headline (1B, short) is the plain run
         results = []
         for shape, regime in SWEEP:
+            if args.only and f"{shape}:{regime}" not in args.only.split(","):
+                continue
             n = REGIMES[regime][4] // 3 if regime == "short" else REGIMES[regime][4] // 2
             results.append(compare(shape, regime, rate, n, parity=False, profile=False,
                                    peers=(shape, regime) == ("llama-3b", "short"), eager=False,

@@ -125,7 +125,7 @@ def test_eval_and_new_lengths_past_the_limit_run_eagerly(monkeypatch):
     for _ in range(3):
         accumulate(model, [_batch(0, 24)], loss_fn, torch.device("cpu"))  # length 24: recorded at the third
     for _ in range(4):
-        accumulate(model, [_batch(0, 32)], loss_fn, torch.device("cpu"))  # (padded to 1024) past the limit: never recorded
+        accumulate(model, [_batch(0, 32)], loss_fn, torch.device("cpu"))  # padded to 1024: past the limit
     model.eval()
     with torch.no_grad():
         loss_fn(model, _batch(1, 40))
@@ -159,3 +159,55 @@ def test_graphs_are_attached_only_on_cuda_and_a_copy_has_none():
     assert graphs.attached(fast.causal_lm(copy.deepcopy(model))) is None
     graphs.detach(fast.causal_lm(model))
     assert graphs.attached(fast.causal_lm(model)) is None
+
+
+def test_direct_calls_outside_the_loop_never_record():
+    """Only `accumulate` (inside `graphs.may_record`) records: a caller of the loss may still hold the
+    last one's autograd graph, which would make a recording fail on the GPU."""
+    model = _model("lora")
+    recorder = RerunRecorder()
+    graphs.attach(fast.causal_lm(model), fast.eager_decoder_hidden, recorder)
+    loss_fn = fast.make_fused_loss(budget=24, use_liger=False)
+    held = None
+    for seed in range(4):
+        result = loss_fn(model, _batch(seed))
+        result.total.backward()
+        held = result  # noqa: F841  (what the loop never does)
+    assert recorder.records == 0
+    accumulate(model, [_batch(0)], loss_fn, torch.device("cpu"))  # the length's fifth sighting, in the loop
+    assert recorder.records == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_real_graphs_train_as_the_eager_decoder_on_cuda():
+    """On a GPU: the fast path with graphs (compiled layers, flex attention, liger's loss; the
+    recording made at the third micro-batch) gives the losses of the same path without them,
+    step for step, while a direct call of the loss holding the last one's graph never records."""
+    from tunesmith.train.optim import make_optimizer
+
+    device = torch.device("cuda")
+    losses = {}
+    for use_graphs in (False, True):
+        torch.manual_seed(0)
+        model = _model("lora").to(device)
+        setup = fast.prepare_for_training(model, device=device, batch_tokens=128, cuda_graphs=use_graphs)
+        assert setup.graphs == use_graphs
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        curve = []
+        for step in range(6):
+            first = setup.loss_sum(model, _batch(100 + step, 100).to(device))  # outside the loop: eager,
+            first.total.backward()
+            second = setup.loss_sum(model, _batch(200 + step, 100).to(device))  # also with `first` alive
+            second.total.backward()
+            del first, second  # the loop's side of the contract: nothing of them alive in `accumulate`
+            optimizer.zero_grad(set_to_none=True)
+            loss, _, _ = accumulate(model, [_batch(step, 100)], setup.loss_sum, device)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            curve.append(float(loss))
+        losses[use_graphs] = curve
+        recorded = graphs.attached(fast.causal_lm(model))
+        assert (recorded is not None) == use_graphs
+        if use_graphs:
+            assert recorded.off is None and len(recorded.recordings) == 1
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-5)

@@ -17,9 +17,17 @@ launches cost little. So does the optimizer step (one fused launch).
 When: training micro-batches only (gradients on, the model in training mode). A length is
 recorded the third time it is seen (the first two run eagerly: they compile whatever the
 layers need and train as usual); at most `MAX_LENGTHS` lengths are recorded, later ones run
-eagerly. A recording that fails switches graphs off for the run, with one line on stderr.
-What a recording cannot follow, the decoder must not do: read the GPU from the host, or take
-a Python branch on something that changes between micro-batches of the same length.
+eagerly. What a recording cannot follow, the decoder must not do: read the GPU from the
+host, or take a Python branch on something that changes between micro-batches of the same length.
+
+Recordings are made only inside `may_record()`, which `train.loop.accumulate` enters: there no
+autograd graph of an earlier micro-batch is alive. A live one (a caller still holding the last
+loss) keeps the parameters' gradient accumulators of that pass, which carry the default
+stream; the backward recording then waits on that stream and fails (measured on an H200 with
+torch 2.11, which has no `set_override_stale_capture_stream` yet), and a failed recording can
+leave its memory pool allocating. Elsewhere (a direct call of the loss) lengths already
+recorded replay, which is safe, and new ones run eagerly. A recording that fails anyway
+switches graphs off for the run, with one line on stderr.
 
 Gradients: the backward graph writes the trainable parameters' gradients into buffers of its
 own, and autograd accumulates them into `.grad` as from any node. Autograd keeps the first
@@ -28,10 +36,12 @@ backward replay overwrites the buffers (gradient accumulation), such a `.grad` i
 """
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,12 +102,26 @@ class CudaRecorder:
         self.pool: Any = None
 
     def record(self, fn: Callable[[], Any]) -> tuple[Any, Any]:
-        """(graph, what `fn` returned while recorded); `fn`'s kernels run only on replay."""
+        """(graph, what `fn` returned while recorded); `fn`'s kernels run only on replay.
+
+        A parameter's gradient accumulator made before the recording and still alive (a
+        previous micro-batch's loss that someone still holds keeps its whole autograd graph)
+        carries the default stream, and the backward recording would wait on it, which ends
+        the recording. Where torch can, it is told to move such a stale stream onto the
+        recording's own (`set_override_stale_capture_stream`, process-wide: on only while recording).
+        """
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = fn()
+        override = getattr(torch.autograd.graph, "set_override_stale_capture_stream", None)
+        if override is not None:
+            override(True)
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = fn()
+        finally:
+            if override is not None:
+                override(False)  # the process-initial state
         return graph, out
 
     def warm_up(self, fn: Callable[[], Any]) -> None:
@@ -130,7 +154,8 @@ class DecoderGraphs:
         rec = self.recordings.get(key)
         if rec is None:
             self.seen[key] += 1
-            if self.seen[key] <= EAGER_RUNS or len(self.recordings) >= MAX_LENGTHS:
+            if (self.seen[key] <= EAGER_RUNS or len(self.recordings) >= MAX_LENGTHS
+                    or not getattr(_MAY_RECORD, "on", False)):
                 return self.decoder_fn(lm, ids, positions)
             try:
                 rec = self.recordings[key] = self.record(lm, ids, positions)
@@ -181,6 +206,19 @@ class _Nothing:
 
 
 _ATTACHED: weakref.WeakKeyDictionary[Any, DecoderGraphs] = weakref.WeakKeyDictionary()
+_MAY_RECORD = threading.local()
+
+
+@contextlib.contextmanager
+def may_record() -> Iterator[None]:
+    """Inside: new row lengths may be recorded. The caller vouches that no autograd graph of an
+    earlier micro-batch is alive (see the module docstring)."""
+    before = getattr(_MAY_RECORD, "on", False)
+    _MAY_RECORD.on = True
+    try:
+        yield
+    finally:
+        _MAY_RECORD.on = before
 
 
 def attach(lm: Any, decoder_fn: DecoderFn, recorder: Any = None) -> DecoderGraphs:

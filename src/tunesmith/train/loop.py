@@ -30,6 +30,7 @@ from tunesmith.config import LoopOptions
 from tunesmith.data.packing import Batch, collate, epoch_groups, split_step
 from tunesmith.data.tokenize import TokenizedSample
 from tunesmith.errors import UserError
+from tunesmith.model import graphs
 from tunesmith.train.checkpoint import TrainState
 from tunesmith.train.distributed import Dist, as_placeholder
 from tunesmith.train.losses import LossFn
@@ -128,13 +129,14 @@ def accumulate(model: Any, micro_batches: list[Batch], loss_fn: LossFn, device: 
     loss_total = torch.zeros((), device=device)
     metric_totals: dict[str, torch.Tensor] = {}
     for index, batch in enumerate(micro_batches):
-        with dist.grad_sync(last=index == len(micro_batches) - 1):
+        with dist.grad_sync(last=index == len(micro_batches) - 1), graphs.may_record():
             result = loss_fn(model, batch.to(device))
             weight = 1.0 if batch.num_targets else 0.0
             (result.total * (weight * dist.grad_scale) / denominator).backward()
         loss_total += weight * result.total.detach().float()
         for name, value in result.metrics.items():
             metric_totals[name] = metric_totals.get(name, 0) + weight * value.detach().float()
+        del result  # no autograd graph outlives its micro-batch (what `graphs.may_record` vouches for)
     if dist.enabled:
         names = sorted(metric_totals)
         summed = dist.sum(torch.stack([loss_total, *(metric_totals[n] for n in names)]))
