@@ -53,9 +53,9 @@ class RerunRecorder:
         return Rerun(fn, out), out
 
 
-def _model(method: str) -> torch.nn.Module:
+def _model(method: str, hidden: int = 32) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    cfg = LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa",
                       tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg)
@@ -93,7 +93,7 @@ def test_recorded_decoder_accumulates_the_gradients_of_the_eager_one(method):
     eager, graphed = _model(method), copy.deepcopy(_model(method))
     recorder = RerunRecorder()
     lm = fast.causal_lm(graphed)
-    graphs.attach(lm, fast.eager_decoder_hidden, recorder)
+    graphs.attach(lm, fast.eager_decoder_hidden, 24, recorder)
     assert graphs.attached(fast.causal_lm(eager)) is None
     loss_fn = fast.make_fused_loss(budget=24, use_liger=False)
     for step in range(3):
@@ -115,20 +115,59 @@ def test_recorded_decoder_accumulates_the_gradients_of_the_eager_one(method):
     assert len(graphs.attached(lm).recordings) == 1
 
 
-def test_eval_and_new_lengths_past_the_limit_run_eagerly(monkeypatch):
+def _pairs(seed: int) -> Batch:
+    """Two preference pairs in one packed row of 32 tokens (prompt + chosen, prompt + rejected each)."""
+    from tunesmith.data.packing import collate_pairs
+    from tunesmith.data.pairs import TokenizedPair
+
+    gen = torch.Generator().manual_seed(seed)
+    pairs = []
+    for _ in range(2):
+        prompt, chosen, rejected = (torch.randint(0, 96, (n,), generator=gen).tolist() for n in (4, 5, 3))
+        ids = prompt + chosen + prompt + rejected
+        labels = [-100] * 4 + chosen + [-100] * 4 + rejected
+        pairs.append(TokenizedPair(ids, labels, chosen_length=9))
+    return collate_pairs(pairs)
+
+
+def test_dpo_through_the_recorded_decoder_matches_the_eager_one():
+    """DPO with an adapter: the policy's forward replays while the reference (the adapter off, no
+    gradients) runs eagerly in between, and the chunked log-probs re-read the recorded output in
+    backward. Losses and adapter gradients equal the eager model's over 2 micro-batches x 3 steps."""
+    from tunesmith.train.preference import fused_sequence_logps, make_dpo_loss
+
+    eager, graphed = _model("lora"), _model("lora")
+    recorder = RerunRecorder()
+    graphs.attach(fast.causal_lm(graphed), fast.eager_decoder_hidden, 40, recorder)
+    loss_fn = make_dpo_loss(0.1, lambda model, batch: fused_sequence_logps(model, batch, budget=40))
+    for step in range(3):
+        micro = [_pairs(2 * step), _pairs(2 * step + 1)]
+        want, want_metrics, _ = accumulate(eager, micro, loss_fn, torch.device("cpu"))
+        got, got_metrics, _ = accumulate(graphed, micro, loss_fn, torch.device("cpu"))
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got_metrics, want_metrics)
+        want_grads, got_grads = _grads(eager), _grads(graphed)
+        assert want_grads.keys() == got_grads.keys() and want_grads
+        for name, grad in want_grads.items():
+            torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-6, msg=f"step {step}: {name}")
+        for model in (eager, graphed):
+            model.zero_grad(set_to_none=True)
+    assert recorder.records == 2
+
+
+def test_eval_and_rows_longer_than_the_budget_run_eagerly():
     model = _model("lora")
     recorder = RerunRecorder()
     lm = fast.causal_lm(model)
-    attached = graphs.attach(lm, fast.eager_decoder_hidden, recorder)
-    monkeypatch.setattr(graphs, "MAX_LENGTHS", 1)
+    attached = graphs.attach(lm, fast.eager_decoder_hidden, 24, recorder)
     loss_fn = fast.make_fused_loss(budget=24, use_liger=False)
     for _ in range(3):
-        accumulate(model, [_batch(0, 24)], loss_fn, torch.device("cpu"))  # length 24: recorded at the third
+        accumulate(model, [_batch(0, 24)], loss_fn, torch.device("cpu"))  # the budget's length: recorded at the third
     for _ in range(4):
-        accumulate(model, [_batch(0, 32)], loss_fn, torch.device("cpu"))  # padded to 1024: past the limit
+        accumulate(model, [_batch(0, 32)], loss_fn, torch.device("cpu"))  # padded to 1024: eager
     model.eval()
     with torch.no_grad():
-        loss_fn(model, _batch(1, 40))
+        loss_fn(model, _batch(1, 24))  # eval: eager
     assert list(attached.recordings) == [((1, 24), (1, 24), torch.int64, torch.int64, torch.device("cpu"))]
     assert recorder.records == 2
 
@@ -140,7 +179,7 @@ def test_a_recording_that_fails_switches_graphs_off_with_one_line(capsys):
 
     model, reference = _model("full"), _model("full")
     lm = fast.causal_lm(model)
-    attached = graphs.attach(lm, fast.eager_decoder_hidden, Broken())
+    attached = graphs.attach(lm, fast.eager_decoder_hidden, 24, Broken())
     loss_fn = fast.make_fused_loss(budget=24, use_liger=False)
     for seed in range(4):
         got, _, _ = accumulate(model, [_batch(seed)], loss_fn, torch.device("cpu"))
@@ -155,7 +194,7 @@ def test_graphs_are_attached_only_on_cuda_and_a_copy_has_none():
     model = _model("lora")
     setup = fast.prepare_for_training(model, device=torch.device("cpu"), batch_tokens=64)
     assert not setup.graphs and graphs.attached(fast.causal_lm(model)) is None
-    graphs.attach(fast.causal_lm(model), fast.eager_decoder_hidden, RerunRecorder())
+    graphs.attach(fast.causal_lm(model), fast.eager_decoder_hidden, 24, RerunRecorder())
     assert graphs.attached(fast.causal_lm(copy.deepcopy(model))) is None
     graphs.detach(fast.causal_lm(model))
     assert graphs.attached(fast.causal_lm(model)) is None
@@ -166,7 +205,7 @@ def test_direct_calls_outside_the_loop_never_record():
     last one's autograd graph, which would make a recording fail on the GPU."""
     model = _model("lora")
     recorder = RerunRecorder()
-    graphs.attach(fast.causal_lm(model), fast.eager_decoder_hidden, recorder)
+    graphs.attach(fast.causal_lm(model), fast.eager_decoder_hidden, 24, recorder)
     loss_fn = fast.make_fused_loss(budget=24, use_liger=False)
     held = None
     for seed in range(4):
@@ -189,7 +228,7 @@ def test_real_graphs_train_as_the_eager_decoder_on_cuda():
     losses = {}
     for use_graphs in (False, True):
         torch.manual_seed(0)
-        model = _model("lora").to(device)
+        model = _model("lora", hidden=64).to(device)  # head dim 16: flex attention's smallest
         setup = fast.prepare_for_training(model, device=device, batch_tokens=128, cuda_graphs=use_graphs)
         assert setup.graphs == use_graphs
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], lr=1e-3)

@@ -7,17 +7,19 @@ round 6), and on the 1B shape the host is barely ahead of the GPU. A CUDA graph 
 kernels of the decoder's forward, and of its backward, once; each later micro-batch of that
 row length replays them, one launch each, and the host is free at once.
 
-What is recorded: `fast.decoder_hidden`'s work for one row length (ids and positions -> last
-hidden states, the per-document block mask included), forward and backward, as two
-`torch.cuda.CUDAGraph`s; all lengths share one memory pool (replays never overlap: each
-micro-batch runs forward then backward). The loss head stays eager: liger's fused
+What is recorded: `fast.decoder_hidden`'s work for rows of the token budget (ids and positions
+-> last hidden states, the per-document block mask included), forward and backward, as two
+`torch.cuda.CUDAGraph`s in one memory pool. Packed rows are padded to the budget, so nearly
+every micro-batch replays; a longer row (a sample over the budget, padded to a multiple of
+1,024) runs eagerly, beside the pool: `fast.prepare_for_training` attaches graphs only where
+the memory plan finds room for the pool and such a row's activations together
+(`plan.fits_graph_pool`). The loss head stays eager: liger's fused
 cross-entropy reads a count back to the host, which a capture cannot hold, and its few
 launches cost little. So does the optimizer step (one fused launch).
 
-When: training micro-batches only (gradients on, the model in training mode). A length is
-recorded the third time it is seen (the first two run eagerly: they compile whatever the
-layers need and train as usual); at most `MAX_LENGTHS` lengths are recorded, later ones run
-eagerly. What a recording cannot follow, the decoder must not do: read the GPU from the
+When: training micro-batches only (gradients on, the model in training mode). The budget's
+length is recorded the third time it is seen (the first two run eagerly: they compile
+whatever the layers need and train as usual). What a recording cannot follow, the decoder must not do: read the GPU from the
 host, or take a Python branch on something that changes between micro-batches of the same length.
 
 Recordings are made only inside `may_record()`, which `train.loop.accumulate` enters: there no
@@ -47,15 +49,14 @@ from typing import Any
 
 import torch
 
-MAX_LENGTHS = 4  # row lengths recorded per run (each holds its activations' worth of the shared pool)
-EAGER_RUNS = 2  # micro-batches of a length run eagerly before it is recorded
+EAGER_RUNS = 2  # micro-batches of the recorded length that run eagerly before it is recorded
 
 DecoderFn = Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]  # (lm, ids, positions) -> hidden
 
 
 @dataclass
 class Recording:
-    """One row length's graphs and the static tensors they read and write."""
+    """The graphs of one row shape and the static tensors they read and write."""
 
     forward: Any  # .replay(): ids, positions -> hidden
     backward: Any  # .replay(): grad_hidden -> grads
@@ -138,9 +139,11 @@ class CudaRecorder:
 class DecoderGraphs:
     """The decoder of one model, replayed from recordings where it can be (see the module docstring)."""
 
-    def __init__(self, decoder_fn: DecoderFn, params: list[torch.nn.Parameter], recorder: Any = None) -> None:
+    def __init__(self, decoder_fn: DecoderFn, params: list[torch.nn.Parameter], length: int,
+                 recorder: Any = None) -> None:
         self.decoder_fn = decoder_fn
         self.params = params  # the decoder's trainable parameters
+        self.length = length  # the row length that is recorded (the token budget)
         self.recorder = recorder or CudaRecorder()
         self.seen: Counter[tuple[Any, ...]] = Counter()
         self.recordings: dict[tuple[Any, ...], Recording] = {}
@@ -148,14 +151,13 @@ class DecoderGraphs:
 
     def __call__(self, lm: Any, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The last hidden states (B, L, H): a replay where one is recorded or due, else the eager decoder."""
-        if self.off or not (torch.is_grad_enabled() and lm.training):
+        if self.off or ids.shape[-1] != self.length or not (torch.is_grad_enabled() and lm.training):
             return self.decoder_fn(lm, ids, positions)
         key = (tuple(ids.shape), tuple(positions.shape), ids.dtype, positions.dtype, ids.device)
         rec = self.recordings.get(key)
         if rec is None:
             self.seen[key] += 1
-            if (self.seen[key] <= EAGER_RUNS or len(self.recordings) >= MAX_LENGTHS
-                    or not getattr(_MAY_RECORD, "on", False)):
+            if self.seen[key] <= EAGER_RUNS or not getattr(_MAY_RECORD, "on", False):
                 return self.decoder_fn(lm, ids, positions)
             try:
                 rec = self.recordings[key] = self.record(lm, ids, positions)
@@ -167,7 +169,7 @@ class DecoderGraphs:
         return _Replay.apply(rec, ids, positions, *self.params)
 
     def record(self, lm: Any, ids: torch.Tensor, positions: torch.Tensor) -> Recording:
-        """Record the forward and the backward of this row length.
+        """Record the forward and the backward of this row shape.
 
         The backward differentiates the forward's latest output (`live`): on CUDA that is the
         recorded one; a recorder that re-runs its functions (the CPU tests') gets a fresh one per replay.
@@ -221,13 +223,14 @@ def may_record() -> Iterator[None]:
         _MAY_RECORD.on = before
 
 
-def attach(lm: Any, decoder_fn: DecoderFn, recorder: Any = None) -> DecoderGraphs:
-    """Route `lm`'s training forwards through graphs (`attached(lm)` finds them; a copy of `lm` has none).
+def attach(lm: Any, decoder_fn: DecoderFn, length: int, recorder: Any = None) -> DecoderGraphs:
+    """Route `lm`'s training forwards of rows of `length` tokens through graphs (`attached(lm)`
+    finds them; a copy of `lm` has none).
 
     Held by a weak key, so graphs and their pool go with the model; they hold no reference to it.
     """
     params = [p for p in lm.get_decoder().parameters() if p.requires_grad]
-    graphs = _ATTACHED[lm] = DecoderGraphs(decoder_fn, params, recorder)
+    graphs = _ATTACHED[lm] = DecoderGraphs(decoder_fn, params, length, recorder)
     return graphs
 
 

@@ -194,6 +194,16 @@ def fits(e: Estimate, memory_bytes: float) -> bool:
     return e.total <= HEADROOM * memory_bytes
 
 
+def fits_graph_pool(shape: ModelShape, s: Setting, tokens: int, memory_bytes: float) -> bool:
+    """Whether the step's peak and a CUDA graph pool of one more micro-batch's activations fit together.
+
+    A recording of the decoder (`model/graphs.py`) keeps its activations' memory in a pool of its
+    own; a row of another length runs eagerly beside it, in the allocator's other memory.
+    """
+    e = estimate(shape, replace(s, checkpointing=False), tokens)
+    return fits(Estimate({**e.parts, "graph pool": e.parts["activations"]}, tokens), memory_bytes)
+
+
 def max_tokens(shape: ModelShape, s: Setting, memory_bytes: float, limit: int = 131072) -> int:
     """The largest token budget (a multiple of TOKEN_STEP, at most `limit`) that fits; 0 if none does."""
     lo, hi = 0, limit // TOKEN_STEP
