@@ -55,9 +55,9 @@ class RerunRecorder:
 
 def _model(method: str, hidden: int = 32) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa",
-                      tie_word_embeddings=True)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      attn_implementation="sdpa", tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg)
     if method == "lora":
         from peft import LoraConfig, get_peft_model
