@@ -107,9 +107,10 @@ def test_without_a_budget_train_picks_the_largest_that_fits():
     assert "does not fit" in plan.advice(s8, plan.Setting(adapter=False), 4 * 2**30)
 
 
-def test_graph_pool_room_counts_one_more_micro_batch_of_activations():
-    """CUDA graphs (model/graphs.py) need the step's peak plus the recording's activations: on a
-    24 GiB card the plan's own budget for 1B LoRA leaves no room for them, on an 80 GiB one it does."""
+def test_graph_pool_room_counts_one_more_micro_batch_of_activations_and_gradients():
+    """CUDA graphs (model/graphs.py) need the step's peak plus the recording's activations and
+    gradient buffers: on a 24 GiB card the plan's own budget for 1B LoRA leaves no room for
+    them, on an 80 GiB one it does."""
     s1 = shape("Llama-3.2-1B")
     lora = plan.Setting(adapter=True)
     small, big = 24 * 2**30, 80 * 2**30
@@ -117,8 +118,9 @@ def test_graph_pool_room_counts_one_more_micro_batch_of_activations():
     e = plan.estimate(s1, lora, tokens)
     assert plan.fits(e, small) and not plan.fits_graph_pool(s1, lora, tokens, small)
     assert plan.fits_graph_pool(s1, lora, tokens, big)
-    assert plan.fits_graph_pool(s1, lora, tokens, (e.total + e.parts["activations"]) / plan.HEADROOM + 1)
-    assert not plan.fits_graph_pool(s1, lora, tokens, (e.total + e.parts["activations"]) / plan.HEADROOM - 2**20)
+    pool = e.parts["activations"] + e.parts["gradients"]
+    assert plan.fits_graph_pool(s1, lora, tokens, (e.total + pool) / plan.HEADROOM + 1)
+    assert not plan.fits_graph_pool(s1, lora, tokens, (e.total + pool) / plan.HEADROOM - 2**20)
 
 
 @pytest.mark.parametrize("method, checkpointing", [("full", False), ("lora", True), ("qlora", False)])

@@ -195,13 +195,17 @@ def fits(e: Estimate, memory_bytes: float) -> bool:
 
 
 def fits_graph_pool(shape: ModelShape, s: Setting, tokens: int, memory_bytes: float) -> bool:
-    """Whether the step's peak and a CUDA graph pool of one more micro-batch's activations fit together.
+    """Whether the step's peak fits beside a CUDA graph pool of one more micro-batch's activations
+    and one more set of gradients.
 
     A recording of the decoder (`model/graphs.py`) keeps its activations' memory in a pool of its
-    own; a row of another length runs eagerly beside it, in the allocator's other memory.
+    own, and a row of another length runs eagerly beside it in the allocator's other memory. Its
+    backward writes the gradients into buffers of its own; with gradient accumulation `.grad`
+    is a copy of them.
     """
     e = estimate(shape, replace(s, checkpointing=False), tokens)
-    return fits(Estimate({**e.parts, "graph pool": e.parts["activations"]}, tokens), memory_bytes)
+    pool = {"graph pool": e.parts["activations"], "graph gradients": e.parts["gradients"]}
+    return fits(Estimate({**e.parts, **pool}, tokens), memory_bytes)
 
 
 def max_tokens(shape: ModelShape, s: Setting, memory_bytes: float, limit: int = 131072) -> int:
