@@ -85,6 +85,18 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _same_step(eager, graphed, micro, loss_fn, step: int) -> None:
+    """One optimizer step's micro-batches through both models: the same loss, metrics and gradients."""
+    want, want_metrics, _ = accumulate(eager, micro, loss_fn, torch.device("cpu"))
+    got, got_metrics, _ = accumulate(graphed, micro, loss_fn, torch.device("cpu"))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_metrics, want_metrics)
+    want_grads, got_grads = _grads(eager), _grads(graphed)
+    assert want_grads.keys() == got_grads.keys() and want_grads
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-6, msg=f"step {step}: {name}")
+
+
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_recorded_decoder_accumulates_the_gradients_of_the_eager_one(method):
     """Three steps of two micro-batches each, one row length: the first two micro-batches run
@@ -97,14 +109,7 @@ def test_recorded_decoder_accumulates_the_gradients_of_the_eager_one(method):
     assert graphs.attached(fast.causal_lm(eager)) is None
     loss_fn = fast.make_fused_loss(budget=24, use_liger=False)
     for step in range(3):
-        micro = [_batch(2 * step), _batch(2 * step + 1)]
-        want, _, _ = accumulate(eager, micro, loss_fn, torch.device("cpu"))
-        got, _, _ = accumulate(graphed, micro, loss_fn, torch.device("cpu"))
-        torch.testing.assert_close(got, want)
-        want_grads, got_grads = _grads(eager), _grads(graphed)
-        assert want_grads.keys() == got_grads.keys() and want_grads
-        for name, grad in want_grads.items():
-            torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-6, msg=f"step {step}: {name}")
+        _same_step(eager, graphed, [_batch(2 * step), _batch(2 * step + 1)], loss_fn, step)
         for model in (eager, graphed):
             with torch.no_grad():
                 for p in model.parameters():
@@ -141,15 +146,7 @@ def test_dpo_through_the_recorded_decoder_matches_the_eager_one():
     graphs.attach(fast.causal_lm(graphed), fast.eager_decoder_hidden, 40, recorder)
     loss_fn = make_dpo_loss(0.1, lambda model, batch: fused_sequence_logps(model, batch, budget=40))
     for step in range(3):
-        micro = [_pairs(2 * step), _pairs(2 * step + 1)]
-        want, want_metrics, _ = accumulate(eager, micro, loss_fn, torch.device("cpu"))
-        got, got_metrics, _ = accumulate(graphed, micro, loss_fn, torch.device("cpu"))
-        torch.testing.assert_close(got, want)
-        torch.testing.assert_close(got_metrics, want_metrics)
-        want_grads, got_grads = _grads(eager), _grads(graphed)
-        assert want_grads.keys() == got_grads.keys() and want_grads
-        for name, grad in want_grads.items():
-            torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-6, msg=f"step {step}: {name}")
+        _same_step(eager, graphed, [_pairs(2 * step), _pairs(2 * step + 1)], loss_fn, step)
         for model in (eager, graphed):
             model.zero_grad(set_to_none=True)
     assert recorder.records == 2
