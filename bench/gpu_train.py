@@ -73,6 +73,7 @@ class Result:
     notes: list[str] = field(default_factory=list)
     error: str | None = None
     repeats: list[float] = field(default_factory=list)  # tokens/s of every repeat (the row is the median one)
+    reserved_gib: float = 0.0  # peak memory the allocator held (CUDA graph pools included), not only allocated
 
 
 def matmul_tflops() -> float:
@@ -550,7 +551,10 @@ def fused_adamw_line(r: dict[str, Any]) -> str:
 def guarded(name: str, fn: Any, *args: Any, **kwargs: Any) -> Result:
     """Run one benchmark; an OOM or a failure becomes a row with the error instead of ending the bench."""
     try:
-        return fn(*args, **kwargs)
+        row = fn(*args, **kwargs)
+        if torch.cuda.is_available() and not row.reserved_gib:  # since the run's free_gpu
+            row.reserved_gib = torch.cuda.max_memory_reserved() / 2**30
+        return row
     except Exception as exc:  # report every failure in the table, keep going
         free_gpu()
         kind = "OOM" if isinstance(exc, torch.OutOfMemoryError) else f"{type(exc).__name__}: {str(exc)[:160]}"
@@ -631,7 +635,7 @@ class SavedRows(dict):  # type: ignore[type-arg]
     def __setitem__(self, key: str, row: Result) -> None:
         super().__setitem__(key, row)
         print(f"[{self.tag or key}] {row.name}: {row.tokens_per_s:,.0f} tok/s, MFU {100 * row.mfu:.1f}%, peak "
-              f"{row.peak_gib:.2f} GiB" + (f", {row.error}" if row.error else "")
+              f"{row.peak_gib:.2f} GiB (reserved {row.reserved_gib:.2f})" + (f", {row.error}" if row.error else "")
               + ("".join(f"\n  {n}" for n in row.notes) if self.notes else ""), flush=True)
         if self.save:
             self.save(self.table())
