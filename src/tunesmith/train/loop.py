@@ -119,7 +119,9 @@ def accumulate(model: Any, micro_batches: list[Batch], loss_fn: LossFn, device: 
     later: reading now would make the host wait for the GPU) and this rank's unit count.
     With several ranks, the units (and the loss and metric sums) are summed over ranks: every
     unit of the global step weighs the same. A placeholder (`num_targets == 0`) runs with
-    weight 0, so ranks with fewer micro-batches still take part in every collective.
+    weight 0, so ranks with fewer micro-batches still take part in every collective. No
+    micro-batch's autograd graph outlives it, which is what lets the fast path record its
+    CUDA graphs here (`model.graphs.may_record`).
     """
     dist = dist or Dist()
     total = sum(b.num_targets for b in micro_batches)
