@@ -552,7 +552,7 @@ def guarded(name: str, fn: Any, *args: Any, **kwargs: Any) -> Result:
     """Run one benchmark; an OOM or a failure becomes a row with the error instead of ending the bench."""
     try:
         row = fn(*args, **kwargs)
-        if torch.cuda.is_available() and not row.reserved_gib:  # since the run's free_gpu
+        if torch.cuda.is_available():  # the peak since the run's free_gpu
             row.reserved_gib = torch.cuda.max_memory_reserved() / 2**30
         return row
     except Exception as exc:  # report every failure in the table, keep going
@@ -571,7 +571,8 @@ def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, documen
     whether grouped LoRA calls run as the written-out node (`lora_graph.WRITTEN_OUT`), and
     whether checkpointed layers are compiled too (`fast.COMPILE_CHECKPOINTED`), whether the
     decoder replays CUDA graphs (`fast.CUDA_GRAPHS`); None keeps the library's setting.
-    `late_read`: the loop reads each step's loss as before round 6, a `.tolist()` of the GPU tensor, which waits for everything queued by then (the next step too).
+    `late_read`: the loop reads each step's loss as before round 6, a `.tolist()` of the GPU
+    tensor, which waits for everything queued by then (the next step too).
     `separate_clip`: torch's clipping scales the gradients in a pass of its own before the
     step, as before round 7, instead of inside AdamWBF16's update."""
     from tunesmith.model import fast, lora_graph, lora_node
