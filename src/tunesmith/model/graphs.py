@@ -188,7 +188,7 @@ class DecoderGraphs:
             return torch.autograd.grad(live["hidden"], params, grad_hidden, allow_unused=True)
 
         def warm() -> None:
-            hidden = self.decoder_fn(lm, static_ids, static_pos)
+            hidden = forward()
             if hidden.requires_grad and params:
                 torch.autograd.grad(hidden, params, torch.ones_like(hidden), allow_unused=True)
 
