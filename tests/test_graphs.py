@@ -191,6 +191,7 @@ def test_graphs_are_attached_only_on_cuda_and_a_copy_has_none():
     model = _model("lora")
     setup = fast.prepare_for_training(model, device=torch.device("cpu"), batch_tokens=64)
     assert not setup.graphs and graphs.attached(fast.causal_lm(model)) is None
+    assert not fast.quantized(fast.causal_lm(model))
     graphs.attach(fast.causal_lm(model), fast.eager_decoder_hidden, 24, RerunRecorder())
     assert graphs.attached(fast.causal_lm(copy.deepcopy(model))) is None
     graphs.detach(fast.causal_lm(model))

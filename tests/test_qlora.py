@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tunesmith.errors import UserError
+from tunesmith.model import fast
 
 pytest.importorskip("bitsandbytes")
 
@@ -42,6 +43,7 @@ def test_base_linear_layers_are_4bit_and_only_lora_trains(tiny_model_dir, one_th
     assert options["quantization_config"].bnb_4bit_use_double_quant
     model = load_model(str(tiny_model_dir), device=torch.device("cpu"), dtype=torch.float32, **options)
     model = qlora.wrap(model, MethodOptions(method="qlora"))
+    assert fast.quantized(fast.causal_lm(model))  # so the fast path keeps CUDA graphs off (not measured on NF4)
     linears = [m for n, m in model.named_modules() if n.endswith(("q_proj.base_layer", "down_proj.base_layer"))]
     assert linears and all(isinstance(m, bnb.nn.Linear4bit) for m in linears)
     assert model.get_base_model().get_input_embeddings().weight.dtype == torch.float32  # not quantised
