@@ -229,25 +229,32 @@ def run_trainer(config: Any, samples: list[list[int]], lora: bool, rate: float, 
     return result
 
 
-def run_trl(config: Any, samples: list[list[int]], lora: bool, rate: float, max_length: int) -> Result:
+def run_trl(config: Any, samples: list[list[int]], lora: bool, rate: float, max_length: int,
+            checkpointing: bool = True, make_model: Any = None, label: str | None = None) -> Result:
     """TRL's SFTTrainer as its docs recommend for speed: bf16 weights, liger kernels, BFD packing
-    (padding-free, position ids restart per sample) into rows of `max_length` tokens, batch 1 row."""
+    (padding-free, position ids restart per sample) into rows of `max_length` tokens, batch 1 row.
+
+    `checkpointing`: SFTConfig's `gradient_checkpointing`, which TRL turns on by default (to save
+    memory); False is the faster form wherever the model fits, so the best peer is the faster
+    of the two. `make_model()` gives a model already prepared by another library, LoRA included
+    (Unsloth's, bench/unsloth_rows.py): it brings its own kernels, so liger stays off.
+    """
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    name = "TRL SFT LoRA" if lora else "TRL SFT full"
+    name = label or ("TRL SFT LoRA" if lora else "TRL SFT full") + ("" if checkpointing else " (no checkpointing)")
     free_gpu()
-    model = build_model(config, torch.bfloat16)
-    n_params = sum(p.numel() for p in model.parameters())
+    model = make_model() if make_model else build_model(config, torch.bfloat16)
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)  # the base's
     peft_config = None
-    if lora:
+    if lora and make_model is None:
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                  task_type="CAUSAL_LM")
     tokenizer = AutoTokenizer.from_pretrained(STARTER)  # only its pad id is used: the samples are token ids
     marks: dict[int, float] = {}
-    counts: list[int] = []
+    counts: list[tuple[int, int]] = []  # (optimizer steps done, tokens) of each micro-batch
 
     from datasets import Dataset
 
@@ -255,26 +262,31 @@ def run_trl(config: Any, samples: list[list[int]], lora: bool, rate: float, max_
         args = SFTConfig(output_dir=tmp, per_device_train_batch_size=1, bf16=True, num_train_epochs=1,
                          learning_rate=2e-4 if lora else 1e-5, logging_steps=10**6, save_strategy="no",
                          report_to="none", dataloader_num_workers=0, disable_tqdm=True, seed=0,
-                         packing=True, max_length=max_length, use_liger_kernel=True)
+                         packing=True, max_length=max_length, use_liger_kernel=make_model is None,
+                         gradient_checkpointing=checkpointing, gradient_accumulation_steps=1)  # (Unsloth's is 2)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": samples}),
                              processing_class=tokenizer, peft_config=peft_config, callbacks=[step_clock(marks)])
         step = trainer.training_step
 
         def counted(model: Any, inputs: dict[str, Any], *a: Any, **k: Any) -> Any:
-            counts.append(int(inputs["input_ids"].numel()))  # padding-free rows: every id is a real token
+            # padding-free rows: every id is a real token
+            counts.append((len(marks), int(inputs["input_ids"].numel())))
             return step(model, inputs, *a, **k)
 
         trainer.training_step = counted  # type: ignore[method-assign]
         trainer.train()
+        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # (accelerate wraps it)
     steps = max(marks)
-    tokens = sum(counts[WARMUP_STEPS:steps])
+    tokens = sum(n for done, n in counts if WARMUP_STEPS <= done < steps)  # the micro-batches of the timed steps
     seconds = marks[steps] - marks[WARMUP_STEPS]
     flops = tokens * (4 if lora else 6) * n_params  # + attention, estimated from the mean document length
     mean_len = sum(map(len, samples)) / len(samples)
     flops += step_flops(config, 0, [int(mean_len)] * int(tokens / mean_len), lora)
+    kind = type(optimizer)
+    notes = [f"optimizer {kind.__module__}.{kind.__name__}, gradient checkpointing {checkpointing}"]
     result = Result(name, tokens / seconds, torch.cuda.max_memory_allocated() / 2**30, flops / seconds / rate / 1e12,
-                    steps, tokens, seconds)
-    del trainer, model
+                    steps, tokens, seconds, notes=notes)
+    del trainer, model, optimizer
     return result
 
 
@@ -325,10 +337,25 @@ def run_tunesmith(config: Any, samples: list[list[int]], method: str, fast: bool
     if recorded is not None:
         result.notes.append(f"CUDA graphs: {len(recorded.recordings)} row length(s) recorded"
                             + (f"; off: {recorded.off}" if recorded.off else ""))
+    if DEVICE == "cuda":
+        result.notes.append(memory_by_pool())
     if profile:
         result.notes.append(profile_steps(model, optimizer, plan, loss_fn, host=profile == "host"))
     del model, optimizer, scheduler, setup, loss_fn, engine
     return result
+
+
+def memory_by_pool() -> str:
+    """Reserved and allocated GiB now, per allocator pool: the default one and CUDA graphs' private
+    pools (where the reserved peak above the allocated one sits)."""
+    pools: dict[str, list[int]] = {}
+    for segment in torch.cuda.memory_snapshot():
+        pool = "default pool" if tuple(segment.get("segment_pool_id") or (0, 0)) == (0, 0) else "graph pools"
+        sizes = pools.setdefault(pool, [0, 0])
+        sizes[0] += segment["total_size"]
+        sizes[1] += segment["allocated_size"]
+    return "memory after the run: " + "; ".join(f"{pool} reserved {r / 2**30:.1f} GiB, allocated {a / 2**30:.1f}"
+                                                for pool, (r, a) in pools.items())
 
 
 def profile_steps(model: Any, optimizer: Any, plan: Any, loss_fn: Any, steps: int = 3, host: bool = False) -> str:
@@ -648,7 +675,7 @@ class SavedRows(dict):  # type: ignore[type-arg]
 
 def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, profile: bool,
             peers: bool = True, eager: bool = True, repeats: int = 1, variants: bool = False, big: bool = False,
-            save: Any = None) -> dict[str, Any]:
+            forms: bool = False, save: Any = None) -> dict[str, Any]:
     """Baselines (Trainer, TRL) and tunesmith (full, LoRA; compiled layers, and eager liger layers) on one shape.
 
     Order matters: liger's instance patches also replace a few module-level functions of
@@ -677,7 +704,7 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
         for method in ("full", "lora"):
             rows[f"auto_{method}"] = guarded(f"tunesmith {method} (default budget)", run_tunesmith, config, samples,
                                              method, True, None, rate, label=" (budget: the plan's)")
-        # (the opaque custom-op form and grouped full linears were behind in round 4: --host-profile keeps rows)
+    if forms:  # (the opaque custom-op form and grouped full linears were behind in round 4: --host-profile keeps rows)
         rows["function_lora"] = guarded("tunesmith lora (LoRA node as autograd.Function)", with_fast_settings,
                                         run_tunesmith, config, samples, "lora", True, budget, rate,
                                         lora_form="function", label=" (LoRA node as autograd.Function)")
@@ -696,9 +723,17 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
             rows[f"eager_{method}"] = guarded(f"tunesmith {method} (eager layers)", with_fast_settings,
                                               run_tunesmith, config, samples, method, True, budget, rate,
                                               compile_layers=False, label=" (eager liger layers)")
-    if peers:
-        rows["trl_full"] = guarded("TRL SFT full", run_trl, config, samples, False, rate, budget)
-        rows["trl_lora"] = guarded("TRL SFT LoRA", run_trl, config, samples, True, rate, budget)
+    if peers:  # TRL as configured by default (checkpointing on) and without checkpointing; Unsloth
+        for method, lora in (("full", False), ("lora", True)):
+            name = f"TRL SFT {'LoRA' if lora else 'full'}"
+            rows[f"trl_{method}"] = guarded(name, run_trl, config, samples, lora, rate, budget)
+            rows[f"trl_nockpt_{method}"] = guarded(f"{name} (no checkpointing)", run_trl, config, samples, lora,
+                                                   rate, budget, checkpointing=False)
+        from unsloth_rows import run_unsloth  # each row in a child process: Unsloth patches what it imports
+
+        free_gpu()
+        for method, lora in (("full", False), ("lora", True)):
+            rows[f"unsloth_{method}"] = run_unsloth(shape, regime, n_samples, lora, rate, budget)
     out: dict[str, Any] = rows.table()
     ok = {k for k, v in rows.items() if not v.error}
     if {"plain_full", "fast_full"} <= ok:
@@ -713,7 +748,9 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
     return out
 
 
-PEERS = {"full": ("base_full", "trl_full"), "lora": ("base_lora", "trl_lora"), "qlora": ("base_qlora", "unsloth")}
+PEERS = {method: (f"base_{method}", f"trl_{method}", f"trl_nockpt_{method}", f"unsloth_{method}")
+         for method in ("full", "lora")} | {"qlora": ("base_qlora", "unsloth")}
+PEER_KEYS = {key for keys in PEERS.values() for key in keys}
 
 
 # issue 18's targets: (what, run key, measure, bound, at least?); measures: "peer" speed / the best
@@ -770,7 +807,7 @@ def table(result: dict[str, Any]) -> list[str]:
             continue
         method = "qlora" if "qlora" in key or key == "unsloth" else "lora" if key.endswith("lora") else "full"
         peers = [runs[k] for k in PEERS[method] if k in runs and not runs[k]["error"]]
-        ours = not key.startswith(("base_", "trl_")) and key != "unsloth"
+        ours = key not in PEER_KEYS
         best = max(peers, key=lambda b: b["tokens_per_s"]) if peers and ours else None
         trainer = runs.get(PEERS[method][0])
         speed = f"{r['tokens_per_s'] / best['tokens_per_s']:.2f}" if best else ""
@@ -826,6 +863,8 @@ def main() -> None:
     parser.add_argument("--qlora", action="store_true",
                         help="instead: QLoRA on the Llama-3.1-8B shape vs Trainer+peft+bitsandbytes (and Unsloth)")
     parser.add_argument("--eager", action="store_true", help="headline: also the eager liger-layer rows (round 1)")
+    parser.add_argument("--forms", action="store_true",
+                        help="headline: also the other LoRA node forms (autograd.Function, grouped plain math)")
     parser.add_argument("--big", action="store_true",
                         help="headline: also full/LoRA at twice the plan's token cap (32,768 tokens)")
     parser.add_argument("--default-budget", action="store_true",
@@ -957,7 +996,7 @@ def main() -> None:
     # process-wide, and liger's RMSNorm backward kernel does not compile inside our compiled layers
     policy = report["optimizer_policy"] = check_optimizer_policy()
     results = [compare("llama-1b", "short", rate, REGIMES["short"][4], parity=True, profile=True,
-                       repeats=REPEATS, variants=True, eager=args.eager, big=args.big,
+                       repeats=REPEATS, variants=True, eager=args.eager, big=args.big, forms=args.forms,
                        save=lambda part: write_json({**report, "results": [part]}, args.out))]
     print("\n".join(table(results[0])), flush=True)
     report["results"] = results
