@@ -14,7 +14,10 @@ Measures the GPU's bf16 matmul rate (8192^3), then on the same synthetic samples
 lengths: log-normal, median ~200, clipped to 32..1024) runs: Trainer full (fp32 weights + bf16
 autocast, dynamic padding, batch 8), Trainer + peft LoRA r=16 all-linear (bf16 base), and
 tunesmith full / LoRA through its real loop (`tunesmith.train.loop.train`, the method and
-fast-path setup of `tunesmith train`). Real (non-padding) tokens/s are timed after warm-up
+fast-path setup of `tunesmith train`), and the peers users pick instead: TRL's SFTTrainer (bf16,
+liger, packing; without gradient checkpointing, its faster form here, and with it, TRL's default,
+on `--trl-defaults`) and Unsloth (bench/unsloth_rows.py: a child process, from the site folder
+bench/unsloth_site.sh builds). Real (non-padding) tokens/s are timed after warm-up
 steps; MFU counts 6*N (full) or 4*N (LoRA) FLOPs per token plus causal attention within each
 document, over the measured matmul rate. Prints a compact table; writes JSON to $OUT (or --out).
 """
@@ -230,7 +233,8 @@ def run_trainer(config: Any, samples: list[list[int]], lora: bool, rate: float, 
 
 
 def run_trl(config: Any, samples: list[list[int]], lora: bool, rate: float, max_length: int,
-            checkpointing: bool = True, make_model: Any = None, label: str | None = None) -> Result:
+            checkpointing: bool = True, make_model: Any = None, label: str | None = None,
+            n_params: int | None = None) -> Result:
     """TRL's SFTTrainer as its docs recommend for speed: bf16 weights, liger kernels, BFD packing
     (padding-free, position ids restart per sample) into rows of `max_length` tokens, batch 1 row.
 
@@ -238,6 +242,7 @@ def run_trl(config: Any, samples: list[list[int]], lora: bool, rate: float, max_
     memory); False is the faster form wherever the model fits, so the best peer is the faster
     of the two. `make_model()` gives a model already prepared by another library, LoRA included
     (Unsloth's, bench/unsloth_rows.py): it brings its own kernels, so liger stays off.
+    `n_params`: the unquantised parameter count, for a 4-bit model (whose tensors report packed sizes).
     """
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -245,7 +250,7 @@ def run_trl(config: Any, samples: list[list[int]], lora: bool, rate: float, max_
     name = label or ("TRL SFT LoRA" if lora else "TRL SFT full") + ("" if checkpointing else " (no checkpointing)")
     free_gpu()
     model = make_model() if make_model else build_model(config, torch.bfloat16)
-    n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)  # the base's
+    n_params = n_params or sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)  # the base's
     peft_config = None
     if lora and make_model is None:
         from peft import LoraConfig
@@ -675,8 +680,11 @@ class SavedRows(dict):  # type: ignore[type-arg]
 
 def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, profile: bool,
             peers: bool = True, eager: bool = True, repeats: int = 1, variants: bool = False, big: bool = False,
-            forms: bool = False, save: Any = None) -> dict[str, Any]:
-    """Baselines (Trainer, TRL) and tunesmith (full, LoRA; compiled layers, and eager liger layers) on one shape.
+            forms: bool = False, peer_defaults: bool = False, only: str = "", save: Any = None) -> dict[str, Any]:
+    """Baselines (Trainer, TRL, Unsloth) and tunesmith (full, LoRA, and the variants asked for) on one shape.
+
+    `only`: comma-separated row keys to run (`--rows`; empty: all); `peer_defaults`: also TRL with
+    its default gradient checkpointing (slower than without wherever the model fits).
 
     Order matters: liger's instance patches also replace a few module-level functions of
     transformers (RoPE, the CausalLM forward), so every run that must not see them (the
@@ -690,50 +698,56 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
     budget = REGIMES[regime][3]
     head = {"shape": shape, "regime": regime, "samples": n_samples, "real_tokens": sum(map(len, samples))}
     rows = SavedRows(head, save)  # a run cut short by its time limit keeps the rows it finished
-    rows["base_full"] = guarded("Trainer full", run_trainer, config, samples, False, rate)
-    rows["base_lora"] = guarded("Trainer+peft LoRA", run_trainer, config, samples, True, rate)
+    wanted = set(filter(None, only.split(",")))
+
+    def row(key: str, name: str, *args: Any, **kwargs: Any) -> None:
+        if not wanted or key in wanted:
+            rows[key] = guarded(name, *args, **kwargs)
+
+    row("base_full", "Trainer full", run_trainer, config, samples, False, rate)
+    row("base_lora", "Trainer+peft LoRA", run_trainer, config, samples, True, rate)
     if parity:
-        rows["plain_full"] = guarded("tunesmith full (plain path)", run_tunesmith, config, samples, "full", False,
-                                     budget, rate, max_steps=50)
+        row("plain_full", "tunesmith full (plain path)", run_tunesmith, config, samples, "full", False, budget, rate,
+            max_steps=50)
     specs = {f"fast_{method}": (f"tunesmith {method}", run_tunesmith, (config, samples, method, True, budget, rate),
                                 {"profile": profile}) for method in ("full", "lora")}
-    for key, row in repeated(specs, repeats).items():  # (SavedRows prints and saves each row it is given)
-        rows[key] = row
-    if variants:  # what the plan picks on this GPU without --batch-tokens (`tunesmith train`'s default),
-        # and the other LoRA forms: the Function node (round 3's default), grouped calls as plain math (round 4's)
+    specs = {key: spec for key, spec in specs.items() if not wanted or key in wanted}
+    for key, result in repeated(specs, repeats).items():  # (SavedRows prints and saves each row it is given)
+        rows[key] = result
+    if variants:  # what the plan picks on this GPU without --batch-tokens (`tunesmith train`'s default)
         for method in ("full", "lora"):
-            rows[f"auto_{method}"] = guarded(f"tunesmith {method} (default budget)", run_tunesmith, config, samples,
-                                             method, True, None, rate, label=" (budget: the plan's)")
-    if forms:  # (the opaque custom-op form and grouped full linears were behind in round 4: --host-profile keeps rows)
-        rows["function_lora"] = guarded("tunesmith lora (LoRA node as autograd.Function)", with_fast_settings,
-                                        run_tunesmith, config, samples, "lora", True, budget, rate,
-                                        lora_form="function", label=" (LoRA node as autograd.Function)")
-        rows["grouped_lora"] = guarded("tunesmith lora (grouped, plain math)", with_fast_settings,
-                                       run_tunesmith, config, samples, "lora", True, budget, rate, written_out=False,
-                                       label=" (grouped, plain math)")
+            row(f"auto_{method}", f"tunesmith {method} (default budget)", run_tunesmith, config, samples, method, True,
+                None, rate, label=" (budget: the plan's)")
+    if forms:  # the other LoRA forms: the Function node (round 3's default), grouped calls as plain math (round 4's)
+        # (the opaque custom-op form and grouped full linears were behind in round 4: --host-profile keeps rows)
+        row("function_lora", "tunesmith lora (LoRA node as autograd.Function)", with_fast_settings, run_tunesmith,
+            config, samples, "lora", True, budget, rate, lora_form="function",
+            label=" (LoRA node as autograd.Function)")
+        row("grouped_lora", "tunesmith lora (grouped, plain math)", with_fast_settings, run_tunesmith, config,
+            samples, "lora", True, budget, rate, written_out=False, label=" (grouped, plain math)")
     if big:  # twice the plan's cap (train/plan.py AUTO_MAX_TOKENS): does a bigger micro-batch still pay?
         from tunesmith.train.plan import AUTO_MAX_TOKENS
 
         for method in ("full", "lora"):
-            rows[f"big_{method}"] = guarded(f"tunesmith {method} ({2 * AUTO_MAX_TOKENS} tokens)", run_tunesmith,
-                                            config, samples, method, True, 2 * AUTO_MAX_TOKENS, rate,
-                                            label=f" ({2 * AUTO_MAX_TOKENS} tokens)")
+            row(f"big_{method}", f"tunesmith {method} ({2 * AUTO_MAX_TOKENS} tokens)", run_tunesmith, config,
+                samples, method, True, 2 * AUTO_MAX_TOKENS, rate, label=f" ({2 * AUTO_MAX_TOKENS} tokens)")
     if eager:
         for method in ("full", "lora"):
-            rows[f"eager_{method}"] = guarded(f"tunesmith {method} (eager layers)", with_fast_settings,
-                                              run_tunesmith, config, samples, method, True, budget, rate,
-                                              compile_layers=False, label=" (eager liger layers)")
-    if peers:  # TRL as configured by default (checkpointing on) and without checkpointing; Unsloth
+            row(f"eager_{method}", f"tunesmith {method} (eager layers)", with_fast_settings, run_tunesmith, config,
+                samples, method, True, budget, rate, compile_layers=False, label=" (eager liger layers)")
+    if peers:  # TRL without checkpointing (its faster form; as configured by default too, on asking), Unsloth
         for method, lora in (("full", False), ("lora", True)):
             name = f"TRL SFT {'LoRA' if lora else 'full'}"
-            rows[f"trl_{method}"] = guarded(name, run_trl, config, samples, lora, rate, budget)
-            rows[f"trl_nockpt_{method}"] = guarded(f"{name} (no checkpointing)", run_trl, config, samples, lora,
-                                                   rate, budget, checkpointing=False)
+            if peer_defaults:
+                row(f"trl_{method}", name, run_trl, config, samples, lora, rate, budget)
+            row(f"trl_nockpt_{method}", f"{name} (no checkpointing)", run_trl, config, samples, lora, rate, budget,
+                checkpointing=False)
         from unsloth_rows import run_unsloth  # each row in a child process: Unsloth patches what it imports
 
         free_gpu()
-        for method, lora in (("full", False), ("lora", True)):
-            rows[f"unsloth_{method}"] = run_unsloth(shape, regime, n_samples, lora, rate, budget)
+        for method in ("full", "lora"):
+            if not wanted or f"unsloth_{method}" in wanted:
+                rows[f"unsloth_{method}"] = run_unsloth(shape, regime, n_samples, method, rate, budget)
     out: dict[str, Any] = rows.table()
     ok = {k for k, v in rows.items() if not v.error}
     if {"plain_full", "fast_full"} <= ok:
@@ -749,21 +763,24 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
 
 
 PEERS = {method: (f"base_{method}", f"trl_{method}", f"trl_nockpt_{method}", f"unsloth_{method}")
-         for method in ("full", "lora")} | {"qlora": ("base_qlora", "unsloth")}
+         for method in ("full", "lora")} | {"qlora": ("base_qlora", "unsloth_qlora", "unsloth_nockpt_qlora")}
 PEER_KEYS = {key for keys in PEERS.values() for key in keys}
 
 
 # issue 18's targets: (what, run key, measure, bound, at least?); measures: "peer" speed / the best
-# peer's, "mfu", "mem" peak / the Trainer's, "full" speed / tunesmith full's at the same budget
+# peer's, "mfu", "mem" peak / the Trainer's, "reserved" the same of the allocator's reserved
+# peaks (what the process holds: cached blocks and CUDA graph pools), "full" speed / tunesmith full's
 TARGETS = [("full >= 3x the best peer", "fast_full", "peer", 3.0, True),
            ("full >= 3x the best peer (default budget)", "auto_full", "peer", 3.0, True),
            ("full >= 60% MFU", "fast_full", "mfu", 0.60, True),
            ("full >= 60% MFU (default budget)", "auto_full", "mfu", 0.60, True),
            ("full memory <= 0.5x the Trainer's", "fast_full", "mem", 0.5, False),
+           ("full memory <= 0.5x the Trainer's (reserved peaks)", "fast_full", "reserved", 0.5, False),
            ("LoRA >= 1.3x tunesmith full", "fast_lora", "full", 1.3, True),
            ("LoRA >= 1.3x tunesmith full (default budget)", "auto_lora", "full", 1.3, True),
            ("LoRA >= 3x the best peer", "fast_lora", "peer", 3.0, True),
-           ("LoRA memory <= 0.5x Trainer+peft's", "fast_lora", "mem", 0.5, False)]
+           ("LoRA memory <= 0.5x Trainer+peft's", "fast_lora", "mem", 0.5, False),
+           ("LoRA memory <= 0.5x Trainer+peft's (reserved peaks)", "fast_lora", "reserved", 0.5, False)]
 
 
 def targets(result: dict[str, Any]) -> list[str]:
@@ -776,13 +793,16 @@ def targets(result: dict[str, Any]) -> list[str]:
         trainer = runs.get(PEERS[method][0])
         full = runs.get(key.replace("lora", "full"))
         if key not in runs or (measure == "peer" and not peers) or (measure == "full" and not full) or (
-                measure == "mem" and not (trainer and trainer["peak_gib"])):
+                measure in ("mem", "reserved") and not (trainer and trainer["peak_gib"])) or (
+                measure == "reserved" and not (trainer.get("reserved_gib") and runs[key].get("reserved_gib"))):
             continue
         r = runs[key]
         if measure == "peer":
             value = r["tokens_per_s"] / max(peers)
         elif measure == "mem":
             value = r["peak_gib"] / trainer["peak_gib"]
+        elif measure == "reserved":
+            value = r["reserved_gib"] / trainer["reserved_gib"]
         elif measure == "full":
             value = r["tokens_per_s"] / full["tokens_per_s"]
         else:
@@ -800,12 +820,13 @@ def table(result: dict[str, Any]) -> list[str]:
     """Compact rows: real tokens/s, MFU, peak memory; tunesmith / the best peer (speed) and / the Trainer (memory)."""
     runs = result["runs"]
     lines = [f"== {result['shape']}, {result['regime']} samples ({result['real_tokens']:,} real tokens each run)",
-             f"{'run':34} {'real tok/s':>11} {'MFU':>6} {'peak GiB':>9} {'x best peer':>11} {'mem x Trainer':>13}"]
+             f"{'run':34} {'real tok/s':>11} {'MFU':>6} {'peak GiB':>9} {'reserved':>9} {'x best peer':>11} "
+             f"{'mem x Trainer':>13}"]
     for key, r in runs.items():
         if r["error"]:
             lines.append(f"{r['name']:34} {r['error']}")
             continue
-        method = "qlora" if "qlora" in key or key == "unsloth" else "lora" if key.endswith("lora") else "full"
+        method = "qlora" if "qlora" in key else "lora" if key.endswith("lora") else "full"
         peers = [runs[k] for k in PEERS[method] if k in runs and not runs[k]["error"]]
         ours = key not in PEER_KEYS
         best = max(peers, key=lambda b: b["tokens_per_s"]) if peers and ours else None
@@ -814,8 +835,9 @@ def table(result: dict[str, Any]) -> list[str]:
         mem = (f"{r['peak_gib'] / trainer['peak_gib']:.2f}" if ours and trainer and not trainer["error"]
                and trainer["peak_gib"] else "")
         spread = r.get("repeats") or []
+        reserved = f"{r['reserved_gib']:.1f}" if r.get("reserved_gib") else ""
         lines.append(f"{r['name']:34} {r['tokens_per_s']:>11,.0f} {100 * r['mfu']:>5.1f}% {r['peak_gib']:>9.1f} "
-                     f"{speed:>11} {mem:>13}" + (f"   {len(spread)} runs: min {min(spread):,.0f} median "
+                     f"{reserved:>9} {speed:>11} {mem:>13}" + (f"   {len(spread)} runs: min {min(spread):,.0f} median "
                                                  f"{sorted(spread)[len(spread) // 2]:,.0f} max {max(spread):,.0f}"
                                                  if len(spread) > 1 else ""))
     for key, label in (("parity", "fast vs plain"), ("parity_compiled_full", "full: eager vs compiled layers"),
@@ -873,7 +895,9 @@ def main() -> None:
                         help="instead: where the host's time goes in tunesmith full and LoRA steps (--shape, short samples)")
     parser.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES), help="--host-profile's model shape")
     parser.add_argument("--only", default="", help="--sweep: only these shape:regime pairs (comma-separated)")
-    parser.add_argument("--rows", default="", help="--host-profile, --qlora: only these rows (comma-separated keys)")
+    parser.add_argument("--rows", default="", help="only these rows (comma-separated keys, as in the JSON)")
+    parser.add_argument("--trl-defaults", action="store_true",
+                        help="headline, --sweep: also TRL as configured by default (gradient checkpointing on)")
     parser.add_argument("--plan-check", action="store_true",
                         help="instead: measured peak memory vs `tunesmith plan`'s estimate, 1B/3B/8B shapes")
     args = parser.parse_args()
@@ -986,6 +1010,7 @@ def main() -> None:
             n = REGIMES[regime][4] // 3 if regime == "short" else REGIMES[regime][4] // 2
             results.append(compare(shape, regime, rate, n, parity=False, profile=False,
                                    peers=(shape, regime) == ("llama-3b", "short"), eager=False,
+                                   peer_defaults=args.trl_defaults, only=args.rows,
                                    save=lambda part: write_json({**report, "results": [*results, part]}, args.out)))
             print("\n".join(table(results[-1]) + targets(results[-1])), flush=True)
             report["results"] = results
@@ -997,6 +1022,7 @@ def main() -> None:
     policy = report["optimizer_policy"] = check_optimizer_policy()
     results = [compare("llama-1b", "short", rate, REGIMES["short"][4], parity=True, profile=True,
                        repeats=REPEATS, variants=True, eager=args.eager, big=args.big, forms=args.forms,
+                       peer_defaults=args.trl_defaults, only=args.rows,
                        save=lambda part: write_json({**report, "results": [part]}, args.out))]
     print("\n".join(table(results[0])), flush=True)
     report["results"] = results

@@ -5,7 +5,9 @@ bf16 compute) through `tunesmith.model.load` with the qlora parameter set's opti
 bench's short samples. Rows: tunesmith QLoRA (its loop, fast path, checkpointing and token
 budget as `tunesmith train` picks them at 4k tokens), Trainer + peft + bitsandbytes QLoRA
 (prepare_model_for_kbit_training, gradient checkpointing, batch 8, dynamic padding), and
-Unsloth QLoRA when `unsloth` imports (else a row saying why).
+Unsloth QLoRA with its own checkpointing and without, each in a child process from Unsloth's
+carried site folder (bench/unsloth_rows.py; without that folder the rows say why), through
+TRL's SFTTrainer with packing into rows of the same 4,096-token budget.
 
 --plan-check: for the 1B / 3B / 8B shapes, LoRA and QLoRA with checkpointing at 4096 and
 8192 tokens, the measured peak (torch.cuda.max_memory_allocated) beside `train.plan`'s
@@ -117,25 +119,13 @@ def trainer_qlora_model(path: Path) -> Any:
                                             task_type="CAUSAL_LM"))
 
 
-def unsloth_qlora_model(path: Path) -> Any:
-    """Unsloth's QLoRA: FastLanguageModel 4-bit load and its LoRA with its own checkpointing."""
-    from unsloth import FastLanguageModel
-
-    model, _tok = FastLanguageModel.from_pretrained(model_name=str(path), max_seq_length=2048, load_in_4bit=True,
-                                                    dtype=torch.bfloat16)
-    return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0,
-                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                            "up_proj", "down_proj"],
-                                            use_gradient_checkpointing="unsloth")
-
-
 def qlora_rows(rate: float, n_samples: int, path: Path, save: Any = None, only: str = "") -> dict[str, Any]:
     """tunesmith QLoRA vs Trainer+peft+bitsandbytes QLoRA (vs Unsloth QLoRA) on the 8B shape saved at `path`.
 
     Each row is printed (with its notes) and saved as soon as it ends (`SavedRows`), so a run cut short keeps them.
     `only`: comma-separated row keys to run (`--rows`); empty runs them all.
     """
-    import importlib.util
+    from unsloth_rows import run_unsloth
 
     config = shape_config(LLAMA_8B, tied=False)
     samples = bench.synth_samples(n_samples, "short", config.vocab_size)
@@ -146,11 +136,10 @@ def qlora_rows(rate: float, n_samples: int, path: Path, save: Any = None, only: 
         if not only or key in only.split(","):
             rows[key] = bench.guarded(name, *args, **kwargs)
 
-    if importlib.util.find_spec("unsloth") is None:
-        rows["unsloth"] = bench.Result("Unsloth QLoRA", error="skipped: `unsloth` is not importable here")
-    else:  # before the others: Unsloth patches transformers process-wide when imported
-        row("unsloth", "Unsloth QLoRA", bench.run_trainer, config, samples, True, rate,
-            make_model=lambda: unsloth_qlora_model(path), label="Unsloth QLoRA", n_params=n_params(config))
+    for key, checkpointing in (("unsloth_qlora", "unsloth"), ("unsloth_nockpt_qlora", "off")):  # child processes
+        if not only or key in only.split(","):
+            bench.free_gpu()
+            rows[key] = run_unsloth("llama-8b", "short", n_samples, "qlora", rate, QLORA_TOKENS, path, checkpointing)
     # tunesmith first: the Trainer recipe's prepare_model_for_kbit_training must not leave anything behind
     row("fast_qlora", "tunesmith qlora", run_tunesmith_adapter, config, samples, "qlora", rate, QLORA_TOKENS, path)
     # the candidate, compiled layers under checkpointing (model/fast.py), before the eager checkpointed
@@ -162,12 +151,31 @@ def qlora_rows(rate: float, n_samples: int, path: Path, save: Any = None, only: 
     row("base_qlora", "Trainer+peft+bnb QLoRA", bench.run_trainer, config, samples, True, rate,
         make_model=lambda: trainer_qlora_model(path), label="Trainer+peft+bnb QLoRA", n_params=n_params(config))
     table = rows.table()
+    table["targets"] = qlora_targets(table["runs"])
+    print("\n".join(table["targets"]), flush=True)
     if {"fast_qlora_ckpt", "fast_qlora_ckpt_compiled"} <= {k for k, v in rows.items() if not v.error}:
         parity = table["parity_ckpt_compiled"] = bench.loss_parity(rows["fast_qlora_ckpt"].losses,
                                                                    rows["fast_qlora_ckpt_compiled"].losses)
         print(f"loss parity qlora checkpointing, eager vs compiled layers: max rel diff "
               f"{100 * parity['max_rel_diff']:.3f}% over {parity['steps']} steps", flush=True)
     return table
+
+
+def qlora_targets(runs: dict[str, Any]) -> list[str]:
+    """Issue 18's QLoRA target for each tunesmith row: >= 1.5x the faster Unsloth QLoRA row's tokens/s,
+    at no more than that row's peak memory (allocated, and reserved where both were read)."""
+    unsloth = [r for k, r in runs.items() if k.startswith("unsloth") and not r["error"] and r["tokens_per_s"]]
+    if not unsloth:
+        return []
+    best = max(unsloth, key=lambda r: r["tokens_per_s"])
+    lines = []
+    for key, r in runs.items():
+        if key.startswith("fast_qlora") and not r["error"]:
+            speed, mem = r["tokens_per_s"] / best["tokens_per_s"], r["peak_gib"] / best["peak_gib"]
+            met = speed >= 1.5 and mem <= 1.0
+            lines.append(f"target: {r['name']} >= 1.5x {best['name']} at no more memory: {speed:.2f}x, "
+                         f"peak {r['peak_gib']:.1f} vs {best['peak_gib']:.1f} GiB: {'met' if met else 'NOT met'}")
+    return lines
 
 
 def plan_check(rate: float, saved: dict[str, Path], save: Any = None) -> list[dict[str, Any]]:

@@ -12,13 +12,16 @@ Unsloth as its docs recommend for speed: `FastLanguageModel.from_pretrained` in 
 (`full_finetuning=True` for the full row), its LoRA (r=16, the 7 projections) for the LoRA row,
 SFTTrainer with packing into rows of the same token budget, batch 1 row. Checkpointing is off
 (`use_gradient_checkpointing=False`): the rows fit the GPU without it, and without it Unsloth is
-fastest.
+fastest. QLoRA rows (bench/qlora.py, the 8B shape) load the model saved by the parent in 4 bits
+(`load_in_4bit=True`, Unsloth's NF4) with the same LoRA, checkpointing as asked: "unsloth" (its
+own offloaded checkpointing, what its QLoRA notebooks use) or off.
 
 The GPU machine has no network: the site folder comes as `.unsloth/site.tar.xz` (bench/README.md,
 "Unsloth on the GPU machine", says how it is built), unpacked to `.unsloth/site`, or wherever
 `UNSLOTH_SITE` points. Without it the rows say they were skipped and why.
 
     python bench/unsloth_rows.py --shape llama-1b --regime short --samples 600 --method full --out row.json
+    python bench/unsloth_rows.py --model SAVED_8B --samples 200 --method qlora --max-length 4096 --checkpointing unsloth
 """
 from __future__ import annotations
 
@@ -37,11 +40,21 @@ CHILD_SECONDS = 420  # a row that has not ended by then is reported as cut short
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def run_unsloth(shape: str, regime: str, n_samples: int, lora: bool, rate: float, max_length: int) -> Any:
-    """One Unsloth row (a `gpu_train.Result`), measured in a child process; its error says why if none ran."""
+def row_name(method: str, checkpointing: str) -> str:
+    """"Unsloth full", "Unsloth LoRA", "Unsloth QLoRA (checkpointing off)", ..."""
+    name = f"Unsloth {dict(full='full', lora='LoRA', qlora='QLoRA')[method]}"
+    return name + (f" (checkpointing {checkpointing})" if method == "qlora" else "")
+
+
+def run_unsloth(shape: str, regime: str, n_samples: int, method: str, rate: float, max_length: int,
+                model: Path | None = None, checkpointing: str = "off") -> Any:
+    """One Unsloth row (a `gpu_train.Result`), measured in a child process; its error says why if none ran.
+
+    `model`: a saved model to load (the QLoRA rows' 8B shape) instead of `shape`'s seeded random one.
+    """
     import gpu_train as bench
 
-    name = "Unsloth LoRA" if lora else "Unsloth full"
+    name = row_name(method, checkpointing)
     if not SITE.is_dir():
         return bench.Result(name, error=f"skipped: no Unsloth site folder at {SITE} (see bench/README.md)")
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,8 +63,8 @@ def run_unsloth(shape: str, regime: str, n_samples: int, lora: bool, rate: float
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(path),
                "UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         command = [sys.executable, str(Path(__file__)), "--shape", shape, "--regime", regime, "--samples",
-                   str(n_samples), "--method", "lora" if lora else "full", "--rate", str(rate), "--max-length",
-                   str(max_length), "--out", str(out)]
+                   str(n_samples), "--method", method, "--rate", str(rate), "--max-length", str(max_length),
+                   "--checkpointing", checkpointing, "--out", str(out)] + (["--model", str(model)] if model else [])
         try:
             done = subprocess.run(command, env=env, cwd=tmp, capture_output=True, text=True, timeout=CHILD_SECONDS)
         except subprocess.TimeoutExpired:
@@ -65,17 +78,18 @@ def run_unsloth(shape: str, regime: str, n_samples: int, lora: bool, rate: float
     return row
 
 
-def unsloth_model(path: str, lora: bool, max_length: int) -> Any:
-    """Unsloth's loader (and its LoRA) on the random model saved at `path`, checkpointing off."""
+def unsloth_model(path: str, method: str, max_length: int, checkpointing: str) -> Any:
+    """Unsloth's loader (4-bit for QLoRA) and its LoRA on the random model saved at `path`."""
     import torch
     from unsloth import FastLanguageModel
 
+    ckpt: Any = "unsloth" if checkpointing == "unsloth" else False
     model, _tokenizer = FastLanguageModel.from_pretrained(
-        model_name=path, max_seq_length=max_length, dtype=torch.bfloat16, load_in_4bit=False,
-        full_finetuning=not lora, use_gradient_checkpointing=False)
-    if lora:
+        model_name=path, max_seq_length=max_length, dtype=torch.bfloat16, load_in_4bit=method == "qlora",
+        full_finetuning=method == "full", use_gradient_checkpointing=ckpt)
+    if method != "full":
         model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0,
-                                                 target_modules=PROJECTIONS, use_gradient_checkpointing=False,
+                                                 target_modules=PROJECTIONS, use_gradient_checkpointing=ckpt,
                                                  random_state=0)
     return model
 
@@ -90,26 +104,33 @@ def child(args: argparse.Namespace) -> None:
 
     import gpu_train as bench
 
-    config = bench.model_config(args.shape)
+    from transformers import AutoConfig, AutoTokenizer
+
+    import qlora
+
+    config = AutoConfig.from_pretrained(args.model) if args.model else bench.model_config(args.shape)
     samples = bench.synth_samples(args.samples, args.regime, config.vocab_size)
-    lora = args.method == "lora"
-    name = "Unsloth LoRA" if lora else "Unsloth full"
+    name = row_name(args.method, args.checkpointing)
     torch.backends.cuda.matmul.allow_tf32 = True
     rate = args.rate or bench.matmul_tflops()
-    with tempfile.TemporaryDirectory() as saved:
-        from transformers import AutoTokenizer
-
-        model = bench.build_model(config, torch.bfloat16)  # seeded: the weights every other row starts from
-        model.save_pretrained(saved)
-        AutoTokenizer.from_pretrained(bench.STARTER).save_pretrained(saved)
-        del model
-        row = bench.guarded(name, bench.run_trl, config, samples, lora, rate, args.max_length,
-                            checkpointing=False, make_model=lambda: unsloth_model(saved, lora, args.max_length),
-                            label=name)
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = args.model or tmp
+        if not args.model:
+            model = bench.build_model(config, torch.bfloat16)  # seeded: the weights every other row starts from
+            model.save_pretrained(saved)
+            del model
+        if not (Path(saved) / "tokenizer_config.json").is_file():
+            AutoTokenizer.from_pretrained(bench.STARTER).save_pretrained(saved)
+        # its checkpointing is set on the model (Unsloth's own), so TRL's flag stays off
+        row = bench.guarded(name, bench.run_trl, config, samples, args.method != "full", rate, args.max_length,
+                            checkpointing=False, label=name,
+                            make_model=lambda: unsloth_model(saved, args.method, args.max_length, args.checkpointing),
+                            n_params=qlora.n_params(config) if args.method == "qlora" else None)
     from importlib.metadata import version
 
     row.notes.insert(0, ", ".join(f"{name} {version(name)}" for name in ("unsloth", "unsloth_zoo", "trl", "datasets",
                                                                       "bitsandbytes")))
+    row.notes.insert(1, f"Unsloth's checkpointing: {args.checkpointing}")
     Path(args.out).write_text(json.dumps(asdict(row)))
 
 
@@ -118,7 +139,9 @@ def main() -> None:
     parser.add_argument("--shape", default="llama-1b")
     parser.add_argument("--regime", default="short")
     parser.add_argument("--samples", type=int, default=600)
-    parser.add_argument("--method", choices=("full", "lora"), default="full")
+    parser.add_argument("--method", choices=("full", "lora", "qlora"), default="full")
+    parser.add_argument("--model", default="", help="a saved model to load instead of --shape's random one")
+    parser.add_argument("--checkpointing", choices=("off", "unsloth"), default="off")
     parser.add_argument("--rate", type=float, default=0.0, help="the matmul rate (TFLOP/s); 0: measure it")
     parser.add_argument("--max-length", type=int, default=8192)
     parser.add_argument("--out", default="unsloth_row.json")

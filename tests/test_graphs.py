@@ -248,3 +248,18 @@ def test_real_graphs_train_as_the_eager_decoder_on_cuda():
         if use_graphs:
             assert recorded.off is None and len(recorded.recordings) == 1
     torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the caching allocator's streams need a CUDA GPU")
+def test_the_warm_up_reuses_what_the_eager_steps_freed_on_cuda():
+    """The side-stream warm-up maps no second set of activations beside the blocks the eager
+    micro-batches freed for the default stream (the allocator gives a side stream none of them)."""
+    size = 256 * 2**20
+    activations = torch.empty(size, dtype=torch.uint8, device="cuda")  # an eager micro-batch's, then freed
+    del activations
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    cached = torch.cuda.memory_reserved()
+    assert cached >= size  # the freed block stays cached for the default stream
+    graphs.CudaRecorder().warm_up(lambda: torch.empty(size, dtype=torch.uint8, device="cuda").fill_(1))
+    assert torch.cuda.max_memory_reserved() < cached + size  # (without emptying first: both at once)
