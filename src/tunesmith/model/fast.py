@@ -20,7 +20,8 @@ What it changes, and why each piece pays on a packed batch of T tokens:
   for the optimizer), instead of peft's fp32 copies of every activation and ~6 nodes per
   layer; inside the compiled layers the nodes that share an input are grouped into shared
   adapter matmuls (`model/lora_graph.py`); on NF4 (QLoRA) bases the node dequantises the
-  weight in the forward and again in the backward.
+  weight in the forward and again in the backward (inside compiled layers under a checkpoint
+  tag, so the compiler does not save the 16-bit weight: `lora_node.lora4bit_compiled`).
 - CUDA graphs (`model/graphs.py`): the decoder's forward and backward for rows of the budget
   are recorded once and replayed, so the host issues a micro-batch's layers as two launches
   instead of thousands (host-bound shapes: Qwen2.5-0.5B full +28-36%, LoRA +69% on an H200).

@@ -5,7 +5,9 @@ scale, B, add), each a host-launched step in the backward pass, and it scales an
 whole (T, out) output in fp32. Here one node computes y = x W^T + s (x A^T) B^T in the
 activations' dtype: the scale on the (T, r) side, the add inside the matmul, the fp32 adapter
 weights cast for the matmuls (their gradients come back in fp32). On NF4 (QLoRA) bases the
-node dequantises the weight in the forward and again in the backward.
+node dequantises the weight in the forward and again in the backward; inside compiled layers
+that takes another form (`lora4bit_compiled`), since there the compiler would save the 16-bit
+weight instead.
 
 Three forms of the 16-bit node (`NODE`), which bench/gpu_train.py times side by side:
 - "function": an `autograd.Function`. Inside compiled layers dynamo traces it, and
@@ -27,6 +29,7 @@ from types import MethodType
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 NODE = "grouped"  # the 16-bit node's form: "function", "op" or "grouped" (see the module docstring)
 NODES = ("function", "op", "grouped")
@@ -124,14 +127,38 @@ class Lora4bit(torch.autograd.Function):
         return grad_x, None, grad_a, grad_b, None, None, None
 
 
+def lora4bit_compiled(x: torch.Tensor, packed: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+                      quant_state: Any, bias: torch.Tensor | None) -> torch.Tensor:
+    """`Lora4bit`'s math for compiled layers: the base product under a checkpoint, so the compiler
+    dequantises the weight again in the backward instead of saving its 16-bit copy.
+
+    Why not the Function there: dynamo traces its forward and backward into one graph, the two
+    dequantisations of the same bytes become one node (common subexpressions are merged), and the
+    partitioner may not recompute an opaque bitsandbytes op, so it saves the (out, in) weight for
+    the backward. On the Llama-3.1-8B shape at 4,096 tokens that is 13 GiB: tunesmith QLoRA peaked
+    at 36.5 GiB where Unsloth's without checkpointing peaked at 22.7 (bench/README.md, round 12).
+    A checkpointed region's ops are tagged for recomputation, which the partitioner honours; the
+    base product itself is not recomputed (the backward needs only the weight and the gradient).
+    """
+    def base(x: torch.Tensor) -> torch.Tensor:
+        w = _dequantize(packed, quant_state, x.dtype)
+        return x @ w.t() if bias is None else torch.addmm(bias.to(x.dtype), x.reshape(-1, x.shape[-1]),
+                                                           w.t()).view(*x.shape[:-1], w.shape[0])
+
+    h = (x @ a.to(x.dtype).t()) * scale  # (..., r)
+    return checkpoint(base, x, use_reentrant=False) + h @ b.to(x.dtype).t()
+
+
 def _fused_lora4bit_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """peft LoRA Linear4bit through `Lora4bit`; states it does not cover go to peft's own forward."""
+    """peft LoRA Linear4bit through `Lora4bit` (`lora4bit_compiled` inside compiled layers);
+    states they do not cover go to peft's own forward."""
     active = self.active_adapters
     if self.disable_adapters or self.merged or args or kwargs or len(active) != 1 or active[0] not in self.lora_A:
         return type(self).forward(self, x, *args, **kwargs)
     name, weight = active[0], self.base_layer.weight
-    return Lora4bit.apply(x, weight, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
-                           weight.quant_state, self.base_layer.bias)
+    node = lora4bit_compiled if torch.compiler.is_compiling() else Lora4bit.apply
+    return node(x, weight, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+                weight.quant_state, self.base_layer.bias)
 
 
 def _fused_lora_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
