@@ -222,7 +222,8 @@ def test_fused_nf4_lora_node_matches_the_dequantised_math(with_bias):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_compiled_nf4_lora_form_saves_the_4bit_bytes_not_the_16bit_weight():
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_compiled_nf4_lora_form_saves_the_4bit_bytes_not_the_16bit_weight(with_bias):
     """Inside compiled layers the NF4 LoRA node is `lora4bit_compiled`: with the partitioner the GPU
     uses (min-cut, here without inductor's code generation) the backward keeps the packed bytes and
     their statistics, never the dequantised (out, in) weight (13 GiB on the 8B shape), and it
@@ -235,7 +236,7 @@ def test_compiled_nf4_lora_form_saves_the_4bit_bytes_not_the_16bit_weight():
     packed, state = bf.quantize_4bit(torch.randn(48, 64), quant_type="nf4", compress_statistics=True)
     w = bf.dequantize_4bit(packed, state)
     a, b = torch.randn(8, 64, requires_grad=True), torch.randn(48, 8, requires_grad=True)
-    x, bias = torch.randn(2, 5, 64, requires_grad=True), torch.randn(48)
+    x, bias = torch.randn(2, 5, 64, requires_grad=True), torch.randn(48) if with_bias else None
     torch._dynamo.reset()
     node = torch.compile(lambda x: lora_node.lora4bit_compiled(x, packed, a, b, 0.5, state, bias),
                          backend="aot_eager_decomp_partition", fullgraph=True)
@@ -247,7 +248,7 @@ def test_compiled_nf4_lora_form_saves_the_4bit_bytes_not_the_16bit_weight():
     g = torch.randn_like(y)
     grads = torch.autograd.grad(y, (x, a, b), g)
     x_ref, a_ref, b_ref = (t.detach().clone().requires_grad_() for t in (x, a, b))
-    y_ref = x_ref @ w.t() + 0.5 * (x_ref @ a_ref.t()) @ b_ref.t() + bias
+    y_ref = x_ref @ w.t() + 0.5 * (x_ref @ a_ref.t()) @ b_ref.t() + (bias if with_bias else 0)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, torch.autograd.grad(y_ref, (x_ref, a_ref, b_ref), g)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
