@@ -596,13 +596,16 @@ def guarded(name: str, fn: Any, *args: Any, **kwargs: Any) -> Result:
 def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, document_mask: bool = True,
                        lora_form: str | None = None, group_linears: bool = False, written_out: bool | None = None,
                        compile_checkpointed: bool | None = None, late_read: bool = False, separate_clip: bool = False,
-                       cuda_graphs: bool | None = None, **kwargs: Any) -> Result:
+                       cuda_graphs: bool | None = None, activation_memory_budget: float | None = None,
+                       **kwargs: Any) -> Result:
     """`fn` with the fast path's switches set: layer compilation (off: eager liger layers), who
     builds the flex block mask (off: transformers), the LoRA node's form (`lora_node.NODES`),
     whether full fine-tuning's linears that share an input are grouped (`lora_graph.LINEARS`),
     whether grouped LoRA calls run as the written-out node (`lora_graph.WRITTEN_OUT`), and
     whether checkpointed layers are compiled too (`fast.COMPILE_CHECKPOINTED`), whether the
-    decoder replays CUDA graphs (`fast.CUDA_GRAPHS`); None keeps the library's setting.
+    decoder replays CUDA graphs (`fast.CUDA_GRAPHS`), what the compiled layers may save
+    (`fast.ACTIVATION_MEMORY_BUDGET`: compile caches are dropped around such a row, so that its
+    layers are partitioned anew); None keeps the library's setting.
     `late_read`: the loop reads each step's loss as before round 6, a `.tolist()` of the GPU
     tensor, which waits for everything queued by then (the next step too).
     `separate_clip`: torch's clipping scales the gradients in a pass of its own before the
@@ -617,18 +620,28 @@ def with_fast_settings(fn: Any, *args: Any, compile_layers: bool = True, documen
     switches = [(fast, "COMPILE_LAYERS", compile_layers), (fast, "DOCUMENT_MASK", document_mask),
                 (lora_node, "NODE", lora_form), (lora_graph, "LINEARS", group_linears),
                 (lora_graph, "WRITTEN_OUT", written_out), (fast, "COMPILE_CHECKPOINTED", compile_checkpointed),
-                (fast, "CUDA_GRAPHS", cuda_graphs),
+                (fast, "CUDA_GRAPHS", cuda_graphs), (fast, "ACTIVATION_MEMORY_BUDGET", activation_memory_budget),
                 (loop.StepResult, "start", start_late if late_read else None),
                 (optim.AdamWBF16, "fuses_grad_scale", False if separate_clip else None)]
     saved = [(owner, name, vars(owner)[name]) for owner, name, _ in switches]  # vars: the classmethod itself
     for owner, name, value in switches:
         if value is not None:  # None: the library's default
             setattr(owner, name, value)
+    repartition = activation_memory_budget is not None
+    if repartition:
+        import torch._dynamo
+        import torch._functorch.config as functorch_config
+
+        budget_before = functorch_config.activation_memory_budget
+        torch._dynamo.reset()  # layers of the rows before share the code object and its cached graphs
     try:
         return fn(*args, **kwargs)
     finally:
         for owner, name, value in saved:
             setattr(owner, name, value)
+        if repartition:
+            functorch_config.activation_memory_budget = budget_before
+            torch._dynamo.reset()
 
 
 def repeated(specs: dict[str, tuple[str, Any, tuple[Any, ...], dict[str, Any]]], times: int) -> dict[str, Result]:
@@ -963,6 +976,9 @@ def main() -> None:
                     ("full_late_read", "full", " (loss read late)", {"late_read": True}),
                     ("full_separate_clip", "full", " (clipping in a pass of its own)", {"separate_clip": True}),
                     ("full_linears", "full", " (linears grouped)", {"group_linears": True}),
+                    ("full_budget", "full", " (activation memory budget 0.9)", {"activation_memory_budget": 0.9}),
+                    ("lora_budget", "lora", " (activation memory budget 0.9)",
+                     {"activation_memory_budget": 0.9, "lora_form": "grouped", "written_out": True}),
                     ("lora", "lora", " (LoRA Function)", {"lora_form": "function"}),
                     ("lora_op", "lora", " (LoRA custom op)", {"lora_form": "op"}),
                     ("lora_grouped", "lora", " (LoRA calls grouped, plain math)",
@@ -989,6 +1005,8 @@ def main() -> None:
                  ("parity_separate_clip_full", "full", "full_separate_clip", "full, clipping inside the step vs apart"),
                  ("parity_late_read_lora", "lora_written", "lora_late_read", "lora, loss read late vs early"),
                  ("parity_linears_full", "full", "full_linears", "full, default vs linears grouped"),
+                 ("parity_budget_full", "full", "full_budget", "full, activation memory budget 1.0 vs 0.9"),
+                 ("parity_budget_lora", "lora_written", "lora_budget", "lora, activation memory budget 1.0 vs 0.9"),
                  ("parity_op_lora", "lora", "lora_op", "lora, Function vs custom op"),
                  ("parity_grouped_lora", "lora", "lora_grouped", "lora, Function vs grouped calls"),
                  ("parity_written_lora", "lora", "lora_written", "lora, Function vs written-out grouped node"),

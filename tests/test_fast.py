@@ -407,3 +407,45 @@ def test_compiled_layers_under_checkpointing_keep_the_loss_gradients_and_memory_
     assert ckpt[2] < 0.3 * plain[2]
     assert compiled[2] < 0.35 * plain[2]  # + the mask, RoPE tables and RNG states each layer also keeps
 
+
+
+def _saved_per_token(budget: float | None) -> float:
+    """Hidden-sized values a compiled LoRA decoder layer saves for its backward, per token (the
+    partitioner the GPU uses, min-cut, here without inductor's code generation)."""
+    import torch._dynamo
+    import torch._functorch.config as functorch_config
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    hidden, tokens = 128, 256
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=448, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=1, vocab_size=64, max_position_embeddings=512)
+    model = get_peft_model(LlamaForCausalLM(config).to(torch.bfloat16),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
+    lm = fast.causal_lm(model)
+    lora_node.fuse_lora_layers(model)
+    before = (fast.ACTIVATION_MEMORY_BUDGET, functorch_config.activation_memory_budget)
+    fast.ACTIVATION_MEMORY_BUDGET = budget
+    torch._dynamo.reset()
+    try:
+        fast._compile_decoder_layers(lm, backend="aot_eager_decomp_partition")
+        x = torch.randn(1, tokens, hidden, dtype=torch.bfloat16, requires_grad=True)
+        positions = torch.arange(tokens)[None]
+        saved: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.setdefault((t.untyped_storage().data_ptr(), tuple(t.shape)), t), lambda t: t):
+            lm.model.layers[0](x, position_embeddings=lm.model.rotary_emb(x, positions), attention_mask=None,
+                               position_ids=positions)
+    finally:
+        fast.ACTIVATION_MEMORY_BUDGET, functorch_config.activation_memory_budget = before
+        torch._dynamo.reset()
+    weights = {p.data_ptr() for p in model.parameters()}
+    size = sum(t.numel() * t.element_size() for (ptr, _), t in saved.items() if ptr not in weights)
+    return size / (tokens * hidden * 2)
+
+
+def test_the_activation_memory_budget_reaches_the_compiled_layers_partitioner():
+    """`fast.ACTIVATION_MEMORY_BUDGET` below 1 makes the compiled layers save less for their
+    backward (torch recomputes cheap ops instead): the knob is torch's and must keep working."""
+    default, budgeted = _saved_per_token(None), _saved_per_token(0.9)
+    assert budgeted < 0.8 * default, (default, budgeted)

@@ -89,6 +89,12 @@ FLEX_TILES: dict[str, int] | None = dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, 
 # for the graphs' pool (`plan.fits_graph_pool`).
 CUDA_GRAPHS = True
 PAD_MULTIPLE = 1024  # packed rows are padded up to the batch budget, longer ones to this multiple
+# What the compiled layers may save for their backward, as a share of what is fastest (torch's
+# partitioner, `torch._functorch.config.activation_memory_budget`; below 1.0 it recomputes
+# cheap ops in the backward instead). On a CPU-compiled Llama layer with LoRA
+# (tests/test_fast.py) 0.9 saves 10.8 hidden-sized values per token instead of 16.3 (normed
+# inputs, one MLP projection). Not yet measured on a GPU, so None: torch's default (1.0).
+ACTIVATION_MEMORY_BUDGET: float | None = None
 
 
 
@@ -380,6 +386,10 @@ def _compile_decoder_layers(lm: Any, backend: str = "inductor") -> int:
     compiler: Any = backend
     if (lora_node.NODE == "grouped" and is_adapted(lm)) or lora_graph.LINEARS:  # calls sharing an input: one group
         compiler = lora_graph.grouping_backend(backend)
+    if ACTIVATION_MEMORY_BUDGET is not None:  # (process-wide: read when a graph is partitioned)
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = ACTIVATION_MEMORY_BUDGET
     layers = getattr(lm.get_decoder(), "layers", None) or []
     for layer in layers:
         layer.compile(dynamic=False, backend=compiler)
