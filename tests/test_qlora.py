@@ -197,29 +197,38 @@ def test_qlora_gradients_match_lora_on_the_dequantised_weights(tiny_model_dir, o
         torch.testing.assert_close(g, grads[1][1][name], rtol=1e-3, atol=1e-2 * float(g.abs().max()))
 
 
+def _nf4_lora_case(with_bias: bool) -> tuple[torch.Tensor, ...]:
+    """A freshly quantised NF4 weight (packed bytes, state, its dequantised copy), adapters,
+    input and optional frozen bias."""
+    import bitsandbytes.functional as bf
+
+    torch.manual_seed(0)
+    packed, state = bf.quantize_4bit(torch.randn(48, 64), quant_type="nf4", compress_statistics=True)
+    a, b = torch.randn(8, 64, requires_grad=True), torch.randn(48, 8, requires_grad=True)
+    x, bias = torch.randn(2, 5, 64, requires_grad=True), torch.randn(48) if with_bias else None
+    return packed, state, bf.dequantize_4bit(packed, state), a, b, x, bias
+
+
+def _assert_dequantised_math(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                             bias: torch.Tensor | None) -> None:
+    """`y` and its gradients are those of x W^T (+ bias) + 0.5 (x A^T) B^T."""
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, a, b), g)
+    x_ref, a_ref, b_ref = (t.detach().clone().requires_grad_() for t in (x, a, b))
+    y_ref = x_ref @ w.t() + 0.5 * (x_ref @ a_ref.t()) @ b_ref.t() + (bias if bias is not None else 0)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, torch.autograd.grad(y_ref, (x_ref, a_ref, b_ref), g)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("with_bias", [False, True])  # a frozen base bias (Qwen2's q/k/v) too
 def test_fused_nf4_lora_node_matches_the_dequantised_math(with_bias):
     """The fast path's `Lora4bit` (CUDA-only in training) against x W^T (+ bias) + s (x A^T) B^T
     with W the dequantised NF4 weight, forward and backward; run here on freshly quantised CPU bytes."""
-    import bitsandbytes.functional as bf
-
     from tunesmith.model import lora_node
 
-    torch.manual_seed(0)
-    weight = torch.randn(48, 64)
-    packed, state = bf.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
-    w = bf.dequantize_4bit(packed, state)
-    a, b = torch.randn(8, 64, requires_grad=True), torch.randn(48, 8, requires_grad=True)
-    x = torch.randn(2, 5, 64, requires_grad=True)
-    bias = torch.randn(48) if with_bias else None
-    y = lora_node.Lora4bit.apply(x, packed, a, b, 0.5, state, bias)
-    g = torch.randn_like(y)
-    grads = torch.autograd.grad(y, (x, a, b), g)
-    x_ref, a_ref, b_ref = (t.detach().clone().requires_grad_() for t in (x, a, b))
-    y_ref = x_ref @ w.t() + 0.5 * (x_ref @ a_ref.t()) @ b_ref.t() + (bias if with_bias else 0)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    for got, want in zip(grads, torch.autograd.grad(y_ref, (x_ref, a_ref, b_ref), g)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    packed, state, w, a, b, x, bias = _nf4_lora_case(with_bias)
+    _assert_dequantised_math(lora_node.Lora4bit.apply(x, packed, a, b, 0.5, state, bias), x, w, a, b, bias)
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -228,15 +237,9 @@ def test_compiled_nf4_lora_form_saves_the_4bit_bytes_not_the_16bit_weight(with_b
     uses (min-cut, here without inductor's code generation) the backward keeps the packed bytes and
     their statistics, never the dequantised (out, in) weight (13 GiB on the 8B shape), and it
     computes what the dequantised math does. (`Lora4bit` itself, compiled, saves that weight.)"""
-    import bitsandbytes.functional as bf
-
     from tunesmith.model import lora_node
 
-    torch.manual_seed(0)
-    packed, state = bf.quantize_4bit(torch.randn(48, 64), quant_type="nf4", compress_statistics=True)
-    w = bf.dequantize_4bit(packed, state)
-    a, b = torch.randn(8, 64, requires_grad=True), torch.randn(48, 8, requires_grad=True)
-    x, bias = torch.randn(2, 5, 64, requires_grad=True), torch.randn(48) if with_bias else None
+    packed, state, w, a, b, x, bias = _nf4_lora_case(with_bias)
     torch._dynamo.reset()
     node = torch.compile(lambda x: lora_node.lora4bit_compiled(x, packed, a, b, 0.5, state, bias),
                          backend="aot_eager_decomp_partition", fullgraph=True)
@@ -245,13 +248,7 @@ def test_compiled_nf4_lora_form_saves_the_4bit_bytes_not_the_16bit_weight(with_b
         y = node(x)
     assert not [t for t in saved if t.is_floating_point() and tuple(t.shape) == (48, 64)]
     assert any(t.dtype == torch.uint8 and t.numel() == packed.numel() for t in saved)
-    g = torch.randn_like(y)
-    grads = torch.autograd.grad(y, (x, a, b), g)
-    x_ref, a_ref, b_ref = (t.detach().clone().requires_grad_() for t in (x, a, b))
-    y_ref = x_ref @ w.t() + 0.5 * (x_ref @ a_ref.t()) @ b_ref.t() + (bias if with_bias else 0)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    for got, want in zip(grads, torch.autograd.grad(y_ref, (x_ref, a_ref, b_ref), g)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    _assert_dequantised_math(y, x, w, a, b, bias)
 
 
 def test_cpu_4bit_layers_keep_peft_forward(tiny_model_dir, one_thread):
