@@ -672,11 +672,25 @@ def loss_parity(a: list[float], b: list[float], steps: int = 50) -> dict[str, fl
 
 
 class SavedRows(dict):  # type: ignore[type-arg]
-    """A comparison's rows: each one is printed and the partial table saved as it lands."""
+    """A comparison's rows: each one is printed and the partial table saved as it lands.
 
-    def __init__(self, head: dict[str, Any], save: Any, tag: str | None = None, notes: bool = False) -> None:
+    `only`: comma-separated row keys to run (`--rows`); empty: all of them (`wants`, `run`).
+    """
+
+    def __init__(self, head: dict[str, Any], save: Any, tag: str | None = None, notes: bool = False,
+                 only: str = "") -> None:
         super().__init__()
         self.head, self.save, self.tag, self.notes = head, save, tag, notes
+        self.only = set(filter(None, only.split(",")))
+
+    def wants(self, key: str) -> bool:
+        """Whether the row `key` is to run."""
+        return not self.only or key in self.only
+
+    def run(self, key: str, name: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        """The row `key`: `fn(*args, **kwargs)` as `guarded` runs it, where it is wanted."""
+        if self.wants(key):
+            self[key] = guarded(name, fn, *args, **kwargs)
 
     def __setitem__(self, key: str, row: Result) -> None:
         super().__setitem__(key, row)
@@ -710,13 +724,8 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
     samples = synth_samples(n_samples, regime, config.vocab_size)
     budget = REGIMES[regime][3]
     head = {"shape": shape, "regime": regime, "samples": n_samples, "real_tokens": sum(map(len, samples))}
-    rows = SavedRows(head, save)  # a run cut short by its time limit keeps the rows it finished
-    wanted = set(filter(None, only.split(",")))
-
-    def row(key: str, name: str, *args: Any, **kwargs: Any) -> None:
-        if not wanted or key in wanted:
-            rows[key] = guarded(name, *args, **kwargs)
-
+    rows = SavedRows(head, save, only=only)  # a run cut short by its time limit keeps the rows it finished
+    row = rows.run
     row("base_full", "Trainer full", run_trainer, config, samples, False, rate)
     row("base_lora", "Trainer+peft LoRA", run_trainer, config, samples, True, rate)
     if parity:
@@ -724,7 +733,7 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
             max_steps=50)
     specs = {f"fast_{method}": (f"tunesmith {method}", run_tunesmith, (config, samples, method, True, budget, rate),
                                 {"profile": profile}) for method in ("full", "lora")}
-    specs = {key: spec for key, spec in specs.items() if not wanted or key in wanted}
+    specs = {key: spec for key, spec in specs.items() if rows.wants(key)}
     for key, result in repeated(specs, repeats).items():  # (SavedRows prints and saves each row it is given)
         rows[key] = result
     if variants:  # what the plan picks on this GPU without --batch-tokens (`tunesmith train`'s default)
@@ -759,7 +768,7 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
 
         free_gpu()
         for method in ("full", "lora"):
-            if not wanted or f"unsloth_{method}" in wanted:
+            if rows.wants(f"unsloth_{method}"):
                 rows[f"unsloth_{method}"] = run_unsloth(shape, regime, n_samples, method, rate, budget)
     out: dict[str, Any] = rows.table()
     ok = {k for k, v in rows.items() if not v.error}
@@ -805,17 +814,15 @@ def targets(result: dict[str, Any]) -> list[str]:
         peers = [runs[k]["tokens_per_s"] for k in PEERS[method] if k in runs]
         trainer = runs.get(PEERS[method][0])
         full = runs.get(key.replace("lora", "full"))
+        memory = {"mem": "peak_gib", "reserved": "reserved_gib"}.get(measure)  # the peak a memory target reads
         if key not in runs or (measure == "peer" and not peers) or (measure == "full" and not full) or (
-                measure in ("mem", "reserved") and not (trainer and trainer["peak_gib"])) or (
-                measure == "reserved" and not (trainer.get("reserved_gib") and runs[key].get("reserved_gib"))):
+                memory and not (trainer and trainer.get(memory) and runs[key].get(memory))):
             continue
         r = runs[key]
         if measure == "peer":
             value = r["tokens_per_s"] / max(peers)
-        elif measure == "mem":
-            value = r["peak_gib"] / trainer["peak_gib"]
-        elif measure == "reserved":
-            value = r["reserved_gib"] / trainer["reserved_gib"]
+        elif memory:
+            value = r[memory] / trainer[memory]
         elif measure == "full":
             value = r["tokens_per_s"] / full["tokens_per_s"]
         else:
@@ -970,7 +977,7 @@ def main() -> None:
         config, samples = model_config(shape), synth_samples(REGIMES["short"][4], "short", SHAPES[shape]["vocab_size"])
         rows = SavedRows({"shape": shape, "regime": "short", "samples": len(samples),
                           "real_tokens": sum(map(len, samples))},
-                         lambda part: write_json({**report, "results": [part]}, args.out), notes=True)
+                         lambda part: write_json({**report, "results": [part]}, args.out), notes=True, only=args.rows)
         # (session 4's block-mask pair, and round 4's custom-op and grouped-linears rows, are in their JSON)
         variants = [("full", "full", "", {}), ("full_no_graphs", "full", " (no CUDA graphs)", {"cuda_graphs": False}),
                     ("full_late_read", "full", " (loss read late)", {"late_read": True}),
@@ -993,11 +1000,8 @@ def main() -> None:
                     ("lora_ckpt", "lora", " (checkpointing: eager liger layers)",
                      {"checkpointing": True, "compile_checkpointed": False})]
         for key, method, label, settings in variants:
-            if args.rows and key not in args.rows.split(","):
-                continue
-            rows[key] = guarded(f"tunesmith {method}{label}", with_fast_settings, run_tunesmith, config, samples,
-                                method, True, REGIMES["short"][3], rate, max_steps=40, profile="host", label=label,
-                                **settings)
+            rows.run(key, f"tunesmith {method}{label}", with_fast_settings, run_tunesmith, config, samples, method,
+                     True, REGIMES["short"][3], rate, max_steps=40, profile="host", label=label, **settings)
         out = rows.table()
         pairs = [("parity_graphs_full", "full_no_graphs", "full", "full, CUDA graphs vs eager decoder"),
                  ("parity_graphs_lora", "lora_no_graphs", "lora_written", "lora, CUDA graphs vs eager decoder"),

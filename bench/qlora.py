@@ -130,14 +130,10 @@ def qlora_rows(rate: float, n_samples: int, path: Path, save: Any = None, only: 
     config = shape_config(LLAMA_8B, tied=False)
     samples = bench.synth_samples(n_samples, "short", config.vocab_size)
     head = {"shape": "llama-8b", "regime": "short", "samples": n_samples, "real_tokens": sum(map(len, samples))}
-    rows = bench.SavedRows(head, save, tag="qlora", notes=True)
-
-    def row(key: str, name: str, *args: Any, **kwargs: Any) -> None:
-        if not only or key in only.split(","):
-            rows[key] = bench.guarded(name, *args, **kwargs)
-
+    rows = bench.SavedRows(head, save, tag="qlora", notes=True, only=only)
+    row = rows.run
     for key, checkpointing in (("unsloth_qlora", "unsloth"), ("unsloth_nockpt_qlora", "off")):  # child processes
-        if not only or key in only.split(","):
+        if rows.wants(key):
             bench.free_gpu()
             rows[key] = run_unsloth("llama-8b", "short", n_samples, "qlora", rate, QLORA_TOKENS, path, checkpointing)
     # tunesmith first: the Trainer recipe's prepare_model_for_kbit_training must not leave anything behind
@@ -163,7 +159,7 @@ def qlora_rows(rate: float, n_samples: int, path: Path, save: Any = None, only: 
 
 def qlora_targets(runs: dict[str, Any]) -> list[str]:
     """Issue 18's QLoRA target for each tunesmith row: >= 1.5x the faster Unsloth QLoRA row's tokens/s,
-    at no more than that row's peak memory (allocated, and reserved where both were read)."""
+    at no more than that row's allocated peak memory."""
     unsloth = [r for k, r in runs.items() if k.startswith("unsloth") and not r["error"] and r["tokens_per_s"]]
     if not unsloth:
         return []
