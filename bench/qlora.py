@@ -61,8 +61,10 @@ def n_params(config: Any) -> int:
 
 
 def run_tunesmith_adapter(config: Any, samples: list[list[int]], method: str, rate: float, batch_tokens: int | None,
-                          path: Path | None = None, checkpointing: bool = False, max_steps: int | None = None) -> Any:
-    """tunesmith LoRA/QLoRA through its loader, parameter set, fast path (memory plan) and loop."""
+                          path: Path | None = None, checkpointing: bool = False, max_steps: int | None = None,
+                          label: str = "") -> Any:
+    """tunesmith LoRA/QLoRA through its loader, parameter set, fast path (memory plan) and loop;
+    `label` goes after the row's name (what a variant changed)."""
     from tunesmith.config import MethodOptions
     from tunesmith.data.tokenize import TokenizedSample
     from tunesmith.methods import OBJECTIVES, PARAMETER_SETS
@@ -94,7 +96,7 @@ def run_tunesmith_adapter(config: Any, samples: list[list[int]], method: str, ra
     from tunesmith.model import fast
 
     layers = "compiled layers" if fast.COMPILE_CHECKPOINTED else "eager liger layers"
-    label = f" (checkpointing, {layers})" if checkpointing else ""
+    label += f" (checkpointing, {layers})" if checkpointing else ""
     result = bench.Result(f"tunesmith {method}{label}", tokens / seconds,
                           torch.cuda.max_memory_allocated() / 2**30,
                           flops / seconds / rate / 1e12, steps, tokens, seconds,
@@ -138,6 +140,9 @@ def qlora_rows(rate: float, n_samples: int, path: Path, save: Any = None, only: 
             rows[key] = run_unsloth("llama-8b", "short", n_samples, "qlora", rate, QLORA_TOKENS, path, checkpointing)
     # tunesmith first: the Trainer recipe's prepare_model_for_kbit_training must not leave anything behind
     row("fast_qlora", "tunesmith qlora", run_tunesmith_adapter, config, samples, "qlora", rate, QLORA_TOKENS, path)
+    row("fast_qlora_no_budget", "tunesmith qlora (activation memory budget 1.0)", bench.with_fast_settings,
+        run_tunesmith_adapter, config, samples, "qlora", rate, QLORA_TOKENS, path, activation_memory_budget=1.0,
+        label=" (activation memory budget 1.0)")  # torch's default: the compiled layers save what is fastest
     # the candidate, compiled layers under checkpointing (model/fast.py), before the eager checkpointed
     # row: that one patches liger's kernels into transformers process-wide (see gpu_train.compare)
     row("fast_qlora_ckpt_compiled", "tunesmith qlora (checkpointing, compiled layers)", bench.with_fast_settings,
@@ -149,11 +154,15 @@ def qlora_rows(rate: float, n_samples: int, path: Path, save: Any = None, only: 
     table = rows.table()
     table["targets"] = qlora_targets(table["runs"])
     print("\n".join(table["targets"]), flush=True)
-    if {"fast_qlora_ckpt", "fast_qlora_ckpt_compiled"} <= {k for k, v in rows.items() if not v.error}:
-        parity = table["parity_ckpt_compiled"] = bench.loss_parity(rows["fast_qlora_ckpt"].losses,
-                                                                   rows["fast_qlora_ckpt_compiled"].losses)
-        print(f"loss parity qlora checkpointing, eager vs compiled layers: max rel diff "
-              f"{100 * parity['max_rel_diff']:.3f}% over {parity['steps']} steps", flush=True)
+    pairs = [("parity_ckpt_compiled", "fast_qlora_ckpt", "fast_qlora_ckpt_compiled",
+              "checkpointing, eager vs compiled layers"),
+             ("parity_budget", "fast_qlora_no_budget", "fast_qlora", "activation memory budget 1.0 vs 0.9")]
+    for key, first, second, what in pairs:
+        if {first, second} <= {k for k, v in rows.items() if not v.error}:
+            parity = table[key] = bench.loss_parity(rows[first].losses, rows[second].losses)
+            print(f"loss parity qlora {what}: max rel diff {100 * parity['max_rel_diff']:.3f}% over "
+                  f"{parity['steps']} steps; speed x{rows[second].tokens_per_s / rows[first].tokens_per_s:.3f}",
+                  flush=True)
     return table
 
 

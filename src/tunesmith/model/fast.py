@@ -90,13 +90,14 @@ FLEX_TILES: dict[str, int] | None = dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, 
 CUDA_GRAPHS = True
 PAD_MULTIPLE = 1024  # packed rows are padded up to the batch budget, longer ones to this multiple
 # What the compiled layers may save for their backward, as a share of what is fastest (torch's
-# partitioner, `torch._functorch.config.activation_memory_budget`; below 1.0 it recomputes
-# cheap ops in the backward instead). On a CPU-compiled Llama layer with LoRA
-# (tests/test_fast.py) 0.9 saves 10.8 hidden-sized values per token instead of 16.3 (normed
-# inputs, one MLP projection). On an H200 (bench/README.md, round 12; 1B full, 8,192 tokens,
-# same batches): peak 22.0 -> 19.1 GiB, 67,691 -> 67,290 tok/s, losses equal. LoRA, QLoRA and
-# the 3B shape are not measured yet, so None: torch's default (1.0).
-ACTIVATION_MEMORY_BUDGET: float | None = None
+# partitioner, `torch._functorch.config.activation_memory_budget`, set only while our layers are
+# compiled; below 1.0 it recomputes cheap ops in the backward instead). On a CPU-compiled Llama
+# layer with LoRA (tests/test_fast.py) 0.9 saves 10.8 hidden-sized values per token instead of
+# 16.3 (normed inputs, one MLP projection). On an H200 (bench/README.md, rounds 12 and 13; same
+# batches, 1.0 -> 0.9): 1B full peak 22.0 -> 19.1 GiB at x0.99 tok/s, 1B LoRA 13.2 -> 10.2 GiB
+# at x0.98, 3B full 53.0 -> 45.2 GiB at x0.99, 3B LoRA 29.0 -> 22.7 GiB at x0.93-0.98, QLoRA 8B
+# 23.6 -> 18.5 GiB at x0.99; losses equal (QLoRA within 0.07%). 0.8 saved no more than 0.9.
+ACTIVATION_MEMORY_BUDGET = 0.9  # 1.0: torch's default
 
 
 
@@ -388,14 +389,30 @@ def _compile_decoder_layers(lm: Any, backend: str = "inductor") -> int:
     compiler: Any = backend
     if (lora_node.NODE == "grouped" and is_adapted(lm)) or lora_graph.LINEARS:  # calls sharing an input: one group
         compiler = lora_graph.grouping_backend(backend)
-    if ACTIVATION_MEMORY_BUDGET is not None:  # (process-wide: read when a graph is partitioned)
-        import torch._functorch.config as functorch_config
-
-        functorch_config.activation_memory_budget = ACTIVATION_MEMORY_BUDGET
+    compiler = _with_memory_budget(compiler, ACTIVATION_MEMORY_BUDGET)
     layers = getattr(lm.get_decoder(), "layers", None) or []
     for layer in layers:
         layer.compile(dynamic=False, backend=compiler)
     return len(layers)
+
+
+def _with_memory_budget(backend: Any, budget: float) -> Any:
+    """`backend` (a name or a torch.compile backend) run with torch's partitioner budget at `budget`.
+
+    AOT autograd partitions a graph into forward and backward while the backend compiles it,
+    so the setting is patched around that call only: other compiled code in the process (a
+    user's own, the evaluation of another run) keeps torch's default.
+    """
+    import torch._functorch.config as functorch_config
+    from torch._dynamo import lookup_backend
+
+    compile_graph = lookup_backend(backend) if isinstance(backend, str) else backend
+
+    def compile_budgeted(gm: Any, example_inputs: list[Any]) -> Any:
+        with functorch_config.patch(activation_memory_budget=budget):
+            return compile_graph(gm, example_inputs)
+
+    return compile_budgeted
 
 
 def is_adapted(model: Any) -> bool:
