@@ -160,8 +160,12 @@ def timed_train(engine: Any, plan: Any, steps: int, batch_tokens: int) -> tuple[
     opts = LoopOptions(batch_tokens=batch_tokens, max_steps=steps)
     with tempfile.TemporaryDirectory() as tmp:
         log = RunLog(Path(tmp), steps, show_bar=False)
+        started = time.perf_counter()
         state = train(engine, plan, [], opts, TrainState(), WARMUP_STEPS, log, lambda s: Path(tmp))
         torch.cuda.synchronize()
+        # printed at once: a call cut at its time limit then says how far its last row got
+        print(f"  warm-up, {WARMUP_STEPS} steps (compiling, recording CUDA graphs): "
+              f"{time.perf_counter() - started:.1f} s", flush=True)
         started, tokens_before = time.perf_counter(), state.tokens
         state = train(engine, plan, [], opts, state, steps, log, lambda s: Path(tmp))
         torch.cuda.synchronize()
@@ -582,6 +586,7 @@ def fused_adamw_line(r: dict[str, Any]) -> str:
 
 def guarded(name: str, fn: Any, *args: Any, **kwargs: Any) -> Result:
     """Run one benchmark; an OOM or a failure becomes a row with the error instead of ending the bench."""
+    print(f"[{name}] starting", flush=True)
     try:
         row = fn(*args, **kwargs)
         if torch.cuda.is_available():  # the peak since the run's free_gpu
