@@ -673,6 +673,19 @@ def loss_parity(a: list[float], b: list[float], steps: int = 50) -> dict[str, fl
             "mean_rel_diff": sum(abs(x - y) / x for x, y in zip(a, b)) / n}
 
 
+def pair_parities(rows: dict[str, Result], pairs: list[tuple[str, str, str, str]]) -> dict[str, dict[str, float]]:
+    """`loss_parity` of each (key, first row, second row, what) whose two rows ran without error,
+    printed with the second's speed over the first's; by key."""
+    out = {}
+    for key, first, second, what in pairs:
+        a, b = rows.get(first), rows.get(second)
+        if a and b and not (a.error or b.error):
+            out[key] = parity = loss_parity(a.losses, b.losses)
+            print(f"loss parity {what}: max rel diff {100 * parity['max_rel_diff']:.3f}% over {parity['steps']} "
+                  f"steps; speed x{b.tokens_per_s / a.tokens_per_s:.3f}", flush=True)
+    return out
+
+
 class SavedRows(dict):  # type: ignore[type-arg]
     """A comparison's rows: each one is printed and the partial table saved as it lands.
 
@@ -1019,12 +1032,7 @@ def main() -> None:
                  ("parity_grouped_lora", "lora", "lora_grouped", "lora, Function vs grouped calls"),
                  ("parity_written_lora", "lora", "lora_written", "lora, Function vs written-out grouped node"),
                  ("parity_ckpt_lora", "lora_ckpt", "lora_ckpt_compiled", "lora checkpointing, eager vs compiled layers")]
-        for key, first, second, what in pairs:
-            a, b = rows.get(first), rows.get(second)
-            if a and b and not (a.error or b.error):
-                out[key] = parity = loss_parity(a.losses, b.losses)
-                print(f"loss parity {what}: max rel diff {100 * parity['max_rel_diff']:.3f}% over {parity['steps']} "
-                      f"steps; speed x{b.tokens_per_s / a.tokens_per_s:.3f}")
+        out.update(pair_parities(rows, pairs))
         report["results"] = [out]
         write_json(report, args.out)
         return

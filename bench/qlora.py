@@ -154,15 +154,10 @@ def qlora_rows(rate: float, n_samples: int, path: Path, save: Any = None, only: 
     table = rows.table()
     table["targets"] = qlora_targets(table["runs"])
     print("\n".join(table["targets"]), flush=True)
-    pairs = [("parity_ckpt_compiled", "fast_qlora_ckpt", "fast_qlora_ckpt_compiled",
-              "checkpointing, eager vs compiled layers"),
-             ("parity_budget", "fast_qlora_no_budget", "fast_qlora", "activation memory budget 1.0 vs 0.9")]
-    for key, first, second, what in pairs:
-        if {first, second} <= {k for k, v in rows.items() if not v.error}:
-            parity = table[key] = bench.loss_parity(rows[first].losses, rows[second].losses)
-            print(f"loss parity qlora {what}: max rel diff {100 * parity['max_rel_diff']:.3f}% over "
-                  f"{parity['steps']} steps; speed x{rows[second].tokens_per_s / rows[first].tokens_per_s:.3f}",
-                  flush=True)
+    table.update(bench.pair_parities(rows, [
+        ("parity_ckpt_compiled", "fast_qlora_ckpt", "fast_qlora_ckpt_compiled",
+         "qlora checkpointing, eager vs compiled layers"),
+        ("parity_budget", "fast_qlora_no_budget", "fast_qlora", "qlora, activation memory budget 1.0 vs 0.9")]))
     return table
 
 

@@ -406,7 +406,7 @@ def _with_memory_budget(backend: Any, budget: float) -> Any:
     import torch._functorch.config as functorch_config
     from torch._dynamo import lookup_backend
 
-    compile_graph = lookup_backend(backend) if isinstance(backend, str) else backend
+    compile_graph = lookup_backend(backend)  # (a callable comes back as it is)
 
     def compile_budgeted(gm: Any, example_inputs: list[Any]) -> Any:
         with functorch_config.patch(activation_memory_budget=budget):
