@@ -720,6 +720,38 @@ class SavedRows(dict):  # type: ignore[type-arg]
         return {**self.head, "runs": {k: asdict(v) for k, v in self.items()}}
 
 
+def fast_plan_check(rate: float, save: Any = None) -> dict[str, Any]:
+    """The compiled fast path's measured peak vs the memory plan's estimate, each shape and method
+    at two or three token budgets (short samples packed to the budget, no checkpointing, CUDA graphs
+    as `tunesmith train` uses them): the slope between budgets is the per-token figure that the
+    plan's `layer_bytes_per_token` must match; the rest is the static part."""
+    from tunesmith.model import fast
+    from tunesmith.train import plan
+
+    lengths = {"llama-1b": (4096, 8192, 16384), "llama-3b": (4096, 8192), "qwen-0.5b": (4096, 8192)}
+    out: dict[str, Any] = {"activation_memory_budget": fast.ACTIVATION_MEMORY_BUDGET, "rows": []}
+    for shape, budgets in lengths.items():
+        config = model_config(shape)
+        samples = synth_samples(REGIMES["short"][4], "short", config.vocab_size)
+        for method in ("full", "lora"):
+            for tokens in budgets:
+                r = guarded(f"{shape} {method} {tokens}", run_tunesmith, config, samples, method, True, tokens, rate,
+                            max_steps=WARMUP_STEPS + 6)
+                s = plan.Setting(adapter=method == "lora")
+                e = plan.estimate(plan.shape_from_config(config.to_dict(), shape), s, tokens)
+                est = (e.total - e.parts.get("cuda context", 0)) / 2**30
+                out["rows"].append({"shape": shape, "method": method, "tokens": tokens, "estimated_gib": est,
+                                    "parts_gib": {k: v / 2**30 for k, v in e.parts.items()},
+                                    "measured_gib": r.peak_gib, "reserved_gib": r.reserved_gib, "error": r.error,
+                                    "tokens_per_s": r.tokens_per_s, "notes": r.notes})
+                print(f"plan check {shape:9} {method:4} {tokens:>6} tokens: estimated {est:6.2f} GiB, measured "
+                      f"{r.peak_gib:6.2f} (reserved {r.reserved_gib:6.2f})" + (f" {r.error}" if r.error else ""),
+                      flush=True)
+                if save:
+                    save(out)
+    return out
+
+
 def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, profile: bool,
             peers: bool = True, eager: bool = True, repeats: int = 1, variants: bool = False, big: bool = False,
             forms: bool = False, peer_defaults: bool = False, only: str = "", save: Any = None) -> dict[str, Any]:
@@ -755,6 +787,11 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
         for method in ("full", "lora"):
             row(f"auto_{method}", f"tunesmith {method} (default budget)", run_tunesmith, config, samples, method, True,
                 None, rate, label=" (budget: the plan's)")
+    for method in ("full", "lora"):  # only on asking (--rows): the activation memory budget at torch's default
+        if f"fast_{method}_no_budget" in rows.only:
+            row(f"fast_{method}_no_budget", f"tunesmith {method} (activation memory budget 1.0)", with_fast_settings,
+                run_tunesmith, config, samples, method, True, budget, rate, activation_memory_budget=1.0,
+                label=" (activation memory budget 1.0)")
     if forms:  # the other LoRA forms: the Function node (round 3's default), grouped calls as plain math (round 4's)
         # (the opaque custom-op form and grouped full linears were behind in round 4: --host-profile keeps rows)
         row("function_lora", "tunesmith lora (LoRA node as autograd.Function)", with_fast_settings, run_tunesmith,
@@ -789,7 +826,8 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
     ok = {k for k, v in rows.items() if not v.error}
     if {"plain_full", "fast_full"} <= ok:
         out["parity"] = loss_parity(rows["plain_full"].losses, rows["fast_full"].losses)
-    for key, default in (("function_lora", "fast_lora"), ("grouped_lora", "fast_lora")):
+    for key, default in (("function_lora", "fast_lora"), ("grouped_lora", "fast_lora"),
+                         ("fast_full_no_budget", "fast_full"), ("fast_lora_no_budget", "fast_lora")):
         if {key, default} <= ok:  # each variant against the default on the same batches
             out[f"parity_{key}"] = loss_parity(rows[default].losses, rows[key].losses)
     for method in ("full", "lora"):
@@ -861,7 +899,7 @@ def table(result: dict[str, Any]) -> list[str]:
         if r["error"]:
             lines.append(f"{r['name']:34} {r['error']}")
             continue
-        method = "qlora" if "qlora" in key else "lora" if key.endswith("lora") else "full"
+        method = "qlora" if "qlora" in key else "lora" if "lora" in key.split("_") else "full"
         peers = [runs[k] for k in PEERS[method] if k in runs and not runs[k]["error"]]
         ours = key not in PEER_KEYS
         best = max(peers, key=lambda b: b["tokens_per_s"]) if peers and ours else None
@@ -935,6 +973,8 @@ def main() -> None:
     parser.add_argument("--rows", default="", help="only these rows (comma-separated keys, as in the JSON)")
     parser.add_argument("--trl-defaults", action="store_true",
                         help="headline, --sweep: also TRL as configured by default (gradient checkpointing on)")
+    parser.add_argument("--plan-check-fast", action="store_true",
+                        help="instead: the compiled fast path's measured peak vs the plan, 3 shapes x 2-3 budgets")
     parser.add_argument("--plan-check", action="store_true",
                         help="instead: measured peak memory vs `tunesmith plan`'s estimate, 1B/3B/8B shapes")
     args = parser.parse_args()
@@ -954,6 +994,11 @@ def main() -> None:
         return
     rate = report["matmul_tflops"] = matmul_tflops()
     print(f"{report['env']}\nbf16 matmul 8192^3: {rate:.0f} TFLOP/s (MFU denominator)", flush=True)
+    if args.plan_check_fast:
+        report["plan_check_fast"] = fast_plan_check(rate, lambda r: write_json({**report, "plan_check_fast": r},
+                                                                               args.out))
+        write_json(report, args.out)
+        return
     if args.qlora or args.plan_check:
         import qlora  # bench/qlora.py (its own module, so this file stays the 16-bit bench)
 
