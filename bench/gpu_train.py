@@ -9,6 +9,8 @@ One command, one run, on one CUDA GPU, no network (random weights, synthetic tok
     python bench/gpu_train.py --plan-check  # instead: measured peak vs `tunesmith plan`, 1B/3B/8B shapes
     python bench/gpu_train.py --host-profile  # instead: host vs GPU time of full / LoRA steps, each LoRA form
     python bench/gpu_train.py --default-budget  # instead: the plan's budget rows beside TRL SFT full
+    python bench/gpu_train.py --plan-check-fast  # instead: the compiled path's measured peak vs the memory plan
+    python bench/gpu_train.py --default-budget --card 24  # any mode: as on a 24 GiB card
 
 Measures the GPU's bf16 matmul rate (8192^3), then on the same synthetic samples (Alpaca-like
 lengths: log-normal, median ~200, clipped to 32..1024) runs: Trainer full (fp32 weights + bf16
@@ -172,6 +174,21 @@ def timed_train(engine: Any, plan: Any, steps: int, batch_tokens: int) -> tuple[
         seconds = time.perf_counter() - started
         log.close()
     return state, log.history, state.tokens - tokens_before, seconds
+
+
+def emulate_card(gib: float) -> None:
+    """Make this process see a GPU of `gib` GiB, CUDA context included: the caching allocator is
+    capped (`set_per_process_memory_fraction`: an allocation past the cap is an OOM, as on the
+    smaller card) and `torch.cuda.mem_get_info`, what the memory plan sizes against, answers for it."""
+    from tunesmith.train.plan import CUDA_CONTEXT
+
+    cap = gib * 2**30 - CUDA_CONTEXT
+    torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
+
+    def mem_get_info(device: Any = None) -> tuple[int, int]:
+        return max(0, int(cap - torch.cuda.memory_reserved(device))), int(gib * 2**30)
+
+    torch.cuda.mem_get_info = mem_get_info
 
 
 def free_gpu() -> None:
@@ -965,7 +982,9 @@ def main() -> None:
     parser.add_argument("--auto", action="store_true",
                         help="headline: also full/LoRA at the plan's token budget (the call then nears 10 min)")
     parser.add_argument("--default-budget", action="store_true",
-                        help="instead: tunesmith full/LoRA at the plan's token budget and TRL SFT full (1B, short)")
+                        help="instead: tunesmith full/LoRA at the plan's token budget and TRL SFT full (--shape)")
+    parser.add_argument("--card", type=float, default=0.0,
+                        help="GiB: run as on a GPU of this size (the allocator capped, the plan sized against it)")
     parser.add_argument("--host-profile", action="store_true",
                         help="instead: where the host's time goes in tunesmith full and LoRA steps (--shape, short samples)")
     parser.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES), help="--host-profile's model shape")
@@ -994,6 +1013,9 @@ def main() -> None:
         return
     rate = report["matmul_tflops"] = matmul_tflops()
     print(f"{report['env']}\nbf16 matmul 8192^3: {rate:.0f} TFLOP/s (MFU denominator)", flush=True)
+    if args.card:
+        emulate_card(args.card)
+        print(f"emulated card: {args.card:g} GiB (allocator capped; the memory plan sizes against it)", flush=True)
     if args.plan_check_fast:
         report["plan_check_fast"] = fast_plan_check(rate, lambda r: write_json({**report, "plan_check_fast": r},
                                                                                args.out))
@@ -1020,15 +1042,15 @@ def main() -> None:
         write_json(report, args.out)
         return
     if args.default_budget:  # what `tunesmith train` runs without --batch-tokens, beside the best full peer
-        config = model_config("llama-1b")
+        config = model_config(args.shape)
         samples = synth_samples(REGIMES["short"][4], "short", config.vocab_size)
-        rows = SavedRows({"shape": "llama-1b", "regime": "short", "samples": len(samples),
-                          "real_tokens": sum(map(len, samples))},
-                         lambda part: write_json({**report, "results": [part]}, args.out))
+        rows = SavedRows({"shape": args.shape, "regime": "short", "samples": len(samples),
+                          "real_tokens": sum(map(len, samples)), "card_gib": args.card},
+                         lambda part: write_json({**report, "results": [part]}, args.out), notes=True, only=args.rows)
         for method in ("full", "lora"):  # before TRL: liger's patches of transformers stay for the process
-            rows[f"auto_{method}"] = guarded(f"tunesmith {method} (default budget)", run_tunesmith, config, samples,
-                                             method, True, None, rate, label=" (budget: the plan's)")
-        rows["trl_full"] = guarded("TRL SFT full", run_trl, config, samples, False, rate, REGIMES["short"][3])
+            rows.run(f"auto_{method}", f"tunesmith {method} (default budget)", run_tunesmith, config, samples,
+                     method, True, None, rate, label=" (budget: the plan's)")
+        rows.run("trl_full", "TRL SFT full", run_trl, config, samples, False, rate, REGIMES["short"][3])
         report["results"] = [rows.table()]
         write_json(report, args.out)
         print("\n".join(table(report["results"][0])))
