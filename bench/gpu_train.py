@@ -167,7 +167,7 @@ def timed_train(engine: Any, plan: Any, steps: int, batch_tokens: int) -> tuple[
         torch.cuda.synchronize()
         # printed at once: a call cut at its time limit then says how far its last row got
         print(f"  warm-up, {WARMUP_STEPS} steps (compiling, recording CUDA graphs): "
-              f"{time.perf_counter() - started:.1f} s", flush=True)
+              f"{time.perf_counter() - started:.1f} s; {compile_phases()}", flush=True)
         started, tokens_before = time.perf_counter(), state.tokens
         state = train(engine, plan, [], opts, state, steps, log, lambda s: Path(tmp))
         torch.cuda.synchronize()
@@ -189,6 +189,17 @@ def emulate_card(gib: float) -> None:
         return max(0, int(cap - torch.cuda.memory_reserved(device))), int(gib * 2**30)
 
     torch.cuda.mem_get_info = mem_get_info
+
+
+def compile_phases(top: int = 10) -> str:
+    """The compile phases that took longest in this process so far (torch's own counters, seconds
+    summed over every graph): says whether a slow warm-up is tracing, partitioning, code
+    generation or waiting on Triton's kernel compiles."""
+    from torch._dynamo.utils import compile_times
+
+    names, seconds = compile_times(repr="csv", aggregate=True)
+    ranked = sorted(zip(names, map(float, seconds)), key=lambda kv: -kv[1])
+    return "compile phases: " + ", ".join(f"{name} {sec:.1f}" for name, sec in ranked[:top])
 
 
 def free_gpu() -> None:
