@@ -44,3 +44,17 @@ def test_unknown_flag_exits_2() -> None:
     proc = run_cli("train", "--no-such-flag")
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
+
+
+def test_the_cuda_allocator_grows_segments_unless_the_user_configured_it() -> None:
+    """`tunesmith` sets PyTorch's expandable segments (what the memory plan was measured with),
+    and leaves either spelling of a user's own allocator setting alone."""
+    from tunesmith.cli import ALLOCATOR_DEFAULT, set_allocator_default
+
+    env: dict[str, str] = {}
+    set_allocator_default(env)
+    assert env == {"PYTORCH_CUDA_ALLOC_CONF": ALLOCATOR_DEFAULT}
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        mine = {name: "max_split_size_mb:128"}
+        set_allocator_default(mine)
+        assert mine == {name: "max_split_size_mb:128"}

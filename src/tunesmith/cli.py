@@ -359,8 +359,21 @@ def reference_markdown() -> str:
     return "\n".join(rows) + "\n"
 
 
+ALLOCATOR_DEFAULT = "expandable_segments:True"
+
+
+def set_allocator_default(env: Any = os.environ) -> None:
+    """PyTorch's CUDA allocator grows segments in place instead of caching fixed-size blocks,
+    unless the user configured it: a step's activations of varying row lengths then leave
+    little reserved-but-unused memory (what fragmentation OOMs are made of), which is what the
+    memory plan's estimate assumes. Set before torch starts CUDA, which reads it once."""
+    if not {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"} & set(env):
+        env["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_DEFAULT
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
+    set_allocator_default()
     parser = build_parser()
     args, extras = parser.parse_known_args(fix_argv(sys.argv[1:] if argv is None else list(argv), parser))
     if extras:

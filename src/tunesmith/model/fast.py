@@ -329,8 +329,10 @@ def prepare_for_training(model: Any, *, device: torch.device, batch_tokens: int 
         if not fused_lora:
             setup.notices.append(f"fast kernels: fused LoRA node on {fused} of {adapted} adapted layers (the rest run "
                                  "peft's forward: dropout, DoRA or a trained bias)")
+    # (the plan's figure for compiled layers, `plan.COMPILED_LAYER`, was measured at a budget of 0.9)
+    compiled_layers = setup.fast and COMPILE_LAYERS and ACTIVATION_MEMORY_BUDGET <= 0.9
     choice, room_for_graphs = _plan_memory(lm, device, batch_tokens, gradient_checkpointing, memory, fused_loss,
-                                           setup.fast and fused_lora)
+                                           setup.fast and fused_lora, compiled_layers)
     setup.batch_tokens, setup.checkpointing = choice.batch_tokens, choice.checkpointing
     setup.notices.extend(choice.notices)
     if fused_loss:
@@ -421,7 +423,7 @@ def is_adapted(model: Any) -> bool:
 
 
 def _plan_memory(lm: Any, device: torch.device, batch_tokens: int | None, checkpointing: bool, memory: Any,
-                 fused_loss: bool, fused_lora: bool) -> tuple[Any, bool]:
+                 fused_loss: bool, fused_lora: bool, compiled_layers: bool) -> tuple[Any, bool]:
     """The memory plan's choice of token budget and checkpointing for this GPU (`train.plan`), and
     whether a CUDA graph pool fits beside it (`plan.fits_graph_pool`; False off CUDA).
 
@@ -433,7 +435,7 @@ def _plan_memory(lm: Any, device: torch.device, batch_tokens: int | None, checkp
     setting = memory if memory is not None else plan.Setting(adapter=is_adapted(lm))
     setting = replace(setting, checkpointing=checkpointing, fused_loss=fused_loss, fused_lora=fused_lora,
                       dtype_bytes=2 if lm.get_input_embeddings().weight.dtype.itemsize == 2 else 4,
-                      cuda=device.type == "cuda")
+                      cuda=device.type == "cuda", compiled_layers=compiled_layers)
     available = None
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)

@@ -8,10 +8,13 @@ fits is a division. What is counted, per parameter or per token, and why:
 - trainable parameters: their gradient (same dtype; LoRA adapters are fp32, so their fp32
   copy too) and the optimizer's state: AdamW 8 bytes (fp32 m, v), the 8-bit ones 2 bytes.
 - activations per token and layer: ~10 hidden- and 4 intermediate-sized tensors saved
-  for backward (norm inputs, q/k/v, attention output, residuals, gate/up/act); with
-  gradient checkpointing only each layer's input is kept and one layer is recomputed at
-  a time. A LoRA layer on peft's path holds fp32 copies of its input and of its adapter's
-  output (7 per block); the fused node of the fast path does not.
+  for backward by eager layers (norm inputs, q/k/v, attention output, residuals,
+  gate/up/act); the fast path's compiled 16-bit layers save less (`COMPILED_LAYER`:
+  torch's partitioner at the fast path's activation memory budget recomputes the norms
+  and the gated product instead); with gradient checkpointing only each layer's input is
+  kept and one layer is recomputed at a time. A LoRA layer on peft's path holds fp32
+  copies of its input and of its adapter's output (7 per block); the fused node of the
+  fast path does not.
 - the loss: plain, (T, V) logits in the model dtype, the fp32 log-softmax and its gradient;
   fused (liger / chunked), one chunk of logits and the fp32 hidden-state gradient.
 - attention: flash/flex kernels save O(T) per head (no (T, T) scores are counted).
@@ -36,6 +39,18 @@ OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw-8bit": 2 + 8 / 256, "paged-adamw-8
                          "paged-adamw-32bit": 8.0}
 LORA_LINEARS = 7  # q, k, v, o, gate, up, down (`all-linear`)
 TOKEN_STEP = 512  # token budgets are offered in steps of this
+# What a compiled, unchecked 16-bit decoder layer of the fast path saves per token, in (hidden,
+# intermediate)-sized values, for full fine-tuning and for LoRA. Measured on an H200 (bench/
+# gpu_train.py --plan-check-fast: the slope of the peak between 4,096 and 8,192/16,384-token rows,
+# less the loss and embeddings; activation memory budget 0.9, CUDA graphs): full 4.35 h + 1.89 i,
+# LoRA 5.98 h + 1.78 i over Llama-1B, Llama-3B and Qwen2.5-0.5B; rounded up, which puts these
+# per-layer figures 4-8% above each measured one (eager layers: 10 h + 4 i, twice as much).
+COMPILED_LAYER = {False: (4.5, 2.0), True: (6.0, 2.0)}  # adapter? -> (per hidden, per intermediate)
+# Beside them the same runs held up to ~0.9 GiB that no per-token or per-weight term explains (a
+# LoRA run's peak at 0 tokens, extrapolated: Qwen-0.5B +0.9, Llama-1B +0.4, 3B +0.5 GiB over
+# weights + adapter + optimizer): the loss chunk's fp32 copies, block masks, RoPE tables, the
+# graphs' pool rounding. Counted once, so the estimate stays above every measured peak.
+COMPILED_WORKSPACE = float(GIB)
 
 
 @dataclass(frozen=True)
@@ -107,6 +122,8 @@ class Setting:
     """The fast path's fused linear cross-entropy (CUDA)."""
     fused_lora: bool = True
     """The fast path's one-node LoRA (no fp32 copies of the activations)."""
+    compiled_layers: bool = True
+    """The fast path's compiled decoder layers (`COMPILED_LAYER`; 16-bit bases without checkpointing)."""
     cuda: bool = True
 
 
@@ -144,13 +161,21 @@ def static_parts(shape: ModelShape, s: Setting) -> dict[str, float]:
 
 def layer_bytes_per_token(shape: ModelShape, s: Setting) -> float:
     """Saved activations of one block per token (no checkpointing)."""
-    base = (10 * shape.hidden + 4 * shape.intermediate) * s.dtype_bytes
+    per_hidden, per_intermediate = (COMPILED_LAYER[s.adapter] if compiled(s) and not s.checkpointing
+                                    else (10, 4))
+    base = (per_hidden * shape.hidden + per_intermediate * shape.intermediate) * s.dtype_bytes
     if not s.adapter:
         return base
     lora = LORA_LINEARS * s.lora_r * 4  # x @ A^T per adapted layer
     if not s.fused_lora:  # peft's path: fp32 copies of each linear's input, fp32 adapter outputs beside the base's
         lora += (6 * shape.hidden + shape.intermediate) * 8
     return base + lora
+
+
+def compiled(s: Setting) -> bool:
+    """Whether the layers run compiled as measured for `COMPILED_LAYER`: on CUDA, 16-bit weights
+    (4-bit bases dequantise inside the layer: not measured) and every LoRA layer on the fused node."""
+    return s.compiled_layers and s.cuda and s.base_bits == 16 and s.dtype_bytes == 2 and s.fused_lora
 
 
 def token_parts(shape: ModelShape, s: Setting, tokens: int) -> dict[str, float]:
@@ -167,6 +192,8 @@ def token_parts(shape: ModelShape, s: Setting, tokens: int) -> dict[str, float]:
     else:
         loss = tokens * shape.vocab * (s.dtype_bytes + 8)  # logits, fp32 log-softmax and its gradient
     parts = {"activations": float(activations), "loss": float(loss)}
+    if compiled(s) and not s.checkpointing:
+        parts["workspace"] = COMPILED_WORKSPACE
     if s.base_bits == 4:
         parts["dequantised weight"] = float(shape.hidden * max(shape.intermediate, shape.hidden) * s.dtype_bytes)
     return parts
