@@ -297,12 +297,15 @@ def _set_flex_attention(lm: Any) -> str:
 
 def prepare_for_training(model: Any, *, device: torch.device, batch_tokens: int | None, fast_kernels: bool = True,
                          gradient_checkpointing: bool = False, memory: Any = None,
-                         cuda_graphs: bool = True) -> TrainSetup:
+                         cuda_graphs: bool = True, longest_sample: int | None = None,
+                         accumulates: bool = True) -> TrainSetup:
     """Make `model` train fast on this device; returns the loss to use and what was chosen.
 
     `memory` (a `train.plan.Setting`: method and optimizer traits) lets the memory plan
     choose checkpointing and, when `batch_tokens` is None, the token budget (CUDA only).
     `cuda_graphs=False` keeps the decoder eager (a data-parallel run: its wrapper hooks the backward).
+    `longest_sample` (tokens; None: not known) and `accumulates` (gradient accumulation) say
+    what CUDA graphs would add to the step's memory (`plan.fits_graph_pool`).
     Call after adapters are attached and before the optimizer is built.
     """
     lm = causal_lm(model)
@@ -332,7 +335,7 @@ def prepare_for_training(model: Any, *, device: torch.device, batch_tokens: int 
     # (the plan's figure for compiled layers, `plan.COMPILED_LAYER`, was measured at a budget of 0.9)
     compiled_layers = setup.fast and COMPILE_LAYERS and ACTIVATION_MEMORY_BUDGET <= 0.9
     choice, room_for_graphs = _plan_memory(lm, device, batch_tokens, gradient_checkpointing, memory, fused_loss,
-                                           setup.fast and fused_lora, compiled_layers)
+                                           setup.fast and fused_lora, compiled_layers, (longest_sample, accumulates))
     setup.batch_tokens, setup.checkpointing = choice.batch_tokens, choice.checkpointing
     setup.notices.extend(choice.notices)
     if fused_loss:
@@ -423,9 +426,11 @@ def is_adapted(model: Any) -> bool:
 
 
 def _plan_memory(lm: Any, device: torch.device, batch_tokens: int | None, checkpointing: bool, memory: Any,
-                 fused_loss: bool, fused_lora: bool, compiled_layers: bool) -> tuple[Any, bool]:
+                 fused_loss: bool, fused_lora: bool, compiled_layers: bool,
+                 graph_traits: tuple[int | None, bool] = (None, True)) -> tuple[Any, bool]:
     """The memory plan's choice of token budget and checkpointing for this GPU (`train.plan`), and
-    whether a CUDA graph pool fits beside it (`plan.fits_graph_pool`; False off CUDA).
+    whether a CUDA graph pool fits beside it (`plan.fits_graph_pool`, given the longest sample
+    and whether gradients accumulate: `graph_traits`; False off CUDA).
 
     The memory it sizes against is what is free now plus what PyTorch already holds (the
     weights, counted by the estimate) plus the CUDA context (also counted).
@@ -442,5 +447,6 @@ def _plan_memory(lm: Any, device: torch.device, batch_tokens: int | None, checkp
         available = free + torch.cuda.memory_reserved(device) + plan.CUDA_CONTEXT
     shape = plan.shape_from_config(lm.config.to_dict(), lm.config.name_or_path or lm.config.model_type)
     choice = plan.choose(shape, setting, available, batch_tokens)
-    room = available is not None and plan.fits_graph_pool(shape, setting, choice.batch_tokens, available)
+    room = available is not None and plan.fits_graph_pool(shape, setting, choice.batch_tokens, available,
+                                                          *graph_traits)
     return choice, room

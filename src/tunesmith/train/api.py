@@ -163,7 +163,9 @@ def setup_run(config: TrainConfig, output_dir: Path, dist: Dist | None = None) -
     fast = prepare_for_training(model, device=device, batch_tokens=config.loop.batch_tokens,
                                 fast_kernels=config.loop.fast_kernels,
                                 gradient_checkpointing=config.loop.gradient_checkpointing,
-                                memory=memory_setting(config), cuda_graphs=not dist.enabled)
+                                memory=memory_setting(config), cuda_graphs=not dist.enabled,
+                                longest_sample=max((len(s.input_ids) for s in prepared.train), default=0),
+                                accumulates=config.loop.grad_accum > 1)
     config = dataclasses.replace(config, loop=dataclasses.replace(  # what ran is what config.yaml records
         config.loop, batch_tokens=fast.batch_tokens, gradient_checkpointing=fast.checkpointing))
     trainable, total = count_parameters(model)

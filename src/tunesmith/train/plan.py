@@ -9,7 +9,7 @@ fits is a division. What is counted, per parameter or per token, and why:
   copy too) and the optimizer's state: AdamW 8 bytes (fp32 m, v), the 8-bit ones 2 bytes.
 - activations per token and layer: ~10 hidden- and 4 intermediate-sized tensors saved
   for backward by eager layers (norm inputs, q/k/v, attention output, residuals,
-  gate/up/act); the fast path's compiled 16-bit layers save less (`COMPILED_LAYER`:
+  gate/up/act); the fast path's compiled bf16 layers save less (`COMPILED_LAYER`:
   torch's partitioner at the fast path's activation memory budget recomputes the norms
   and the gated product instead); with gradient checkpointing only each layer's input is
   kept and one layer is recomputed at a time. A LoRA layer on peft's path holds fp32
@@ -173,9 +173,11 @@ def layer_bytes_per_token(shape: ModelShape, s: Setting) -> float:
 
 
 def compiled(s: Setting) -> bool:
-    """Whether the layers run compiled as measured for `COMPILED_LAYER`: on CUDA, 16-bit weights
-    (4-bit bases dequantise inside the layer: not measured) and every LoRA layer on the fused node."""
-    return s.compiled_layers and s.cuda and s.base_bits == 16 and s.dtype_bytes == 2 and s.fused_lora
+    """Whether the layers run compiled as measured for `COMPILED_LAYER`: on CUDA in bf16, every
+    LoRA layer on the fused node. (A 4-bit base too: QLoRA on the Llama-3.1-8B shape at 4,096
+    tokens peaked at 18.5 GiB on an H200, round 13, where this estimates 21.2 and the eager
+    figure 31.2.)"""
+    return s.compiled_layers and s.cuda and s.dtype_bytes == 2 and s.fused_lora
 
 
 def token_parts(shape: ModelShape, s: Setting, tokens: int) -> dict[str, float]:
@@ -221,18 +223,28 @@ def fits(e: Estimate, memory_bytes: float) -> bool:
     return e.total <= HEADROOM * memory_bytes
 
 
-def fits_graph_pool(shape: ModelShape, s: Setting, tokens: int, memory_bytes: float) -> bool:
-    """Whether the step's peak fits beside a CUDA graph pool of one more micro-batch's activations
-    and one more set of gradients.
+def fits_graph_pool(shape: ModelShape, s: Setting, tokens: int, memory_bytes: float, longest: int | None = None,
+                    accumulates: bool = True) -> bool:
+    """Whether the step's peak fits beside what CUDA graphs of the decoder add to it.
 
-    A recording of the decoder (`model/graphs.py`) keeps its activations' memory in a pool of its
-    own, and a row of another length runs eagerly beside it in the allocator's other memory. Its
-    backward writes the gradients into buffers of its own; with gradient accumulation `.grad`
-    is a copy of them.
+    A recording of the decoder (`model/graphs.py`) keeps its activations in a pool of its own,
+    which every row of the budget's length reuses: that is the step's activations, already
+    counted. What comes on top: a row longer than the budget (`longest`, the longest sample,
+    over `tokens`; None: not known, so one more budget's worth) runs eagerly, its activations
+    beside the pool; and with gradient accumulation (`accumulates`) `.grad` is a copy of the
+    backward graph's gradient buffers. (Measured on an H200, bench/README.md round 14: rows no
+    longer than the budget, no accumulation, graphs on: every peak under the plain estimate.)
     """
+    from tunesmith.model.fast import padded_length
+
     e = estimate(shape, replace(s, checkpointing=False), tokens)
-    pool = {"graph pool": e.parts["activations"], "graph gradients": e.parts["gradients"]}
-    return fits(Estimate({**e.parts, **pool}, tokens), memory_bytes)
+    extra: dict[str, float] = {}
+    if longest is None or longest > tokens:
+        over = tokens if longest is None else padded_length(longest, tokens)
+        extra["eager row"] = estimate(shape, replace(s, checkpointing=False), over).parts["activations"]
+    if accumulates:
+        extra["graph gradients"] = e.parts["gradients"]
+    return fits(Estimate({**e.parts, **extra}, tokens), memory_bytes)
 
 
 def max_tokens(shape: ModelShape, s: Setting, memory_bytes: float, limit: int = 131072) -> int:
