@@ -351,7 +351,8 @@ def run_tunesmith(config: Any, samples: list[list[int]], method: str, fast: bool
     n_params = sum(p.numel() for p in model.parameters())
     model = PARAMETER_SETS[method].wrap(model, MethodOptions(method=method, lora_r=16, lora_alpha=32))
     setup = prepare_for_training(model, device=torch.device(DEVICE), batch_tokens=batch_tokens, fast_kernels=fast,
-                                 gradient_checkpointing=checkpointing)
+                                 gradient_checkpointing=checkpointing, longest_sample=max(map(len, samples)),
+                                 accumulates=False)  # as `tunesmith train` passes them
     batch_tokens = setup.batch_tokens  # None above: the memory plan's choice, as `tunesmith train` makes it
     loss_fn = OBJECTIVES["sft"].make_loss(setup)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad],

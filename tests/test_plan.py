@@ -224,3 +224,20 @@ def test_graphs_add_nothing_when_every_row_fits_the_budget_and_nothing_accumulat
     small = plan.estimate(s1, lora, 2048)
     assert plan.fits_graph_pool(s1, lora, 2048, (small.total + row) / plan.HEADROOM + 2**20, 2500, False)
     assert not plan.fits_graph_pool(s1, lora, 2048, (small.total + row) / plan.HEADROOM - 2**20, 2500, False)
+
+
+def test_a_sample_longer_than_the_budget_must_fit_as_a_row_of_its_own():
+    """8B QLoRA on 24 GiB trains 4,096-token rows without checkpointing; data with an 8,000-token
+    sample (a row of 8,192 tokens) would not fit so, and the plan turns checkpointing on instead,
+    for a given budget too."""
+    s8 = shape("Llama-3.1-8B")
+    qlora = plan.Setting(adapter=True, base_bits=4)
+    card = 24 * 2**30
+    assert plan.choose(s8, qlora, card, None, longest=4000) == plan.choose(s8, qlora, card, None)
+    assert not plan.choose(s8, qlora, card, None).checkpointing
+    long = plan.choose(s8, qlora, card, None, longest=8000)
+    assert long.checkpointing and plan.fits(plan.estimate(s8, plan.with_checkpointing(qlora, True), plan.row_tokens(
+        long.batch_tokens, 8000)), card)
+    assert plan.choose(s8, qlora, card, 4096, longest=8000).checkpointing
+    assert not plan.choose(s8, qlora, card, 4096, longest=4096).checkpointing
+    assert plan.row_tokens(4096, 8000) == 8192 and plan.row_tokens(4096, 100) == 4096

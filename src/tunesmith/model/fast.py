@@ -304,8 +304,9 @@ def prepare_for_training(model: Any, *, device: torch.device, batch_tokens: int 
     `memory` (a `train.plan.Setting`: method and optimizer traits) lets the memory plan
     choose checkpointing and, when `batch_tokens` is None, the token budget (CUDA only).
     `cuda_graphs=False` keeps the decoder eager (a data-parallel run: its wrapper hooks the backward).
-    `longest_sample` (tokens; None: not known) and `accumulates` (gradient accumulation) say
-    what CUDA graphs would add to the step's memory (`plan.fits_graph_pool`).
+    `longest_sample` (tokens; None: not known: the plan then sizes for rows of the budget) must
+    fit as a row of its own; with `accumulates` (gradient accumulation) they say what CUDA
+    graphs would add to the step's memory (`plan.fits_graph_pool`).
     Call after adapters are attached and before the optimizer is built.
     """
     lm = causal_lm(model)
@@ -429,8 +430,9 @@ def _plan_memory(lm: Any, device: torch.device, batch_tokens: int | None, checkp
                  fused_loss: bool, fused_lora: bool, compiled_layers: bool,
                  graph_traits: tuple[int | None, bool] = (None, True)) -> tuple[Any, bool]:
     """The memory plan's choice of token budget and checkpointing for this GPU (`train.plan`), and
-    whether a CUDA graph pool fits beside it (`plan.fits_graph_pool`, given the longest sample
-    and whether gradients accumulate: `graph_traits`; False off CUDA).
+    whether a CUDA graph pool fits beside it (`plan.fits_graph_pool`; False off CUDA), given the
+    longest sample (its row must fit too; None: not known) and whether gradients accumulate
+    (`graph_traits`).
 
     The memory it sizes against is what is free now plus what PyTorch already holds (the
     weights, counted by the estimate) plus the CUDA context (also counted).
@@ -446,7 +448,8 @@ def _plan_memory(lm: Any, device: torch.device, batch_tokens: int | None, checkp
         free, _total = torch.cuda.mem_get_info(device)
         available = free + torch.cuda.memory_reserved(device) + plan.CUDA_CONTEXT
     shape = plan.shape_from_config(lm.config.to_dict(), lm.config.name_or_path or lm.config.model_type)
-    choice = plan.choose(shape, setting, available, batch_tokens)
+    longest, accumulates = graph_traits
+    choice = plan.choose(shape, setting, available, batch_tokens, longest or 0)
     room = available is not None and plan.fits_graph_pool(shape, setting, choice.batch_tokens, available,
-                                                          *graph_traits)
+                                                          longest, accumulates)
     return choice, room

@@ -247,12 +247,21 @@ def fits_graph_pool(shape: ModelShape, s: Setting, tokens: int, memory_bytes: fl
     return fits(Estimate({**e.parts, **extra}, tokens), memory_bytes)
 
 
-def max_tokens(shape: ModelShape, s: Setting, memory_bytes: float, limit: int = 131072) -> int:
-    """The largest token budget (a multiple of TOKEN_STEP, at most `limit`) that fits; 0 if none does."""
+def row_tokens(tokens: int, longest: int) -> int:
+    """The longest row a run at this token budget trains on: the budget, or the row of its
+    longest sample where that is longer (padded to a multiple of `fast.PAD_MULTIPLE`)."""
+    from tunesmith.model.fast import padded_length
+
+    return padded_length(longest, tokens)
+
+
+def max_tokens(shape: ModelShape, s: Setting, memory_bytes: float, limit: int = 131072, longest: int = 0) -> int:
+    """The largest token budget (a multiple of TOKEN_STEP, at most `limit`) that fits, its longest
+    row (`longest`: the longest sample's tokens) included; 0 if none does."""
     lo, hi = 0, limit // TOKEN_STEP
     while lo < hi:  # peak grows with tokens: bisect over multiples of TOKEN_STEP
         mid = (lo + hi + 1) // 2
-        if fits(estimate(shape, s, mid * TOKEN_STEP), memory_bytes):
+        if fits(estimate(shape, s, row_tokens(mid * TOKEN_STEP, longest)), memory_bytes):
             lo = mid
         else:
             hi = mid - 1
@@ -329,27 +338,30 @@ class Choice:
     notices: tuple[str, ...] = ()
 
 
-def choose(shape: ModelShape, s: Setting, memory_bytes: float | None, batch_tokens: int | None) -> Choice:
+def choose(shape: ModelShape, s: Setting, memory_bytes: float | None, batch_tokens: int | None,
+           longest: int = 0) -> Choice:
     """The token budget (when not given) and checkpointing (when not forced on) for this memory.
 
     `memory_bytes` None (no accelerator to size against): the given budget, else DEFAULT_TOKENS.
     Given a budget: checkpointing only if it would not fit otherwise. Not given: the largest
     budget up to AUTO_MAX_TOKENS that fits without checkpointing, unless that is under
-    AUTO_MIN_TOKENS, then the largest that fits with it.
+    AUTO_MIN_TOKENS, then the largest that fits with it. Either way a sample longer than the
+    budget (`longest`, in tokens; 0: not known) is a row of its own length, and must fit too.
     """
     if memory_bytes is None:
         return Choice(batch_tokens or DEFAULT_TOKENS, s.checkpointing)
     gib = f"{memory_bytes / GIB:.1f} GiB"
     if batch_tokens is not None:
-        if s.checkpointing or fits(estimate(shape, s, batch_tokens), memory_bytes):
+        row = row_tokens(batch_tokens, longest)
+        if s.checkpointing or fits(estimate(shape, s, row), memory_bytes):
             return Choice(batch_tokens, s.checkpointing)
-        ckpt = fits(estimate(shape, with_checkpointing(s, True), batch_tokens), memory_bytes)
+        ckpt = fits(estimate(shape, with_checkpointing(s, True), row), memory_bytes)
         note = "gradient checkpointing: on (activations would not fit in GPU memory)"
         return Choice(batch_tokens, True, (note,) if ckpt else (note, advice(shape, s, memory_bytes)))
-    plain = 0 if s.checkpointing else max_tokens(shape, s, memory_bytes, AUTO_MAX_TOKENS)
+    plain = 0 if s.checkpointing else max_tokens(shape, s, memory_bytes, AUTO_MAX_TOKENS, longest)
     if plain >= AUTO_MIN_TOKENS:
         return Choice(plain, False, (f"batch tokens: {plain} (the largest that fits {gib}; set --batch-tokens)",))
-    ckpt = max_tokens(shape, with_checkpointing(s, True), memory_bytes, AUTO_MAX_TOKENS)
+    ckpt = max_tokens(shape, with_checkpointing(s, True), memory_bytes, AUTO_MAX_TOKENS, longest)
     if ckpt == 0:
         return Choice(TOKEN_STEP, True, (advice(shape, s, memory_bytes),))
     why = "" if s.checkpointing else ", gradient checkpointing on"
