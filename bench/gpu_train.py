@@ -810,17 +810,18 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
     specs = {f"fast_{method}": (f"tunesmith {method}", run_tunesmith, (config, samples, method, True, budget, rate),
                                 {"profile": profile}) for method in ("full", "lora")}
     specs = {key: spec for key, spec in specs.items() if rows.wants(key)}
+    for method in ("full", "lora"):  # only on asking (--rows): the activation memory budget at torch's default
+        if f"fast_{method}_no_budget" in rows.only:  # (taking turns with the rows above, on --repeats)
+            specs[f"fast_{method}_no_budget"] = (
+                f"tunesmith {method} (activation memory budget 1.0)", with_fast_settings,
+                (run_tunesmith, config, samples, method, True, budget, rate),
+                {"activation_memory_budget": 1.0, "label": " (activation memory budget 1.0)"})
     for key, result in repeated(specs, repeats).items():  # (SavedRows prints and saves each row it is given)
         rows[key] = result
     if variants:  # what the plan picks on this GPU without --batch-tokens (`tunesmith train`'s default)
         for method in ("full", "lora"):
             row(f"auto_{method}", f"tunesmith {method} (default budget)", run_tunesmith, config, samples, method, True,
                 None, rate, label=" (budget: the plan's)")
-    for method in ("full", "lora"):  # only on asking (--rows): the activation memory budget at torch's default
-        if f"fast_{method}_no_budget" in rows.only:
-            row(f"fast_{method}_no_budget", f"tunesmith {method} (activation memory budget 1.0)", with_fast_settings,
-                run_tunesmith, config, samples, method, True, budget, rate, activation_memory_budget=1.0,
-                label=" (activation memory budget 1.0)")
     if forms:  # the other LoRA forms: the Function node (round 3's default), grouped calls as plain math (round 4's)
         # (the opaque custom-op form and grouped full linears were behind in round 4: --host-profile keeps rows)
         row("function_lora", "tunesmith lora (LoRA node as autograd.Function)", with_fast_settings, run_tunesmith,
@@ -1000,6 +1001,8 @@ def main() -> None:
     parser.add_argument("--host-profile", action="store_true",
                         help="instead: where the host's time goes in tunesmith full and LoRA steps (--shape, short samples)")
     parser.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES), help="--host-profile's model shape")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="--sweep: run tunesmith's rows this often, taking turns (min / median / max)")
     parser.add_argument("--only", default="", help="--sweep: only these shape:regime pairs (comma-separated)")
     parser.add_argument("--rows", default="", help="only these rows (comma-separated keys, as in the JSON)")
     parser.add_argument("--trl-defaults", action="store_true",
@@ -1121,7 +1124,7 @@ def main() -> None:
             if args.only and f"{shape}:{regime}" not in args.only.split(","):
                 continue
             n = REGIMES[regime][4] // 3 if regime == "short" else REGIMES[regime][4] // 2
-            results.append(compare(shape, regime, rate, n, parity=False, profile=False,
+            results.append(compare(shape, regime, rate, n, parity=False, profile=False, repeats=args.repeats,
                                    peers=(shape, regime) == ("llama-3b", "short"), eager=False,
                                    peer_defaults=args.trl_defaults, only=args.rows,
                                    save=lambda part: write_json({**report, "results": [*results, part]}, args.out)))
