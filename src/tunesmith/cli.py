@@ -366,8 +366,9 @@ def set_allocator_default(env: Any = os.environ) -> None:
     """PyTorch's CUDA allocator grows segments in place instead of caching fixed-size blocks,
     unless the user configured it: a step's activations of varying row lengths then leave
     little reserved-but-unused memory (what fragmentation OOMs are made of), which is what the
-    memory plan's estimate assumes. Set before torch starts CUDA, which reads it once."""
-    if not {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"} & set(env):
+    memory plan's estimate assumes. Set before torch starts CUDA, which reads it once; Linux
+    only (elsewhere PyTorch does not support it and warns)."""
+    if sys.platform.startswith("linux") and not {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"} & set(env):
         env["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_DEFAULT
 
 
