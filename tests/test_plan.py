@@ -241,3 +241,15 @@ def test_a_sample_longer_than_the_budget_must_fit_as_a_row_of_its_own():
     assert plan.choose(s8, qlora, card, 4096, longest=8000).checkpointing
     assert not plan.choose(s8, qlora, card, 4096, longest=4096).checkpointing
     assert plan.row_tokens(4096, 8000) == 8192 and plan.row_tokens(4096, 100) == 4096
+
+
+def test_only_the_measured_families_get_the_compiled_figure():
+    """Gemma's extra norms or Phi-3's fused projections save other tensors: until measured, their
+    layers keep the eager figure."""
+    config = json.loads((CONFIGS / "Llama-3.2-1B.json").read_text())
+    llama = plan.shape_from_config(config, "llama")
+    other = plan.shape_from_config({**config, "model_type": "gemma2"}, "gemma-like")
+    s = plan.Setting(adapter=True)
+    assert llama.family == "llama" and other.family == "gemma2"
+    assert plan.layer_bytes_per_token(other, s) == plan.layer_bytes_per_token(
+        other, plan.replace(s, compiled_layers=False)) > 1.5 * plan.layer_bytes_per_token(llama, s)

@@ -46,6 +46,7 @@ TOKEN_STEP = 512  # token budgets are offered in steps of this
 # LoRA 5.98 h + 1.78 i over Llama-1B, Llama-3B and Qwen2.5-0.5B; rounded up, which puts these
 # per-layer figures 4-8% above each measured one (eager layers: 10 h + 4 i, twice as much).
 COMPILED_LAYER = {False: (4.5, 2.0), True: (6.0, 2.0)}  # adapter? -> (per hidden, per intermediate)
+COMPILED_FAMILIES = ("llama", "qwen2")  # the layers measured; others (extra norms, fused projections) keep 10h + 4i
 # Beside them the same runs held up to ~0.9 GiB that no per-token or per-weight term explains (a
 # LoRA run's peak at 0 tokens, extrapolated: Qwen-0.5B +0.9, Llama-1B +0.4, 3B +0.5 GiB over
 # weights + adapter + optimizer): the loss chunk's fp32 copies, block masks, RoPE tables, the
@@ -66,6 +67,8 @@ class ModelShape:
     head_dim: int
     vocab: int
     tied: bool
+    family: str = ""
+    """config.json's model_type (`COMPILED_FAMILIES`)."""
 
     @property
     def linear_per_layer(self) -> int:
@@ -102,7 +105,8 @@ def shape_from_config(config: dict[str, Any], name: str = "model") -> ModelShape
         name=name, hidden=hidden, intermediate=int(text.get("intermediate_size") or 4 * hidden),
         layers=int(text["num_hidden_layers"]), heads=heads, kv_heads=int(text.get("num_key_value_heads") or heads),
         head_dim=int(text.get("head_dim") or hidden // heads), vocab=int(text["vocab_size"]),
-        tied=bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False))))
+        tied=bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
+        family=str(text.get("model_type") or config.get("model_type") or ""))
 
 
 @dataclass(frozen=True)
@@ -161,8 +165,7 @@ def static_parts(shape: ModelShape, s: Setting) -> dict[str, float]:
 
 def layer_bytes_per_token(shape: ModelShape, s: Setting) -> float:
     """Saved activations of one block per token (no checkpointing)."""
-    per_hidden, per_intermediate = (COMPILED_LAYER[s.adapter] if compiled(s) and not s.checkpointing
-                                    else (10, 4))
+    per_hidden, per_intermediate = COMPILED_LAYER[s.adapter] if compiled(shape, s) else (10, 4)
     base = (per_hidden * shape.hidden + per_intermediate * shape.intermediate) * s.dtype_bytes
     if not s.adapter:
         return base
@@ -172,12 +175,13 @@ def layer_bytes_per_token(shape: ModelShape, s: Setting) -> float:
     return base + lora
 
 
-def compiled(s: Setting) -> bool:
-    """Whether the layers run compiled as measured for `COMPILED_LAYER`: on CUDA in bf16, every
-    LoRA layer on the fused node. (A 4-bit base too: QLoRA on the Llama-3.1-8B shape at 4,096
-    tokens peaked at 18.5 GiB on an H200, round 13, where this estimates 21.2 and the eager
-    figure 31.2.)"""
-    return s.compiled_layers and s.cuda and s.dtype_bytes == 2 and s.fused_lora
+def compiled(shape: ModelShape, s: Setting) -> bool:
+    """Whether the layers run compiled as measured for `COMPILED_LAYER`: a family measured, on
+    CUDA in bf16, unchecked, every LoRA layer on the fused node. (A 4-bit base too: QLoRA on the
+    Llama-3.1-8B shape at 4,096 tokens peaked at 18.5 GiB on an H200, round 13, where this
+    estimates 21.2 and the eager figure 31.2.)"""
+    return (s.compiled_layers and s.cuda and s.dtype_bytes == 2 and s.fused_lora and not s.checkpointing
+            and shape.family in COMPILED_FAMILIES)
 
 
 def token_parts(shape: ModelShape, s: Setting, tokens: int) -> dict[str, float]:
@@ -194,7 +198,7 @@ def token_parts(shape: ModelShape, s: Setting, tokens: int) -> dict[str, float]:
     else:
         loss = tokens * shape.vocab * (s.dtype_bytes + 8)  # logits, fp32 log-softmax and its gradient
     parts = {"activations": float(activations), "loss": float(loss)}
-    if compiled(s) and not s.checkpointing:
+    if compiled(shape, s):
         parts["workspace"] = COMPILED_WORKSPACE
     if s.base_bits == 4:
         parts["dequantised weight"] = float(shape.hidden * max(shape.intermediate, shape.hidden) * s.dtype_bytes)
