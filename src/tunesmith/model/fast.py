@@ -350,7 +350,9 @@ def prepare_for_training(model: Any, *, device: torch.device, batch_tokens: int 
             lm.enable_input_require_grads()  # frozen embeddings (LoRA) must still pass gradients
     compiled = setup.fast and COMPILE_LAYERS and (COMPILE_CHECKPOINTED or not setup.checkpointing)
     if compiled:
-        setup.notices.append(f"fast kernels: {_compile_decoder_layers(lm)} decoder layers compiled (torch.compile)")
+        setup.notices.append(f"fast kernels: {_compile_decoder_layers(lm)} decoder layers compiled (torch.compile; "
+                             "the first steps compile them: 10-20 s on an H200 with torch's compile cache warm, "
+                             "up to 5 minutes the first time on a machine)")
     elif setup.liger:
         _apply_liger_layers(lm)
     graphs.detach(lm)
