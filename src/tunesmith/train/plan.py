@@ -39,7 +39,7 @@ OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw-8bit": 2 + 8 / 256, "paged-adamw-8
                          "paged-adamw-32bit": 8.0}
 LORA_LINEARS = 7  # q, k, v, o, gate, up, down (`all-linear`)
 TOKEN_STEP = 512  # token budgets are offered in steps of this
-# What a compiled, unchecked 16-bit decoder layer of the fast path saves per token, in (hidden,
+# What a compiled, unchecked bf16 decoder layer of the fast path saves per token, in (hidden,
 # intermediate)-sized values, for full fine-tuning and for LoRA. Measured on an H200 (bench/
 # gpu_train.py --plan-check-fast: the slope of the peak between 4,096 and 8,192/16,384-token rows,
 # less the loss and embeddings; activation memory budget 0.9, CUDA graphs): full 4.35 h + 1.89 i,
@@ -127,7 +127,7 @@ class Setting:
     fused_lora: bool = True
     """The fast path's one-node LoRA (no fp32 copies of the activations)."""
     compiled_layers: bool = True
-    """The fast path's compiled decoder layers (`COMPILED_LAYER`; 16-bit bases without checkpointing)."""
+    """The fast path's compiled decoder layers (`COMPILED_LAYER`, where `compiled` says it applies)."""
     cuda: bool = True
 
 
@@ -239,12 +239,10 @@ def fits_graph_pool(shape: ModelShape, s: Setting, tokens: int, memory_bytes: fl
     backward graph's gradient buffers. (Measured on an H200, bench/README.md round 14: rows no
     longer than the budget, no accumulation, graphs on: every peak under the plain estimate.)
     """
-    from tunesmith.model.fast import padded_length
-
     e = estimate(shape, replace(s, checkpointing=False), tokens)
     extra: dict[str, float] = {}
     if longest is None or longest > tokens:
-        over = tokens if longest is None else padded_length(longest, tokens)
+        over = tokens if longest is None else row_tokens(tokens, longest)
         extra["eager row"] = estimate(shape, replace(s, checkpointing=False), over).parts["activations"]
     if accumulates:
         extra["graph gradients"] = e.parts["gradients"]
