@@ -1000,7 +1000,8 @@ def main() -> None:
                         help="GiB: run as on a GPU of this size (the allocator capped, the plan sized against it)")
     parser.add_argument("--host-profile", action="store_true",
                         help="instead: where the host's time goes in tunesmith full and LoRA steps (--shape, short samples)")
-    parser.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES), help="--host-profile's model shape")
+    parser.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES),
+                        help="--host-profile's and --default-budget's model shape")
     parser.add_argument("--repeats", type=int, default=1,
                         help="--sweep: run tunesmith's rows this often, taking turns (min / median / max)")
     parser.add_argument("--only", default="", help="--sweep: only these shape:regime pairs (comma-separated)")
