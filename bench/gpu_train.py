@@ -749,6 +749,25 @@ class SavedRows(dict):  # type: ignore[type-arg]
         return {**self.head, "runs": {k: asdict(v) for k, v in self.items()}}
 
 
+def plan_check_row(shape: str, config: Any, method: str, tokens: int, setting: Any, r: Result) -> dict[str, Any]:
+    """A measured run `r` beside the memory plan's estimate for it (`setting` at `tokens`), printed.
+
+    The estimate is taken without the CUDA context: the allocator's peak does not count it."""
+    from tunesmith.train import plan
+
+    e = plan.estimate(plan.shape_from_config(config.to_dict(), shape), setting, tokens)
+    est = (e.total - e.parts.get("cuda context", 0)) / 2**30
+    row = {"shape": shape, "method": method, "tokens": tokens, "estimated_gib": est,
+           "parts_gib": {k: v / 2**30 for k, v in e.parts.items()}, "measured_gib": r.peak_gib,
+           "reserved_gib": r.reserved_gib, "error": r.error, "tokens_per_s": r.tokens_per_s,
+           "rel_error": (est - r.peak_gib) / r.peak_gib if r.peak_gib else None, "notes": r.notes}
+    print(f"plan check {shape:9} {method:5} {tokens:>6} tokens: estimated {est:6.2f} GiB, measured "
+          f"{r.peak_gib:6.2f} (reserved {r.reserved_gib:6.2f})"
+          + (f", error {100 * row['rel_error']:+.1f}%" if row["rel_error"] is not None else f" ({r.error})"),
+          flush=True)
+    return row
+
+
 def fast_plan_check(rate: float, save: Any = None) -> dict[str, Any]:
     """The compiled fast path's measured peak vs the memory plan's estimate, each shape and method
     at two or three token budgets (short samples packed to the budget, no checkpointing, CUDA graphs
@@ -766,16 +785,8 @@ def fast_plan_check(rate: float, save: Any = None) -> dict[str, Any]:
             for tokens in budgets:
                 r = guarded(f"{shape} {method} {tokens}", run_tunesmith, config, samples, method, True, tokens, rate,
                             max_steps=WARMUP_STEPS + 6)
-                s = plan.Setting(adapter=method == "lora")
-                e = plan.estimate(plan.shape_from_config(config.to_dict(), shape), s, tokens)
-                est = (e.total - e.parts.get("cuda context", 0)) / 2**30
-                out["rows"].append({"shape": shape, "method": method, "tokens": tokens, "estimated_gib": est,
-                                    "parts_gib": {k: v / 2**30 for k, v in e.parts.items()},
-                                    "measured_gib": r.peak_gib, "reserved_gib": r.reserved_gib, "error": r.error,
-                                    "tokens_per_s": r.tokens_per_s, "notes": r.notes})
-                print(f"plan check {shape:9} {method:4} {tokens:>6} tokens: estimated {est:6.2f} GiB, measured "
-                      f"{r.peak_gib:6.2f} (reserved {r.reserved_gib:6.2f})" + (f" {r.error}" if r.error else ""),
-                      flush=True)
+                out["rows"].append(plan_check_row(shape, config, method, tokens, plan.Setting(adapter=method == "lora"),
+                                                  r))
                 if save:
                     save(out)
     return out
@@ -853,17 +864,13 @@ def compare(shape: str, regime: str, rate: float, n_samples: int, parity: bool, 
             if rows.wants(f"unsloth_{method}"):
                 rows[f"unsloth_{method}"] = run_unsloth(shape, regime, n_samples, method, rate, budget)
     out: dict[str, Any] = rows.table()
-    ok = {k for k, v in rows.items() if not v.error}
-    if {"plain_full", "fast_full"} <= ok:
-        out["parity"] = loss_parity(rows["plain_full"].losses, rows["fast_full"].losses)
-    for key, default in (("function_lora", "fast_lora"), ("grouped_lora", "fast_lora"),
-                         ("fast_full_no_budget", "fast_full"), ("fast_lora_no_budget", "fast_lora")):
-        if {key, default} <= ok:  # each variant against the default on the same batches
-            out[f"parity_{key}"] = loss_parity(rows[default].losses, rows[key].losses)
-    for method in ("full", "lora"):
-        if {f"eager_{method}", f"fast_{method}"} <= ok:
-            out[f"parity_compiled_{method}"] = loss_parity(rows[f"eager_{method}"].losses,
-                                                           rows[f"fast_{method}"].losses)
+    pairs = [("parity", "plain_full", "fast_full", "full, plain vs fast path")]
+    pairs += [(f"parity_{key}", default, key, f"{default} vs {key}")  # each variant against the default, same batches
+              for key, default in (("function_lora", "fast_lora"), ("grouped_lora", "fast_lora"),
+                                   ("fast_full_no_budget", "fast_full"), ("fast_lora_no_budget", "fast_lora"))]
+    pairs += [(f"parity_compiled_{method}", f"eager_{method}", f"fast_{method}", f"{method}, eager vs compiled layers")
+              for method in ("full", "lora")]
+    out.update(pair_parities(rows, pairs))
     return out
 
 

@@ -197,15 +197,7 @@ def plan_check(rate: float, saved: dict[str, Path], save: Any = None) -> list[di
                 r = bench.guarded(f"{name} {method}", run_tunesmith_adapter, config, samples, method, rate,
                                   tokens, saved.get(name) if method == "qlora" else None, True, bench.WARMUP_STEPS + 6)
                 s = plan.Setting(adapter=True, base_bits=4 if method == "qlora" else 16, checkpointing=True)
-                e = plan.estimate(plan.shape_from_config(config.to_dict(), name), s, tokens)
-                est = (e.total - e.parts.get("cuda context", 0)) / 2**30
-                row = {"shape": name, "method": method, "tokens": tokens, "estimated_gib": est,
-                       "measured_gib": r.peak_gib, "error": r.error, "tokens_per_s": r.tokens_per_s,
-                       "rel_error": (est - r.peak_gib) / r.peak_gib if r.peak_gib else None}
-                out.append(row)
-                print(f"plan check {name:9} {method:6} {tokens:>6} tokens: estimated {est:6.2f} GiB, measured "
-                      f"{r.peak_gib:6.2f} GiB" + (f", error {100 * row['rel_error']:+.1f}%" if row["rel_error"]
-                                                  is not None else f" ({r.error})"), flush=True)
+                out.append(bench.plan_check_row(name, config, method, tokens, s, r))
                 if save:
                     save(out)
         if name in saved:

@@ -333,10 +333,9 @@ def prepare_for_training(model: Any, *, device: torch.device, batch_tokens: int 
         if not fused_lora:
             setup.notices.append(f"fast kernels: fused LoRA node on {fused} of {adapted} adapted layers (the rest run "
                                  "peft's forward: dropout, DoRA or a trained bias)")
-    # (the plan's figure for compiled layers, `plan.COMPILED_LAYER`, was measured at a budget of 0.9)
-    compiled_layers = setup.fast and COMPILE_LAYERS and ACTIVATION_MEMORY_BUDGET <= 0.9
     choice, room_for_graphs = _plan_memory(lm, device, batch_tokens, gradient_checkpointing, memory, fused_loss,
-                                           setup.fast and fused_lora, compiled_layers, (longest_sample, accumulates))
+                                           setup.fast and fused_lora, setup.fast and COMPILE_LAYERS, longest_sample,
+                                           accumulates)
     setup.batch_tokens, setup.checkpointing = choice.batch_tokens, choice.checkpointing
     setup.notices.extend(choice.notices)
     if fused_loss:
@@ -429,12 +428,13 @@ def is_adapted(model: Any) -> bool:
 
 
 def _plan_memory(lm: Any, device: torch.device, batch_tokens: int | None, checkpointing: bool, memory: Any,
-                 fused_loss: bool, fused_lora: bool, compiled_layers: bool,
-                 graph_traits: tuple[int | None, bool] = (None, True)) -> tuple[Any, bool]:
+                 fused_loss: bool, fused_lora: bool, compiled_layers: bool, longest: int | None,
+                 accumulates: bool) -> tuple[Any, bool]:
     """The memory plan's choice of token budget and checkpointing for this GPU (`train.plan`), and
     whether a CUDA graph pool fits beside it (`plan.fits_graph_pool`; False off CUDA), given the
-    longest sample (its row must fit too; None: not known) and whether gradients accumulate
-    (`graph_traits`).
+    longest sample (its row must fit too; None: not known) and whether gradients accumulate.
+    `compiled_layers`: the layers will be compiled; the plan's figure for them holds at the
+    activation memory budget it was measured at (`plan.COMPILED_LAYER_BUDGET`) or below.
 
     The memory it sizes against is what is free now plus what PyTorch already holds (the
     weights, counted by the estimate) plus the CUDA context (also counted).
@@ -444,13 +444,13 @@ def _plan_memory(lm: Any, device: torch.device, batch_tokens: int | None, checkp
     setting = memory if memory is not None else plan.Setting(adapter=is_adapted(lm))
     setting = replace(setting, checkpointing=checkpointing, fused_loss=fused_loss, fused_lora=fused_lora,
                       dtype_bytes=2 if lm.get_input_embeddings().weight.dtype.itemsize == 2 else 4,
-                      cuda=device.type == "cuda", compiled_layers=compiled_layers)
+                      cuda=device.type == "cuda",
+                      compiled_layers=compiled_layers and ACTIVATION_MEMORY_BUDGET <= plan.COMPILED_LAYER_BUDGET)
     available = None
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         available = free + torch.cuda.memory_reserved(device) + plan.CUDA_CONTEXT
     shape = plan.shape_from_config(lm.config.to_dict(), lm.config.name_or_path or lm.config.model_type)
-    longest, accumulates = graph_traits
     choice = plan.choose(shape, setting, available, batch_tokens, longest or 0)
     room = available is not None and plan.fits_graph_pool(shape, setting, choice.batch_tokens, available,
                                                           longest, accumulates)

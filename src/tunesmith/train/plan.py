@@ -46,6 +46,7 @@ TOKEN_STEP = 512  # token budgets are offered in steps of this
 # LoRA 5.98 h + 1.78 i over Llama-1B, Llama-3B and Qwen2.5-0.5B; rounded up, which puts these
 # per-layer figures 4-8% above each measured one (eager layers: 10 h + 4 i, twice as much).
 COMPILED_LAYER = {False: (4.5, 2.0), True: (6.0, 2.0)}  # adapter? -> (per hidden, per intermediate)
+COMPILED_LAYER_BUDGET = 0.9  # the activation memory budget (`fast.ACTIVATION_MEMORY_BUDGET`) they were measured at
 COMPILED_FAMILIES = ("llama", "qwen2")  # the layers measured; others (extra norms, fused projections) keep 10h + 4i
 # Beside them the same runs held up to ~0.9 GiB that no per-token or per-weight term explains (a
 # LoRA run's peak at 0 tokens, extrapolated: Qwen-0.5B +0.9, Llama-1B +0.4, 3B +0.5 GiB over
